@@ -1,0 +1,178 @@
+"""The model artifact: weights plus a manifest that says everything needed to use them.
+
+Layout of an artifact directory (the root of ``model.tar.gz``)::
+
+    manifest.json       architecture, class names, preprocessing, training settings, versions
+    model.safetensors   the network's state dict
+
+The manifest is written last, so a directory with a manifest is a complete artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torchvision
+from torch import nn
+
+import classifier
+from classifier.models import create_model
+from classifier.presets import EvalPreset
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ArtifactError(ValueError):
+    """An artifact directory is missing, incomplete or malformed."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network's input tensor."""
+
+    crop_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def eval_preset(self) -> EvalPreset:
+        return EvalPreset(
+            crop_size=self.crop_size,
+            resize_size=self.resize_size,
+            mean=self.mean,
+            std=self.std,
+            interpolation=self.interpolation,
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    architecture: str
+    class_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    training: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    versions: Mapping[str, str] = field(default_factory=lambda: runtime_versions())
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["class_names"] = list(self.class_names)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"unsupported artifact format_version {version!r} (this build reads {FORMAT_VERSION})"
+            )
+        try:
+            prep = data["preprocessing"]
+            preprocessing = Preprocessing(
+                crop_size=int(prep["crop_size"]),
+                resize_size=int(prep["resize_size"]),
+                mean=_triple(prep["mean"], "mean"),
+                std=_triple(prep["std"], "std"),
+                interpolation=str(prep.get("interpolation", "bilinear")),
+            )
+            class_names = tuple(str(name) for name in data["class_names"])
+            manifest = cls(
+                architecture=str(data["architecture"]),
+                class_names=class_names,
+                preprocessing=preprocessing,
+                training=dict(data.get("training", {})),
+                metrics=dict(data.get("metrics", {})),
+                versions=dict(data.get("versions", {})),
+                format_version=version,
+            )
+        except KeyError as exc:
+            raise ArtifactError(f"manifest is missing the field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"manifest has a malformed field: {exc}") from None
+        if not class_names:
+            raise ArtifactError("manifest lists no class names")
+        return manifest
+
+
+def _triple(value: Sequence[float], name: str) -> tuple[float, float, float]:
+    if len(value) != 3:
+        raise ValueError(f"{name} must have 3 values (one per RGB channel), got {list(value)}")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def runtime_versions() -> dict[str, str]:
+    return {
+        "classifier": classifier.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def is_artifact(directory: str | os.PathLike[str]) -> bool:
+    return (Path(directory) / MANIFEST_FILE).is_file()
+
+
+def save(directory: str | os.PathLike[str], model: nn.Module, manifest: Manifest) -> Path:
+    """Write ``model``'s weights and ``manifest`` into ``directory`` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    _write_atomically(
+        directory / WEIGHTS_FILE,
+        lambda path: safetensors.torch.save_file(state, str(path), metadata={"format": "pt"}),
+    )
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
+    _write_atomically(directory / MANIFEST_FILE, lambda path: path.write_text(text))
+    return directory
+
+
+def _write_atomically(target: Path, write: Any) -> None:
+    temporary = target.with_name(f".{target.name}.tmp")
+    write(temporary)
+    os.replace(temporary, target)
+
+
+def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"no {MANIFEST_FILE} in {directory}: not a model artifact") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    return Manifest.from_dict(data)
+
+
+def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
+    """Rebuild the network described by the artifact in ``directory``, in eval mode."""
+    manifest = load_manifest(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"no {WEIGHTS_FILE} in {directory}")
+    model = create_model(manifest.architecture, manifest.num_classes)
+    state = safetensors.torch.load_file(str(weights), device=str(device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(
+            f"weights in {weights} do not fit {manifest.architecture} "
+            f"with {manifest.num_classes} classes: {exc}"
+        ) from None
+    return model.to(device).eval(), manifest

@@ -1,0 +1,67 @@
+"""Image preprocessing, defined once: training's evaluation and serving use the same preset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+
+def _interpolation(name: str) -> v2.InterpolationMode:
+    try:
+        return v2.InterpolationMode(name)
+    except ValueError:
+        choices = ", ".join(mode.value for mode in v2.InterpolationMode)
+        raise ValueError(f"unknown interpolation {name!r}; choose one of: {choices}") from None
+
+
+class EvalPreset:
+    """Resize the short side, centre-crop, scale to [0, 1], normalise."""
+
+    def __init__(
+        self,
+        *,
+        crop_size: int,
+        resize_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bilinear",
+    ) -> None:
+        self.transforms = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(resize_size, interpolation=_interpolation(interpolation), antialias=True),
+                v2.CenterCrop(crop_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(mean), std=list(std)),
+            ]
+        )
+
+    def __call__(self, image: object) -> torch.Tensor:
+        return self.transforms(image)
+
+
+class TrainPreset:
+    """Random resized crop and horizontal flip, then the same scaling as :class:`EvalPreset`."""
+
+    def __init__(
+        self,
+        *,
+        crop_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bilinear",
+        hflip_prob: float = 0.5,
+    ) -> None:
+        steps: list[v2.Transform] = [
+            v2.ToImage(),
+            v2.RandomResizedCrop(crop_size, interpolation=_interpolation(interpolation), antialias=True),
+        ]
+        if hflip_prob > 0:
+            steps.append(v2.RandomHorizontalFlip(hflip_prob))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+        self.transforms = v2.Compose(steps)
+
+    def __call__(self, image: object) -> torch.Tensor:
+        return self.transforms(image)

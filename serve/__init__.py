@@ -1,0 +1,1 @@
+"""Inference server: SageMaker's /ping and /invocations over FastAPI and uvicorn."""

@@ -1,0 +1,45 @@
+"""Serve a model: ``python -m serve`` or ``docker run IMAGE serve`` (port 8080 by default)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import uvicorn
+
+from classifier.logs import setup_logging
+from serve.app import create_app
+from serve.settings import ConfigError, Settings
+
+# SageMaker sends SIGKILL 30 s after SIGTERM: leave time for in-flight requests, then exit.
+GRACEFUL_SHUTDOWN_S = 25
+
+
+def load_predictor(settings: Settings):  # noqa: ANN201 - imported lazily to keep start-up fast
+    from serve.predictor import Predictor
+
+    return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device)
+
+
+def main() -> int:
+    try:
+        settings = Settings.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, json_format=settings.log_json)
+    app = create_app(settings, functools.partial(load_predictor, settings))
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        access_log=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The errors a client can cause or meet, each with its HTTP status and a stable code."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+
+class ServingError(Exception):
+    status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+    code = "internal_error"
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+        self.message = message or self.status.phrase
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class InvalidImage(ServingError):
+    status = HTTPStatus.BAD_REQUEST
+    code = "invalid_image"
+
+
+class PayloadTooLarge(ServingError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServingError):
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    code = "unsupported_media_type"
+
+
+class NotAcceptable(ServingError):
+    status = HTTPStatus.NOT_ACCEPTABLE
+    code = "not_acceptable"
+
+
+class NotReady(ServingError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "model_not_ready"

@@ -1,0 +1,1 @@
+"""Training entry point: SageMaker's training contract, EC2 and laptops alike."""

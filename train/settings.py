@@ -1,0 +1,337 @@
+"""Training settings, resolved once from every place SageMaker, EC2 or a laptop puts them.
+
+Lookup order, first match wins, for each setting:
+
+1. command-line flags                    ``python -m train --epochs 3`` / ``docker run IMAGE train --epochs 3``
+2. ``<base>/input/config/hyperparameters.json``   SageMaker's; every value arrives as a string
+3. environment                           ``SM_HP_<NAME>``, ``SM_HPS``, ``SM_CHANNEL_<NAME>``,
+                                         ``SM_MODEL_DIR``, ``SM_OUTPUT_DATA_DIR``, ... when set
+4. derived from ``<base>/input/config/*.json`` and the folders under ``<base>/input/data``
+5. defaults
+
+``<base>`` is ``/opt/ml`` unless ``--base-dir`` or ``SAGEMAKER_BASE_DIR`` says otherwise, so the
+same code runs inside SageMaker, in ``docker run`` on any host, and straight from a checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from classifier.models import available_architectures
+
+DEFAULT_BASE_DIR = Path("/opt/ml")
+TRAIN_CHANNELS = ("training", "train")
+VALIDATION_CHANNELS = ("validation", "valid", "val")
+TEST_CHANNELS = ("test",)
+# Keys the SageMaker SDK and tuning service add to hyperparameters.json for their own use.
+RESERVED_PREFIXES = ("sagemaker_", "_")
+ALIASES = {"lr": "learning_rate", "arch": "architecture", "model_name": "architecture"}
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or has a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    architecture: str = "efficientnet_lite0"
+    pretrained: bool = True
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    image_size: int = 224
+    workers: int = -1  # -1: one loader process per core, at most 8
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("epochs", self.epochs >= 1, "must be at least 1"),
+            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("learning_rate", self.learning_rate > 0, "must be positive"),
+            ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must not be negative"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("image_size", self.image_size >= 16, "must be at least 16"),
+            ("workers", self.workers >= -1, "must be -1 (auto) or a count"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise SettingsError(f"hyperparameter {name}={getattr(self, name)!r} {rule}")
+        if self.architecture not in available_architectures():
+            close = difflib.get_close_matches(self.architecture, available_architectures(), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise SettingsError(
+                f"hyperparameter architecture={self.architecture!r} is not a known architecture{hint}"
+            )
+
+
+HYPERPARAMETER_NAMES = tuple(f.name for f in dataclasses.fields(Hyperparameters))
+
+
+@dataclass(frozen=True)
+class Paths:
+    base_dir: Path
+    model_dir: Path
+    output_dir: Path
+    output_data_dir: Path
+    checkpoint_dir: Path
+    train_dir: Path
+    validation_dir: Path | None
+    test_dir: Path | None
+
+    @property
+    def failure_file(self) -> Path:
+        return self.output_dir / "failure"
+
+
+@dataclass(frozen=True)
+class Settings:
+    hyperparameters: Hyperparameters
+    paths: Paths
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hyperparameters": dataclasses.asdict(self.hyperparameters),
+            "paths": {k: (str(v) if v is not None else None) for k, v in vars(self.paths).items()},
+        }
+
+
+# --- value parsing -----------------------------------------------------------------------------
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_int(text: str) -> int:
+    number = float(text)
+    if not number.is_integer():
+        raise ValueError("expected a whole number")
+    return int(number)
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "bool": _parse_bool,
+    "int": _parse_int,
+    "float": float,
+}
+
+
+def parse_value(name: str, value: Any, source: str) -> Any:
+    """Turn ``value`` (a string from JSON, env or CLI, or an already typed JSON value) into the
+    type of hyperparameter ``name``; errors name the key, the value and where it came from."""
+    field_type = {f.name: f.type for f in dataclasses.fields(Hyperparameters)}[name]
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool | int | float):
+        text = json.dumps(value)
+    else:
+        raise SettingsError(f"{source}: hyperparameter {name}={value!r} must be a single value")
+    # SageMaker's SDK JSON-encodes values, so '"resnet18"' arrives with its quotes.
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    try:
+        return _PARSERS[str(field_type)](text)
+    except ValueError as exc:
+        raise SettingsError(
+            f"{source}: hyperparameter {name}={value!r} is not a valid {field_type}: {exc}"
+        ) from None
+
+
+def canonical_name(key: str, source: str) -> str | None:
+    """The hyperparameter a key refers to; None for keys reserved by SageMaker."""
+    if key.startswith(RESERVED_PREFIXES):
+        return None
+    name = key.strip().replace("-", "_").lower()
+    name = ALIASES.get(name, name)
+    if name not in HYPERPARAMETER_NAMES:
+        close = difflib.get_close_matches(name, HYPERPARAMETER_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SettingsError(
+            f"{source}: unknown hyperparameter {key!r}{hint}; known hyperparameters: "
+            + ", ".join(HYPERPARAMETER_NAMES)
+        )
+    return name
+
+
+def _typed(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    typed = {}
+    for key, value in values.items():
+        name = canonical_name(key, source)
+        if name is not None:
+            typed[name] = parse_value(name, value, source)
+    return typed
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SettingsError(f"command line: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="train",
+        description="Fine-tune an image classifier on an ImageFolder dataset.",
+        argument_default=argparse.SUPPRESS,
+    )
+    paths = parser.add_argument_group("paths (default: SageMaker's layout under --base-dir)")
+    paths.add_argument("--base-dir", help="root of the SageMaker layout (default /opt/ml)")
+    paths.add_argument("--train", "--data-dir", dest="train", help="training ImageFolder, or a folder holding train/ valid/ test/")
+    paths.add_argument("--validation", help="validation ImageFolder")
+    paths.add_argument("--test", help="test ImageFolder")
+    paths.add_argument("--model-dir", help="where the model artifact is written")
+    paths.add_argument("--output-data-dir", help="where reports and metrics are written")
+    paths.add_argument("--checkpoint-dir", help="where checkpoints are written")
+    hps = parser.add_argument_group("hyperparameters")
+    for field in dataclasses.fields(Hyperparameters):
+        flags = {f"--{field.name.replace('_', '-')}", f"--{field.name}"}
+        hps.add_argument(*sorted(flags), dest=field.name, metavar=str(field.type).upper(),
+                         help=f"default: {field.default}")
+    return parser
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _environment_hyperparameters(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if "SM_HPS" in environ:
+        try:
+            hps = json.loads(environ["SM_HPS"])
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"environment: SM_HPS is not valid JSON: {exc}") from None
+        if not isinstance(hps, dict):
+            raise SettingsError("environment: SM_HPS must be a JSON object")
+        values.update(_typed(hps, "environment SM_HPS"))
+    for key, value in environ.items():
+        if key.startswith("SM_HP_"):
+            name = canonical_name(key.removeprefix("SM_HP_"), f"environment {key}")
+            if name is not None:
+                values[name] = parse_value(name, value, f"environment {key}")
+    return values
+
+
+def _channels(base_dir: Path, environ: Mapping[str, str], cli: Mapping[str, Any]) -> dict[str, Path]:
+    """Channel name -> folder, from data folders, inputdataconfig.json, SM_CHANNEL_*, CLI."""
+    channels: dict[str, Path] = {}
+    data_dir = base_dir / "input" / "data"
+    if data_dir.is_dir():
+        channels.update({p.name: p for p in sorted(data_dir.iterdir()) if p.is_dir()})
+    config = _read_json(base_dir / "input" / "config" / "inputdataconfig.json") or {}
+    for name, channel in config.items():
+        if isinstance(channel, dict) and channel.get("TrainingInputMode") == "Pipe":
+            raise SettingsError(
+                f"channel {name!r} uses Pipe input mode, which this image does not read; "
+                "use File or FastFile"
+            )
+        channels[name] = data_dir / name
+    for key, value in environ.items():
+        if key.startswith("SM_CHANNEL_") and value:
+            channels[key.removeprefix("SM_CHANNEL_").lower()] = Path(value)
+    for name in ("train", "validation", "test"):
+        if name in cli:
+            channels[{"train": "training"}.get(name, name)] = Path(cli[name])
+    return channels
+
+
+def _first(channels: Mapping[str, Path], names: Sequence[str]) -> Path | None:
+    return next((channels[n] for n in names if n in channels), None)
+
+
+def _first_subfolder(folder: Path, names: Sequence[str]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_dir()), None)
+
+
+def _resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Paths:
+    base_dir = Path(cli.get("base_dir") or environ.get("SAGEMAKER_BASE_DIR") or DEFAULT_BASE_DIR)
+
+    def pick(flag: str, env: str, default: Path) -> Path:
+        return Path(cli.get(flag) or environ.get(env) or default)
+
+    output_dir = pick("output_dir", "SM_OUTPUT_DIR", base_dir / "output")
+    channels = _channels(base_dir, environ, cli)
+    train_dir = _first(channels, TRAIN_CHANNELS)
+    if train_dir is None:
+        raise SettingsError(
+            "no training data: expected a 'training' channel "
+            f"({base_dir}/input/data/training, SM_CHANNEL_TRAINING or --train); "
+            f"channels found: {sorted(channels) or 'none'}"
+        )
+    if not train_dir.is_dir():
+        raise SettingsError(f"training channel folder {train_dir} does not exist")
+    validation_dir = _first(channels, VALIDATION_CHANNELS)
+    test_dir = _first(channels, TEST_CHANNELS)
+    # One channel holding train/ valid/ test/ (the layout most public datasets ship in).
+    split_train = _first_subfolder(train_dir, ("train", "training"))
+    if split_train is not None:
+        validation_dir = validation_dir or _first_subfolder(train_dir, VALIDATION_CHANNELS)
+        test_dir = test_dir or _first_subfolder(train_dir, TEST_CHANNELS)
+        train_dir = split_train
+    for name, folder in (("validation", validation_dir), ("test", test_dir)):
+        if folder is not None and not folder.is_dir():
+            raise SettingsError(f"{name} channel folder {folder} does not exist")
+    return Paths(
+        base_dir=base_dir,
+        model_dir=pick("model_dir", "SM_MODEL_DIR", base_dir / "model"),
+        output_dir=output_dir,
+        output_data_dir=pick("output_data_dir", "SM_OUTPUT_DATA_DIR", output_dir / "data"),
+        checkpoint_dir=pick("checkpoint_dir", "SM_CHECKPOINT_DIR", base_dir / "checkpoints"),
+        train_dir=train_dir,
+        validation_dir=validation_dir,
+        test_dir=test_dir,
+    )
+
+
+def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+    """Build the settings for one training run from the command line and environment."""
+    cli = vars(build_parser().parse_args(list(argv)))
+    paths = _resolve_paths(cli, environ)
+    file_values = _read_json(paths.base_dir / "input" / "config" / "hyperparameters.json") or {}
+    if not isinstance(file_values, dict):
+        raise SettingsError("hyperparameters.json must hold a JSON object")
+    merged: dict[str, Any] = {}
+    merged.update(_environment_hyperparameters(environ))
+    merged.update(_typed(file_values, "hyperparameters.json"))
+    merged.update(_typed({k: v for k, v in cli.items() if k in HYPERPARAMETER_NAMES}, "command line"))
+    if merged.get("workers", -1) == -1:
+        merged["workers"] = min(8, os.cpu_count() or 1)
+    return Settings(hyperparameters=Hyperparameters(**merged), paths=paths)
+
+
+def failure_file(argv: Sequence[str], environ: Mapping[str, str]) -> Path:
+    """Where to report a failure, even when the settings themselves could not be resolved."""
+    base = environ.get("SAGEMAKER_BASE_DIR") or str(DEFAULT_BASE_DIR)
+    args = list(argv)
+    for index, arg in enumerate(args):
+        if arg == "--base-dir" and index + 1 < len(args):
+            base = args[index + 1]
+        elif arg.startswith("--base-dir="):
+            base = arg.split("=", 1)[1]
+    return Path(environ.get("SM_OUTPUT_DIR") or Path(base) / "output") / "failure"

@@ -3,13 +3,15 @@
 #
 # SageMaker starts training containers with `train` and serving containers with `serve`. Some
 # launchers (SageMaker SDK v3 local mode) pass no argument at all: then the mode is inferred
-# from SageMaker's training configuration files being present.
+# from SageMaker's training configuration files being present. Flags alone (`--epochs 5`) are
+# training flags, so `docker compose run --rm train --epochs 5` works.
 set -eu
 base_dir=${SAGEMAKER_BASE_DIR:-/opt/ml}
 
 case "${1:-}" in
   train) shift; exec python -m train "$@" ;;
   serve) shift; exec python -m serve "$@" ;;
+  -*) exec python -m train "$@" ;;
   "")
     if [ -e "$base_dir/input/config/hyperparameters.json" ] \
       || [ -e "$base_dir/input/config/inputdataconfig.json" ] \

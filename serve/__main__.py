@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 
 import uvicorn
@@ -22,6 +23,10 @@ def load_predictor(settings: Settings):  # noqa: ANN201 - imported lazily to kee
     return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device)
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main() -> int:
     try:
         settings = Settings.from_env(os.environ)
@@ -30,6 +35,9 @@ def main() -> int:
         return 2
     setup_logging(settings.log_level, json_format=settings.log_json)
     app = create_app(settings, functools.partial(load_predictor, settings))
+    # uvicorn drains on SIGTERM, restores this handler, then re-raises the signal: a stop asked
+    # for by the platform ends with exit code 0 instead of "killed by SIGTERM".
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         app,
         host=settings.host,

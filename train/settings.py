@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train",
         description="Fine-tune an image classifier on an ImageFolder dataset.",
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # a misspelt flag must fail, not silently match another
     )
     paths = parser.add_argument_group("paths (default: SageMaker's layout under --base-dir)")
     paths.add_argument("--base-dir", help="root of the SageMaker layout (default /opt/ml)")

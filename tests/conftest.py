@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/imagedata.py and friends
+
+from classifier import artifact  # noqa: E402
+from classifier.artifact import Manifest, Preprocessing  # noqa: E402
+from classifier.models import create_model  # noqa: E402
+
+TINY_CLASSES = ("circle", "square", "triangle")
+
+
+@pytest.fixture
+def tiny_artifact(tmp_path: Path) -> Path:
+    """A randomly initialised resnet18 saved in the real artifact format."""
+    manifest = Manifest(
+        architecture="resnet18",
+        class_names=TINY_CLASSES,
+        preprocessing=Preprocessing(crop_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3),
+    )
+    return artifact.save(tmp_path / "model", create_model("resnet18", len(TINY_CLASSES)), manifest)

@@ -1,0 +1,73 @@
+"""The artifact format: save, load, and the model.tar.gz round trip SageMaker performs."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from classifier import artifact
+from classifier.artifact import ArtifactError
+
+
+def test_round_trip_gives_identical_outputs(tiny_artifact: Path) -> None:
+    model, manifest = artifact.load(tiny_artifact)
+    again, _ = artifact.load(tiny_artifact)
+    batch = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(batch), again(batch))
+    assert manifest.class_names == ("circle", "square", "triangle")
+    assert manifest.architecture == "resnet18"
+    assert manifest.versions["torch"] == torch.__version__
+    assert not model.training
+
+
+def test_weights_survive_save_and_load(tmp_path: Path, tiny_artifact: Path) -> None:
+    model, manifest = artifact.load(tiny_artifact)
+    artifact.save(tmp_path / "copy", model, manifest)
+    copy, copied_manifest = artifact.load(tmp_path / "copy")
+    for (name, tensor), (_, other) in zip(model.state_dict().items(), copy.state_dict().items()):
+        assert torch.equal(tensor, other), name
+    assert copied_manifest == manifest
+
+
+def test_model_tar_gz_round_trip_with_files_at_the_root(tmp_path: Path, tiny_artifact: Path) -> None:
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(tiny_artifact.iterdir()):
+            tar.add(path, arcname=path.name)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == [artifact.MANIFEST_FILE, artifact.WEIGHTS_FILE]
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    model, _ = artifact.load(tmp_path / "unpacked")
+    original, _ = artifact.load(tiny_artifact)
+    batch = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(batch), original(batch))
+
+
+def test_missing_manifest_is_reported(tmp_path: Path) -> None:
+    assert not artifact.is_artifact(tmp_path)
+    with pytest.raises(ArtifactError, match="not a model artifact"):
+        artifact.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("class_names"), "missing the field 'class_names'"),
+        (lambda m: m.update(format_version=99), "unsupported artifact format_version 99"),
+        (lambda m: m["preprocessing"].update(mean=[0.5]), "mean must have 3 values"),
+        (lambda m: m.update(class_names=["a", "b"]), "do not fit resnet18 with 2 classes"),
+    ],
+)
+def test_malformed_manifests_are_reported(tiny_artifact: Path, edit, message: str) -> None:
+    path = tiny_artifact / artifact.MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        artifact.load(tiny_artifact)

@@ -1,0 +1,111 @@
+"""``python -m train`` in-process: a real (tiny) run, and failures the platform's way."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from classifier import artifact
+from imagedata import CLASSES, write_image_folder
+from serve.predictor import Predictor
+from train.__main__ import main
+
+FAST = ["--architecture", "resnet18", "--pretrained", "false", "--image-size", "32",
+        "--batch-size", "8", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_image_folder(root / "train", 30, seed=1)
+    write_image_folder(root / "valid", 10, seed=2)
+    write_image_folder(root / "test", 10, seed=3)
+    return root
+
+
+def sagemaker_base(tmp_path: Path, dataset: Path, hyperparameters: dict[str, str]) -> Path:
+    base = tmp_path / "ml"
+    (base / "input" / "config").mkdir(parents=True)
+    (base / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    shutil.copytree(dataset / "train", base / "input" / "data" / "training")
+    shutil.copytree(dataset / "valid", base / "input" / "data" / "validation")
+    return base
+
+
+def test_learns_a_learnable_dataset_and_serves_what_it_evaluated(tmp_path: Path, dataset: Path, capsys) -> None:
+    """Fine-tuning the shipped ImageNet EfficientNet-Lite0 for a few epochs separates three
+    shape/colour classes; 0.8 is well clear of chance (0.33) yet robust to the seed."""
+    argv = ["--train", str(dataset), "--base-dir", str(tmp_path / "ml"), "--epochs", "5",
+            "--image-size", "64", "--batch-size", "16", "--learning-rate", "0.01", "--workers", "0"]
+    assert main(argv, {}) == 0
+    out = capsys.readouterr().out
+    assert "metric: validation_accuracy=" in out
+    metrics = json.loads((tmp_path / "ml" / "output" / "data" / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.8
+    assert f"metric: test_accuracy={metrics['test']['accuracy']:.6f}" in out
+
+    predictor = Predictor.load(tmp_path / "ml" / "model", allow_default=False, device="cpu")
+    assert predictor.manifest.class_names == tuple(sorted(CLASSES))
+    images, labels = [], []
+    for class_name in CLASSES:
+        for path in sorted((dataset / "test" / class_name).iterdir()):
+            images.append(Image.open(path).convert("RGB"))
+            labels.append(class_name)
+    predicted = [top[0].label for top in predictor.predict(images, top_k=1)]
+    served_accuracy = sum(p == t for p, t in zip(predicted, labels)) / len(labels)
+    assert served_accuracy == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_sagemaker_layout_with_string_hyperparameters(tmp_path: Path, dataset: Path) -> None:
+    base = sagemaker_base(tmp_path, dataset, {"epochs": "1", "pretrained": "false",
+                                              "architecture": "resnet18", "image_size": "32",
+                                              "batch_size": "8", "workers": "0"})
+    assert main([], {"SAGEMAKER_BASE_DIR": str(base)}) == 0
+    manifest = artifact.load_manifest(base / "model")
+    assert manifest.training["hyperparameters"]["epochs"] == 1
+    assert manifest.preprocessing.crop_size == 32
+    assert not (base / "output" / "failure").exists()
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "message"),
+    [
+        ({"epochs": "ten"}, "hyperparameter epochs='ten' is not a valid int"),
+        ({"epoch": "3"}, "unknown hyperparameter 'epoch'"),
+        ({"architecture": "resnet1800"}, "architecture='resnet1800' is not a known architecture"),
+        ({"architecture": "resnet18"}, "no pretrained weights are shipped for architecture='resnet18'"),
+    ],
+)
+def test_bad_configuration_fails_with_a_reason(tmp_path: Path, dataset: Path, hyperparameters: dict, message: str) -> None:
+    base = sagemaker_base(tmp_path, dataset, hyperparameters)
+    assert main([], {"SAGEMAKER_BASE_DIR": str(base)}) != 0
+    assert message in (base / "output" / "failure").read_text()
+    assert not artifact.is_artifact(base / "model")
+
+
+def test_mismatched_classes_are_named(tmp_path: Path, dataset: Path) -> None:
+    base = sagemaker_base(tmp_path, dataset, {})
+    shutil.rmtree(base / "input" / "data" / "validation" / "square")
+    (base / "input" / "data" / "validation" / "hexagon").mkdir()
+    Image.new("RGB", (8, 8)).save(base / "input" / "data" / "validation" / "hexagon" / "0.png")
+    assert main(FAST, {"SAGEMAKER_BASE_DIR": str(base)}) != 0
+    reason = (base / "output" / "failure").read_text()
+    assert "missing from validation: ['square']" in reason
+    assert "only in validation: ['hexagon']" in reason
+
+
+def test_missing_training_channel(tmp_path: Path) -> None:
+    assert main(FAST + ["--base-dir", str(tmp_path)], {}) != 0
+    assert "no training data" in (tmp_path / "output" / "failure").read_text()
+
+
+def test_failure_reason_is_capped_at_1024_characters(tmp_path: Path, dataset: Path) -> None:
+    base = sagemaker_base(tmp_path, dataset, {"x" * 2000: "1"})
+    assert main([], {"SAGEMAKER_BASE_DIR": str(base)}) != 0
+    reason = (base / "output" / "failure").read_text()
+    assert len(reason) == 1024
+    assert reason.startswith("hyperparameters.json: unknown hyperparameter")

@@ -31,5 +31,8 @@ image="$name:$variant-$digest"
 if ! docker image inspect "$image" >/dev/null 2>&1; then
   echo "build-image: building $image" >&2
   DOCKER_BUILDKIT=1 docker build --platform "$platform" -f "$dockerfile" "${args[@]}" -t "$image" . >&2
+  # Drop the tags of earlier builds of this variant; shared layers stay for the build cache.
+  docker image ls --format '{{.Repository}}:{{.Tag}}' --filter "reference=$name:$variant-*" \
+    | grep -vxF "$image" | xargs -r docker image rm >/dev/null 2>&1 || true
 fi
 echo "$image"

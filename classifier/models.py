@@ -35,21 +35,32 @@ def create_model(architecture: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
 
 
-def replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the final linear layer for a fresh one with ``num_classes`` outputs."""
-    if hasattr(model, "reset_classifier"):  # timm models
-        model.reset_classifier(num_classes)
-        return
+def _head_slot(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent module, attribute or index) of the final linear layer."""
     for attribute in ("fc", "classifier", "head", "heads"):
-        parent = getattr(model, attribute, None)
-        if parent is None:
-            continue
-        if isinstance(parent, nn.Linear):
-            setattr(model, attribute, nn.Linear(parent.in_features, num_classes))
-            return
-        if isinstance(parent, nn.Sequential):
-            for index in reversed(range(len(parent))):
-                if isinstance(parent[index], nn.Linear):
-                    parent[index] = nn.Linear(parent[index].in_features, num_classes)
-                    return
+        child = getattr(model, attribute, None)
+        if isinstance(child, nn.Linear):
+            return model, attribute
+        if isinstance(child, nn.Sequential):
+            for index in reversed(range(len(child))):
+                if isinstance(child[index], nn.Linear):
+                    return child, str(index)
     raise ValueError(f"cannot find the classification head of {type(model).__name__}")
+
+
+def classification_head(model: nn.Module) -> nn.Module:
+    """The final linear layer (the part that is replaced and trained when fine-tuning)."""
+    parent, slot = _head_slot(model)
+    return parent[int(slot)] if slot.isdigit() else getattr(parent, slot)
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Swap the final linear layer for a fresh one with ``num_classes`` outputs; returns it."""
+    parent, slot = _head_slot(model)
+    old = classification_head(model)
+    new = nn.Linear(old.in_features, num_classes)
+    if slot.isdigit():
+        parent[int(slot)] = new
+    else:
+        setattr(parent, slot, new)
+    return new

@@ -42,24 +42,44 @@ class EvalPreset:
         return self.transforms(image)
 
 
+_AUTO_AUGMENT = {
+    "trivialaugment": lambda interpolation: v2.TrivialAugmentWide(interpolation=interpolation),
+    "randaugment": lambda interpolation: v2.RandAugment(interpolation=interpolation),
+    "autoaugment": lambda interpolation: v2.AutoAugment(interpolation=interpolation),
+}
+
+
 class TrainPreset:
-    """Random resized crop and horizontal flip, then the same scaling as :class:`EvalPreset`."""
+    """Training augmentation, then the same scaling as :class:`EvalPreset`.
+
+    ``augmentation``: ``none`` (resize + centre crop, as in evaluation), ``basic`` (random
+    resized crop + horizontal flip), or basic followed by ``trivialaugment``, ``randaugment``
+    or ``autoaugment``.
+    """
 
     def __init__(
         self,
         *,
         crop_size: int,
+        resize_size: int,
         mean: Sequence[float],
         std: Sequence[float],
         interpolation: str = "bilinear",
+        augmentation: str = "basic",
         hflip_prob: float = 0.5,
     ) -> None:
-        steps: list[v2.Transform] = [
-            v2.ToImage(),
-            v2.RandomResizedCrop(crop_size, interpolation=_interpolation(interpolation), antialias=True),
-        ]
-        if hflip_prob > 0:
-            steps.append(v2.RandomHorizontalFlip(hflip_prob))
+        mode = _interpolation(interpolation)
+        steps: list[v2.Transform] = [v2.ToImage()]
+        if augmentation == "none":
+            steps += [v2.Resize(resize_size, interpolation=mode, antialias=True), v2.CenterCrop(crop_size)]
+        else:
+            steps.append(v2.RandomResizedCrop(crop_size, interpolation=mode, antialias=True))
+            if hflip_prob > 0:
+                steps.append(v2.RandomHorizontalFlip(hflip_prob))
+            if augmentation in _AUTO_AUGMENT:
+                steps.append(_AUTO_AUGMENT[augmentation](mode))
+            elif augmentation != "basic":
+                raise ValueError(f"unknown augmentation {augmentation!r}")
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
         self.transforms = v2.Compose(steps)
 

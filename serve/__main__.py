@@ -17,7 +17,7 @@ from serve.settings import ConfigError, Settings
 GRACEFUL_SHUTDOWN_S = 25
 
 
-def load_predictor(settings: Settings):  # noqa: ANN201 - imported lazily to keep start-up fast
+def load_predictor(settings: Settings):
     from serve.predictor import Predictor
 
     return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device)

@@ -7,9 +7,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/imagedata.py and friends
 
-from classifier import artifact  # noqa: E402
-from classifier.artifact import Manifest, Preprocessing  # noqa: E402
-from classifier.models import create_model  # noqa: E402
+from classifier import artifact
+from classifier.artifact import Manifest, Preprocessing
+from classifier.models import create_model
 
 TINY_CLASSES = ("circle", "square", "triangle")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from imagedata import encode
 from PIL import Image
 
-from imagedata import encode
 from serve.app import create_app
 from serve.predictor import Predictor
 from serve.settings import Settings
@@ -38,7 +38,7 @@ def client_for(settings: Settings, loader: Callable[[], Predictor]) -> TestClien
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    loader = lambda: Predictor.load(settings.model_dir, allow_default=False, device="cpu")  # noqa: E731
+    loader = lambda: Predictor.load(settings.model_dir, allow_default=False, device="cpu")
     with client_for(settings, loader) as client:
         wait_for_ping(client, 200)
         yield client
@@ -80,7 +80,7 @@ def test_ping_is_503_while_loading_then_200(settings: Settings) -> None:
 
 def test_failed_load_keeps_ping_unhealthy_with_the_reason(tmp_path: Path) -> None:
     settings = Settings(model_dir=tmp_path, default_model=False)
-    loader = lambda: Predictor.load(tmp_path, allow_default=False, device="cpu")  # noqa: E731
+    loader = lambda: Predictor.load(tmp_path, allow_default=False, device="cpu")
     with client_for(settings, loader) as client:
         deadline = time.monotonic() + 10
         while (response := client.get("/ping")).json()["status"] == "loading":

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from imagedata import encode
 from PIL import Image
 
-from imagedata import encode
 from serve.codec import JSON, choose_response_type, decode_image
 from serve.errors import InvalidImage, NotAcceptable, UnsupportedMediaType
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 
 import torch
+from imagedata import cat_photo_jpeg
 from PIL import Image
 
 from classifier.pretrained import default_model, imagenet_categories
-from imagedata import cat_photo_jpeg
 from serve.predictor import Predictor
 
 # ImageNet-1k's domestic cat classes (indices 281-285).

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
-
 from imagedata import encode
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from imagedata import CLASSES, write_image_folder
 from PIL import Image
 
 from classifier import artifact
-from imagedata import CLASSES, write_image_folder
 from serve.predictor import Predictor
 from train.__main__ import main
 
@@ -109,3 +110,75 @@ def test_failure_reason_is_capped_at_1024_characters(tmp_path: Path, dataset: Pa
     reason = (base / "output" / "failure").read_text()
     assert len(reason) == 1024
     assert reason.startswith("hyperparameters.json: unknown hyperparameter")
+
+
+def test_unreadable_images_are_skipped_and_listed_with_the_reports(tmp_path: Path, dataset: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    truncated = (data / "train" / "square" / "000.png").read_bytes()
+    (data / "train" / "square" / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
+    assert main(FAST + ["--epochs", "1", "--train", str(data), "--base-dir", str(tmp_path / "ml")], {}) == 0
+    output = tmp_path / "ml" / "output" / "data"
+    skipped = (output / "skipped_files.txt").read_text().split()
+    assert sorted(Path(p).name for p in skipped) == ["broken.png", "truncated.png"]
+    for name in ("curves.png", "confusion_matrix.png", "classification_report.json", "metrics.json"):
+        assert (output / name).is_file(), name
+    report = json.loads((output / "classification_report.json").read_text())
+    assert report["num_samples"] == 30  # the test split: 10 per class
+    assert json.loads((output / "metrics.json").read_text())["report"]["skipped_files"] == 2
+
+
+def test_a_class_left_with_no_readable_image_is_an_error(tmp_path: Path, dataset: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(dataset / "train", data)
+    for path in (data / "circle").iterdir():
+        path.write_bytes(b"garbage")
+    assert main(FAST + ["--train", str(data), "--base-dir", str(tmp_path / "ml")], {}) != 0
+    assert "training classes with no readable image: ['circle']" in (tmp_path / "ml" / "output" / "failure").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--optimizer", "adamw", "--learning-rate", "0.001", "--lr-schedule", "step", "--lr-step-size", "1"],
+        ["--warmup-epochs", "1", "--augmentation", "trivialaugment", "--label-smoothing", "0.1"],
+        ["--channels-last", "true", "--early-stopping-patience", "1", "--lr-schedule", "constant"],
+    ],
+)
+def test_training_options_run_end_to_end(tmp_path: Path, dataset: Path, extra: list[str]) -> None:
+    argv = FAST + ["--epochs", "2", "--train", str(dataset), "--base-dir", str(tmp_path / "ml"), *extra]
+    assert main(argv, {}) == 0
+    assert artifact.is_artifact(tmp_path / "ml" / "model")
+
+
+def test_freeze_backbone_trains_only_the_head(tmp_path: Path, dataset: Path) -> None:
+    argv = ["--train", str(dataset), "--base-dir", str(tmp_path / "ml"), "--epochs", "1", "--image-size", "32",
+            "--batch-size", "16", "--workers", "0", "--freeze-backbone", "true"]
+    assert main(argv, {}) == 0
+    from classifier.pretrained import efficientnet_lite0_imagenet
+
+    trained, _ = artifact.load(tmp_path / "ml" / "model")
+    original = efficientnet_lite0_imagenet().state_dict()
+    changed = {k for k, v in trained.state_dict().items()
+               if k in original and v.shape == original[k].shape and v.dtype.is_floating_point
+               and not torch.equal(v, original[k])}
+    # Weights of the backbone are untouched; batch-norm running statistics still adapt.
+    assert all(k.endswith(("running_mean", "running_var")) for k in changed), sorted(changed)[:5]
+
+
+def test_weights_file_initialises_a_torchvision_model(tmp_path: Path, dataset: Path) -> None:
+    from classifier.models import create_model
+
+    source = create_model("resnet18", 1000)  # stands in for downloaded ImageNet weights
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    torch.save(source.state_dict(), pretrained / "resnet18-imagenet.pth")
+    argv = ["--train", str(dataset), "--base-dir", str(tmp_path / "ml"), "--architecture", "resnet18",
+            "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--workers", "0",
+            "--freeze-backbone", "true", "--learning-rate", "0.001"]
+    environ = {"SM_CHANNEL_PRETRAINED": str(pretrained)}
+    assert main(argv, environ) == 0
+    trained, _ = artifact.load(tmp_path / "ml" / "model")
+    assert torch.equal(trained.state_dict()["layer1.0.conv1.weight"], source.state_dict()["layer1.0.conv1.weight"])
+    assert trained.fc.out_features == 3

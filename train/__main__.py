@@ -5,8 +5,12 @@ paths and hyperparameters as flags, e.g.::
 
     python -m train --train data/ --model-dir model/ --epochs 5 --batch-size 32
 
-Any failure is logged with its traceback, summarised in ``<output>/failure`` (the job's
-FailureReason on SageMaker) and ends the process with a non-zero exit code.
+With several GPUs (or ``--processes-per-host N``) this process starts one worker per GPU and
+forwards SIGTERM to them; with several hosts (``resourceconfig.json``) the workers of all hosts
+form one data-parallel job.
+
+Exit codes: 0 trained; 1 failed (reason in ``<output>/failure``, traceback in the log);
+143 stopped by SIGTERM after writing a checkpoint (start again to resume).
 """
 
 from __future__ import annotations
@@ -14,15 +18,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch.multiprocessing as mp
 
 from classifier.logs import setup_logging
-from train.job import run
-from train.settings import SettingsError, failure_file, resolve
+from train.distributed import Topology, discover
+from train.job import Outcome, run, select_device
+from train.settings import Settings, SettingsError, failure_file, resolve
 
 logger = logging.getLogger("train")
 FAILURE_LIMIT = 1024  # SageMaker keeps this many characters of the failure file
+EXIT_STOPPED = 128 + signal.SIGTERM
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -31,30 +41,75 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def write_failure(path: os.PathLike[str] | str, reason: str) -> None:
+def write_failure(path: Path, reason: str, *, overwrite: bool = True) -> None:
+    if path.exists() and not overwrite:
+        return
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as handle:
-            handle.write(reason[:FAILURE_LIMIT])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(reason[:FAILURE_LIMIT])
     except OSError:
         logger.exception("could not write the failure file %s", path)
+
+
+def _worker(local_rank: int, settings: Settings, topology: Topology, log: tuple[str, bool]) -> None:
+    """One local process of a multi-process job (started by torch.multiprocessing)."""
+    setup_logging(log[0], json_format=log[1])
+    try:
+        outcome = run(settings, topology, local_rank)
+    except Exception as exc:
+        logger.exception("training failed in local rank %d", local_rank)
+        write_failure(settings.paths.failure_file, describe_failure(exc), overwrite=False)
+        sys.exit(1)
+    sys.exit(EXIT_STOPPED if outcome is Outcome.STOPPED else 0)
+
+
+def launch(settings: Settings, topology: Topology, log: tuple[str, bool]) -> int:
+    """Run one worker per local process; SIGTERM is passed on so each can checkpoint."""
+    context = mp.start_processes(_worker, args=(settings, topology, log),
+                                 nprocs=topology.processes_per_host, join=False, start_method="spawn")
+
+    def forward(signum: int, frame: object) -> None:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as exc:
+        logger.error("local worker %d exited with code %s", exc.error_index, exc.exit_code)
+        for process in context.processes:
+            process.join(60)
+        return EXIT_STOPPED if exc.exit_code == EXIT_STOPPED else 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
-    setup_logging(environ.get("LOG_LEVEL", "INFO"), json_format=environ.get("LOG_FORMAT") == "json")
+    log = (environ.get("LOG_LEVEL", "INFO"), environ.get("LOG_FORMAT") == "json")
+    setup_logging(log[0], json_format=log[1])
     failure = failure_file(argv, environ)
     failure.unlink(missing_ok=True)
     try:
         settings = resolve(argv, environ)
+        hp = settings.hyperparameters
+        topology = discover(settings.paths.base_dir, environ,
+                            use_cuda=select_device(hp.device).type == "cuda",
+                            processes_per_host=hp.processes_per_host)
         logger.info("settings: %s", json.dumps(settings.to_dict(), sort_keys=True))
-        run(settings)
+        logger.info("topology: host %s (%d of %d), %d process(es) per host",
+                    topology.current_host, topology.host_rank + 1, len(topology.hosts),
+                    topology.processes_per_host)
+        if topology.processes_per_host > 1:
+            return launch(settings, topology, log)
+        outcome = run(settings, topology)
     except (Exception, KeyboardInterrupt) as exc:
         logger.exception("training failed")
         write_failure(failure, describe_failure(exc))
         return 1
-    return 0
+    return EXIT_STOPPED if outcome is Outcome.STOPPED else 0
 
 
 if __name__ == "__main__":

@@ -1,16 +1,29 @@
-"""ImageFolder datasets for the train / validation / test splits, checked against each other."""
+"""ImageFolder splits, checked against each other, and loaders that can resume mid-epoch.
+
+Unreadable or truncated images are found before training starts and left out (listed in the
+report) rather than crashing a long job. Sample order and augmentation are functions of
+(seed, epoch, position), so a run resumed from a checkpoint sees exactly the batches an
+uninterrupted run would have, and each data-parallel process sees its own shard.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Dataset
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 from classifier.artifact import Preprocessing
 from classifier.presets import TrainPreset
 from train.settings import Hyperparameters, Paths, SettingsError
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(SettingsError):
@@ -23,6 +36,34 @@ class Splits:
     train: ImageFolder
     validation: ImageFolder | None
     test: ImageFolder | None
+    skipped_files: tuple[str, ...]
+
+
+def is_readable_image(path: str) -> bool:
+    """Decode the whole file (at reduced scale for JPEG), which also catches truncation."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+        return True
+    except Exception:  # noqa: BLE001 - any decoder error means the file is unusable
+        return False
+
+
+def _drop_unreadable(dataset: ImageFolder, split: str, workers: int) -> list[str]:
+    paths = [path for path, _ in dataset.samples]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        readable = list(pool.map(is_readable_image, paths, chunksize=64))
+    skipped = [path for path, ok in zip(paths, readable) if not ok]
+    if skipped:
+        dataset.samples = [sample for sample, ok in zip(dataset.samples, readable) if ok]
+        dataset.imgs = dataset.samples
+        dataset.targets = [target for _, target in dataset.samples]
+        logger.warning("%s: skipping %d unreadable image(s), e.g. %s", split, len(skipped), skipped[0])
+    empty = sorted(set(dataset.classes) - {dataset.classes[t] for t in dataset.targets})
+    if empty:
+        raise DataError(f"{split} classes with no readable image: {empty}")
+    return skipped
 
 
 def _image_folder(folder: Path, split: str, transform: object) -> ImageFolder:
@@ -47,29 +88,90 @@ def _check_same_classes(train: ImageFolder, other: ImageFolder, split: str) -> N
 def load_splits(paths: Paths, hp: Hyperparameters, preprocessing: Preprocessing) -> Splits:
     train_transform = TrainPreset(
         crop_size=preprocessing.crop_size,
+        resize_size=preprocessing.resize_size,
         mean=preprocessing.mean,
         std=preprocessing.std,
         interpolation=preprocessing.interpolation,
+        augmentation=hp.augmentation,
     )
     eval_transform = preprocessing.eval_preset()
     train = _image_folder(paths.train_dir, "training", train_transform)
     if len(train.classes) < 2:
         raise DataError(f"training data in {paths.train_dir} has {len(train.classes)} class; need at least 2")
+    skipped = _drop_unreadable(train, "training", hp.workers)
     evaluated = {}
     for split, folder in (("validation", paths.validation_dir), ("test", paths.test_dir)):
         if folder is not None:
             evaluated[split] = _image_folder(folder, split, eval_transform)
             _check_same_classes(train, evaluated[split], split)
-    return Splits(tuple(train.classes), train, evaluated.get("validation"), evaluated.get("test"))
+            skipped += _drop_unreadable(evaluated[split], split, hp.workers)
+    return Splits(tuple(train.classes), train, evaluated.get("validation"), evaluated.get("test"), tuple(skipped))
 
 
-def make_loader(dataset: Dataset, hp: Hyperparameters, *, shuffle: bool, pin_memory: bool) -> DataLoader:
+class SeededDataset(Dataset):
+    """Wraps a dataset so that each item's random augmentation is seeded by its sampler."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> object:
+        index, seed = item
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+
+class ShardSampler(Sampler[tuple[int, int]]):
+    """This process's share of each epoch, in an order fixed by (seed, epoch).
+
+    Like ``DistributedSampler`` (padding so every process gets the same number of samples),
+    plus a start offset for resuming mid-epoch, and a per-sample augmentation seed.
+    """
+
+    def __init__(self, length: int, *, rank: int, world_size: int, shuffle: bool, seed: int) -> None:
+        self.length, self.rank, self.world_size = length, rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch, self.start = 0, 0
+        self.per_process = -(-length // world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch ``epoch`` from this process's ``start``-th sample on."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_process - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.length, generator=generator) if self.shuffle else torch.arange(self.length)
+        order = order.repeat(-(-self.per_process * self.world_size // self.length))[: self.per_process * self.world_size]
+        mine = order[self.rank :: self.world_size].tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for position in range(self.start, self.per_process):
+            yield mine[position], (base + mine[position]) % (2**63)
+
+
+def train_loader(dataset: Dataset, sampler: ShardSampler, hp: Hyperparameters, *, pin_memory: bool) -> DataLoader:
     return DataLoader(
-        dataset,
+        SeededDataset(dataset),
         batch_size=hp.batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=hp.workers,
         pin_memory=pin_memory,
-        persistent_workers=hp.workers > 0,
+        persistent_workers=False,  # the sampler changes between epochs
         drop_last=False,
+    )
+
+
+def eval_loader(dataset: Dataset, hp: Hyperparameters, *, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
+    """Evaluation is sharded without padding, so summed metrics count every image once."""
+    indices: Sequence[int] = range(rank, len(dataset), world_size)  # type: ignore[arg-type]
+    return DataLoader(
+        torch.utils.data.Subset(dataset, list(indices)),
+        batch_size=hp.batch_size,
+        shuffle=False,
+        num_workers=hp.workers,
+        pin_memory=pin_memory,
     )

@@ -1,15 +1,44 @@
-"""One epoch of training and one pass of evaluation."""
+"""One epoch of training and one pass of evaluation; metrics summed over all processes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from train.distributed import all_reduce_sum
+
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Precision:
+    """How tensors are laid out and computed: mixed precision and channels_last."""
+
+    amp: bool = False
+    channels_last: bool = False
+    scaler: torch.amp.GradScaler | None = field(default=None)
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.amp and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+def memory_in_use(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
 
 
 def train_one_epoch(
@@ -21,39 +50,64 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     *,
+    precision: Precision | None = None,
+    start_step: int = 0,
+    after_step: Callable[[int], bool] = lambda step: False,
     log_every_s: float = 30.0,
 ) -> dict[str, float]:
+    """Train over ``loader``; ``after_step(step)`` may checkpoint and returns True to stop early.
+
+    Returns loss, accuracy and throughput of the steps run, and ``completed`` (0.0 if stopped).
+    """
+    precision = precision or Precision()
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     started = last_log = time.perf_counter()
-    num_batches = len(loader) if hasattr(loader, "__len__") else 0
-    for step, (images, targets) in enumerate(loader, start=1):
-        images = images.to(device, non_blocking=True)
+    num_batches = start_step + len(loader)  # type: ignore[arg-type]
+    interactive = sys.stderr.isatty()
+    completed = 1.0
+    for step, (images, targets) in enumerate(loader, start=start_step + 1):
+        images = precision.prepare(images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
-        logits = model(images)
-        loss = criterion(logits, targets)
+        with precision.autocast(device):
+            logits = model(images)
+            loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         scheduler.step()
 
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(dim=1) == targets).sum().item()
         seen += len(targets)
         now = time.perf_counter()
-        if now - last_log >= log_every_s:
+        if interactive or now - last_log >= log_every_s:
             rate = seen / (now - started)
-            eta = (num_batches - step) * (now - started) / step
-            logger.info(
-                "epoch %d step %d/%d loss %.4f %.1f img/s eta %.0fs",
-                epoch, step, num_batches, total_loss / seen, rate, eta,
-            )
+            eta = (num_batches - step) * (now - started) / (step - start_step)
+            message = (f"epoch {epoch} step {step}/{num_batches} loss {total_loss / seen:.4f} "
+                       f"{rate:.1f} img/s eta {eta:.0f}s {memory_in_use(device)}")
+            if interactive:
+                print(f"\r{message}", end="", file=sys.stderr, flush=True)
+            else:
+                logger.info(message)
             last_log = now
+        if after_step(step):
+            completed = 0.0
+            break
+    if interactive:
+        print(file=sys.stderr)
     elapsed = time.perf_counter() - started
+    total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], device)
     return {
         "loss": total_loss / max(seen, 1),
         "accuracy": correct / max(seen, 1),
         "images_per_second": seen / elapsed if elapsed > 0 else 0.0,
+        "completed": completed,
     }
 
 
@@ -63,18 +117,27 @@ def evaluate(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     criterion: nn.Module,
     device: torch.device,
+    *,
+    precision: Precision | None = None,
+    predictions: list[tuple[int, int]] | None = None,
 ) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy; (target, predicted) pairs appended to ``predictions``."""
+    precision = precision or Precision()
     model.eval()
     total_loss, correct, correct_top5, seen = 0.0, 0, 0, 0
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+        images = precision.prepare(images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
-        logits = model(images)
-        total_loss += criterion(logits, targets).item() * len(targets)
+        with precision.autocast(device):
+            logits = model(images)
+        total_loss += criterion(logits.float(), targets).item() * len(targets)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct += (top[:, 0] == targets).sum().item()
         correct_top5 += (top == targets[:, None]).any(dim=1).sum().item()
         seen += len(targets)
+        if predictions is not None:
+            predictions.extend(zip(targets.tolist(), top[:, 0].tolist()))
+    total_loss, correct, correct_top5, seen = all_reduce_sum([total_loss, correct, correct_top5, seen], device)
     return {
         "loss": total_loss / max(seen, 1),
         "accuracy": correct / max(seen, 1),

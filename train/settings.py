@@ -40,19 +40,38 @@ class SettingsError(ValueError):
     """A setting is missing, unknown or has a value that cannot be used."""
 
 
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "step", "constant")
+AUGMENTATIONS = ("none", "basic", "trivialaugment", "randaugment", "autoaugment")
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     architecture: str = "efficientnet_lite0"
     pretrained: bool = True
+    weights_file: str = ""  # state dict to start from (else the `pretrained` channel's file)
+    freeze_backbone: bool = False
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # per process
+    optimizer: str = "sgd"
     learning_rate: float = 0.01
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    lr_step_size: int = 30  # epochs between decays, lr_schedule=step
+    lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     image_size: int = 224
+    augmentation: str = "basic"
+    amp: bool = False  # mixed precision on CUDA
+    channels_last: bool = False
     workers: int = -1  # -1: one loader process per core, at most 8
     seed: int = 0
+    early_stopping_patience: int = 0  # epochs without validation improvement; 0 = off
+    checkpoint_steps: int = 0  # also checkpoint every N steps; 0 = at epoch ends only
+    processes_per_host: int = 0  # 0: one per visible GPU, else one
+    peer_timeout_s: float = 300.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
@@ -60,11 +79,21 @@ class Hyperparameters:
             ("epochs", self.epochs >= 1, "must be at least 1"),
             ("batch_size", self.batch_size >= 1, "must be at least 1"),
             ("learning_rate", self.learning_rate > 0, "must be positive"),
+            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, "must be in [0, epochs)"),
+            ("lr_step_size", self.lr_step_size >= 1, "must be at least 1"),
+            ("lr_gamma", 0 < self.lr_gamma <= 1, "must be in (0, 1]"),
             ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "must not be negative"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
             ("image_size", self.image_size >= 16, "must be at least 16"),
             ("workers", self.workers >= -1, "must be -1 (auto) or a count"),
+            ("early_stopping_patience", self.early_stopping_patience >= 0, "must not be negative"),
+            ("checkpoint_steps", self.checkpoint_steps >= 0, "must not be negative"),
+            ("processes_per_host", self.processes_per_host >= 0, "must not be negative"),
+            ("peer_timeout_s", self.peer_timeout_s > 0, "must be positive"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
+            ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"must be one of {', '.join(LR_SCHEDULES)}"),
+            ("augmentation", self.augmentation in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -90,6 +119,7 @@ class Paths:
     train_dir: Path
     validation_dir: Path | None
     test_dir: Path | None
+    pretrained_dir: Path | None = None
 
     @property
     def failure_file(self) -> Path:
@@ -307,6 +337,7 @@ def _resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Paths:
         train_dir=train_dir,
         validation_dir=validation_dir,
         test_dir=test_dir,
+        pretrained_dir=channels.get("pretrained"),
     )
 
 

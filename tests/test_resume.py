@@ -1,0 +1,90 @@
+"""Spot safety: a run stopped by SIGTERM resumes from its checkpoint and ends where an
+uninterrupted run ends (same weights), and a damaged newest checkpoint is passed over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from imagedata import write_image_folder
+
+from train import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["--architecture", "resnet18", "--pretrained", "false", "--image-size", "32",
+        "--batch-size", "8", "--epochs", "3", "--checkpoint-steps", "2", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_image_folder(root / "train", 16, seed=1)
+    write_image_folder(root / "valid", 4, seed=2)
+    return root
+
+
+def train_command(dataset: Path, base: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "train", "--train", str(dataset), "--base-dir", str(base),
+            "--workers", str(workers), *ARGS]
+
+
+def weights(base: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(base / "model" / "model.safetensors"))
+
+
+def run_to_end(command: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_then_restart_ends_with_the_uninterrupted_weights(dataset: Path, tmp_path: Path, workers: int) -> None:
+    reference = run_to_end(train_command(dataset, tmp_path / "reference", workers))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    base = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(train_command(dataset, base, workers), cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((base / "checkpoints").glob("checkpoint-*.pt")):  # a step checkpoint exists
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "run again to resume" in stderr
+    assert not (base / "model" / "model.safetensors").exists()
+    stopped_at = checkpoint.load_latest(base / "checkpoints")
+    assert stopped_at is not None and stopped_at["global_step"] < 3 * 6  # 48 images / 8 = 6 steps
+
+    resumed = run_to_end(train_command(dataset, base, workers))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    expected, actual = weights(tmp_path / "reference"), weights(base)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path, {"epoch": 1, "step_in_epoch": 2, "value": 1}, global_step=2)
+    checkpoint.save(tmp_path, {"epoch": 1, "step_in_epoch": 4, "value": 2}, global_step=4)
+    newest = max(tmp_path.glob("checkpoint-*.pt"))
+    newest.write_bytes(newest.read_bytes()[:100])  # as if the disk filled up mid-write elsewhere
+    assert checkpoint.load_latest(tmp_path)["value"] == 1
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path: Path) -> None:
+    for step in range(1, 6):
+        checkpoint.save(tmp_path, {"epoch": 1, "step_in_epoch": step}, global_step=step)
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*.pt"))] == [
+        "checkpoint-0000000004.pt", "checkpoint-0000000005.pt"]
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -35,7 +35,8 @@ def docker(*args: str, timeout: float = 600, check: bool = True) -> subprocess.C
     return result
 
 
-def write_training_config(base: Path, hyperparameters: dict[str, str], channels: Sequence[str]) -> None:
+def write_training_config(base: Path, hyperparameters: dict[str, str], channels: Sequence[str],
+                          *, current_host: str = "algo-1", hosts: Sequence[str] = ("algo-1",)) -> None:
     """SageMaker's three config files, as the platform writes them (every value a string)."""
     config = base / "input" / "config"
     config.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def write_training_config(base: Path, hyperparameters: dict[str, str], channels:
         for name in channels
     }))
     (config / "resourceconfig.json").write_text(json.dumps(
-        {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}
+        {"current_host": current_host, "hosts": list(hosts), "network_interface_name": "eth0"}
     ))
 
 

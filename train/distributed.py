@@ -115,7 +115,8 @@ def init_process_group(topology: Topology, local_rank: int, *, use_cuda: bool, t
     except (RuntimeError, dist.DistStoreError) as exc:
         raise SettingsError(
             f"rank {rank}: could not form the process group of {topology.world_size} with "
-            f"{topology.master_addr}:{topology.master_port} within {timeout_s:.0f} s: {exc}"
+            f"{topology.master_addr}:{topology.master_port} within {timeout_s:.0f} s: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
 
 

@@ -88,14 +88,15 @@ def main() -> None:
         data = write_image_folder(Path(scratch) / "data", args.per_class, seed=0, size=128)
         common = [str(args.epochs), str(args.batch_size), str(args.image_size), str(args.workers)]
         bare_cmd = [sys.executable, "-c", BARE_LOOP, str(data), args.architecture, *common]
-        entry_cmd = [sys.executable, "-m", "train", "--train", str(data), "--base-dir", str(Path(scratch) / "ml"),
-                     "--architecture", args.architecture, "--pretrained", "false", "--epochs", str(args.epochs),
+        entry_cmd = [sys.executable, "-m", "train", "--train", str(data), "--architecture", args.architecture, "--pretrained", "false", "--epochs", str(args.epochs),
                      "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
                      "--workers", str(args.workers), "--learning-rate", "0.01"]
         bare, entry = [], []
         for round_ in range(1, args.rounds + 1):
             bare.append(run(bare_cmd))
-            entry.append(run(entry_cmd))
+            # A fresh base folder each time: the entry point would otherwise resume from the
+            # previous round's checkpoints.
+            entry.append(run([*entry_cmd, "--base-dir", str(Path(scratch) / f"ml-{round_}")]))
             print(f"round {round_}: bare {bare[-1]:.1f} img/s, entry point {entry[-1]:.1f} img/s", flush=True)
 
     ratio = statistics.median(entry) / statistics.median(bare)

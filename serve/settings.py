@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from classifier.parsing import parse_bool
+
 T = TypeVar("T")
 DEFAULT_PORT = 8080
 MEGABYTE = 1024 * 1024
@@ -14,15 +16,6 @@ MEGABYTE = 1024 * 1024
 
 class ConfigError(ValueError):
     """An environment variable has a value the server cannot use."""
-
-
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
 
 
 def _positive_int(text: str) -> int:
@@ -70,7 +63,7 @@ class Settings:
             host=environ.get("CLASSIFIER_HOST") or cls.host,
             port=get("SAGEMAKER_BIND_TO_PORT", _positive_int, DEFAULT_PORT),
             model_dir=Path(environ.get("SM_MODEL_DIR") or base_dir / "model"),
-            default_model=get("CLASSIFIER_DEFAULT_MODEL", _bool, cls.default_model),
+            default_model=get("CLASSIFIER_DEFAULT_MODEL", parse_bool, cls.default_model),
             top_k=get("CLASSIFIER_TOP_K", _positive_int, cls.top_k),
             max_body_bytes=int(max_mb * MEGABYTE),
             max_image_pixels=get("CLASSIFIER_MAX_IMAGE_PIXELS", _positive_int, cls.max_image_pixels),

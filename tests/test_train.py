@@ -182,3 +182,18 @@ def test_weights_file_initialises_a_torchvision_model(tmp_path: Path, dataset: P
     trained, _ = artifact.load(tmp_path / "ml" / "model")
     assert torch.equal(trained.state_dict()["layer1.0.conv1.weight"], source.state_dict()["layer1.0.conv1.weight"])
     assert trained.fc.out_features == 3
+
+
+def test_tensorboard_scalars_and_profiler_trace(tmp_path: Path, dataset: Path) -> None:
+    argv = FAST + ["--epochs", "2", "--train", str(dataset), "--base-dir", str(tmp_path / "ml"),
+                   "--tensorboard", "true", "--profile-steps", "2"]
+    assert main(argv, {}) == 0
+    board = tmp_path / "ml" / "output" / "tensorboard"
+    assert list(board.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(board))
+    events.Reload()
+    assert {"train/loss", "validation/accuracy", "train/learning_rate"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2]
+    assert list((board / "profile").glob("*.pt.trace.json*"))

@@ -19,7 +19,7 @@ import random
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Observers:
+    """Optional TensorBoard scalars and torch.profiler trace, both under <output>/tensorboard."""
+
+    def __init__(self, hp: Hyperparameters, paths: Paths, rank: int, stack: ExitStack) -> None:
+        self.writer = None
+        self.profiler = None
+        if rank != 0:
+            return
+        if hp.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = stack.enter_context(SummaryWriter(str(paths.tensorboard_dir)))
+        if hp.profile_steps:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = stack.enter_context(torch.profiler.profile(
+                activities=activities,
+                schedule=torch.profiler.schedule(wait=1, warmup=1, active=hp.profile_steps, repeat=1),
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(str(paths.tensorboard_dir / "profile")),
+            ))
+
+    def step(self) -> None:
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def epoch(self, record: dict[str, Any], learning_rate: float) -> None:
+        if self.writer is None:
+            return
+        for split in ("train", "validation"):
+            for name, value in record.get(split, {}).items():
+                self.writer.add_scalar(f"{split}/{name}", value, record["epoch"])
+        self.writer.add_scalar("train/learning_rate", learning_rate, record["epoch"])
+        self.writer.flush()
+
+
 @contextmanager
 def sigterm_requests_stop() -> Iterator[threading.Event]:
     """SIGTERM (job stopped, spot interruption) sets the event instead of killing the process."""
@@ -219,14 +255,17 @@ def run(settings: Settings, topology: Topology | None = None, local_rank: int = 
     if topology.distributed:
         init_process_group(topology, local_rank, use_cuda=device.type == "cuda", timeout_s=hp.peer_timeout_s)
     try:
-        with sigterm_requests_stop() as stop:
-            return _train(settings, topology.rank(local_rank), topology.world_size, device, stop)
+        with sigterm_requests_stop() as stop, ExitStack() as stack:
+            rank = topology.rank(local_rank)
+            observers = Observers(hp, settings.paths, rank, stack)
+            return _train(settings, rank, topology.world_size, device, stop, observers)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(settings: Settings, rank: int, world_size: int, device: torch.device, stop: threading.Event) -> Outcome:
+def _train(settings: Settings, rank: int, world_size: int, device: torch.device, stop: threading.Event,
+           observers: Observers) -> Outcome:
     hp, paths = settings.hyperparameters, settings.paths
     seed_everything(hp.seed)
     preprocessing = preprocessing_for(hp)
@@ -280,6 +319,7 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
 
     def after_step(step: int) -> bool:
         progress["step_in_epoch"], progress["global_step"] = step, progress["global_step"] + 1
+        observers.step()
         stopping = any_process(stop.is_set(), device)
         if stopping or (hp.checkpoint_steps and progress["global_step"] % hp.checkpoint_steps == 0):
             save_checkpoint()
@@ -301,6 +341,7 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
             for name, value in record.get(split, {}).items():
                 emit_metric(f"{split}_{name}", value, epoch)
         progress["history"].append(record)
+        observers.epoch(record, scheduler.get_last_lr()[0])
 
         accuracy = record.get("validation", record["train"])["accuracy"]
         if validation_loader is None or accuracy > progress["best_accuracy"]:

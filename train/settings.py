@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from classifier.models import available_architectures
+from classifier.parsing import parse_bool
 
 DEFAULT_BASE_DIR = Path("/opt/ml")
 TRAIN_CHANNELS = ("training", "train")
@@ -72,6 +73,8 @@ class Hyperparameters:
     checkpoint_steps: int = 0  # also checkpoint every N steps; 0 = at epoch ends only
     processes_per_host: int = 0  # 0: one per visible GPU, else one
     peer_timeout_s: float = 300.0
+    tensorboard: bool = False  # scalars per epoch under <output>/tensorboard
+    profile_steps: int = 0  # torch.profiler trace of this many steps (after 2 warm-up steps)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
@@ -91,6 +94,7 @@ class Hyperparameters:
             ("checkpoint_steps", self.checkpoint_steps >= 0, "must not be negative"),
             ("processes_per_host", self.processes_per_host >= 0, "must not be negative"),
             ("peer_timeout_s", self.peer_timeout_s > 0, "must be positive"),
+            ("profile_steps", self.profile_steps >= 0, "must not be negative"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
             ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"must be one of {', '.join(LR_SCHEDULES)}"),
             ("augmentation", self.augmentation in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
@@ -125,6 +129,10 @@ class Paths:
     def failure_file(self) -> Path:
         return self.output_dir / "failure"
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.output_dir / "tensorboard"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -141,15 +149,6 @@ class Settings:
 # --- value parsing -----------------------------------------------------------------------------
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
 def _parse_int(text: str) -> int:
     number = float(text)
     if not number.is_integer():
@@ -159,7 +158,7 @@ def _parse_int(text: str) -> int:
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "str": str,
-    "bool": _parse_bool,
+    "bool": parse_bool,
     "int": _parse_int,
     "float": float,
 }

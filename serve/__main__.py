@@ -1,4 +1,8 @@
-"""Serve a model: ``python -m serve`` or ``docker run IMAGE serve`` (port 8080 by default)."""
+"""Serve a model: ``python -m serve`` or ``docker run IMAGE serve`` (port 8080 by default).
+
+With ``SAGEMAKER_MODEL_SERVER_WORKERS`` > 1, uvicorn runs that many worker processes, each
+loading the model and building the app through :func:`create`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import signal
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 
 from classifier.logs import setup_logging
 from serve.app import create_app
@@ -20,7 +25,15 @@ GRACEFUL_SHUTDOWN_S = 25
 def load_predictor(settings: Settings):
     from serve.predictor import Predictor
 
-    return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device)
+    return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device,
+                          half=settings.half)
+
+
+def create() -> FastAPI:
+    """App factory for uvicorn's worker processes (settings from this process's environment)."""
+    settings = Settings.from_env(os.environ)
+    setup_logging(settings.log_level, json_format=settings.log_json)
+    return create_app(settings, functools.partial(load_predictor, settings))
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -34,18 +47,15 @@ def main() -> int:
         print(f"serve: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, json_format=settings.log_json)
-    app = create_app(settings, functools.partial(load_predictor, settings))
     # uvicorn drains on SIGTERM, restores this handler, then re-raises the signal: a stop asked
     # for by the platform ends with exit code 0 instead of "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        access_log=False,
-    )
+    options = {"host": settings.host, "port": settings.port, "log_config": None, "access_log": False,
+               "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S}
+    if settings.workers > 1:
+        uvicorn.run("serve.__main__:create", factory=True, workers=settings.workers, **options)
+    else:
+        uvicorn.run(create_app(settings, functools.partial(load_predictor, settings)), **options)
     return 0
 
 

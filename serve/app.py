@@ -1,8 +1,11 @@
-"""HTTP routes only: SageMaker's ``GET /ping`` and ``POST /invocations``.
+"""HTTP routes: SageMaker's ``GET /ping``, ``POST /invocations`` and ``GET /execution-parameters``,
+plus ``GET /metrics`` (Prometheus) and the OpenAPI docs (``/docs``).
 
 ``create_app(settings, load_predictor)`` builds the app; the model loads in a background thread
 when the server starts, so the port answers at once and ``/ping`` says 503 until the model has
-loaded and served a warm-up inference (200), or for good if loading failed.
+loaded and served a warm-up inference (200), or for good if loading failed. Decoding runs on a
+thread pool and inference on one thread behind the batcher, so the event loop (and ``/ping``)
+never waits for either.
 """
 
 from __future__ import annotations
@@ -10,23 +13,43 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from serve.codec import choose_response_type, decode_image, encode_predictions
-from serve.errors import NotReady, PayloadTooLarge, ServingError
-from serve.settings import Settings
+from serve import codec
+from serve.batching import Batcher
+from serve.errors import InvalidTensor, NotReady, PayloadTooLarge, ServingError, Timeout
+from serve.s3 import S3Fetcher
+from serve.settings import MEGABYTE, Settings
 
 if TYPE_CHECKING:
     from serve.predictor import Predictor
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("serve.access")
+KNOWN_PATHS = frozenset({"/ping", "/invocations", "/execution-parameters", "/metrics"})
+REQUEST_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in sorted(codec.IMAGE_TYPES)}
+        | {
+            codec.JSON: {"example": {"instances": [{"b64": "<base64 image>"}]}},
+            codec.JSON_LINES: {"schema": {"type": "string"}, "example": '{"b64": "<base64 image>"}\n'},
+            codec.NPY: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 
 
 class Health(enum.Enum):
@@ -43,8 +66,9 @@ class ModelState:
         self.predictor: Predictor | None = None
         self.reason = ""
 
-    def load(self, load_predictor: Callable[[], Predictor]) -> None:
+    def load(self, load_predictor: Callable[[], Predictor], threads: int) -> None:
         try:
+            torch.set_num_threads(threads)
             predictor = load_predictor()
             predictor.warm_up()
         except Exception as exc:
@@ -55,6 +79,21 @@ class ModelState:
         self.predictor = predictor
         self.health = Health.READY
         logger.info("model ready")
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry: no process-wide state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("classifier_requests", "HTTP requests by path and status",
+                                ["path", "status"], registry=self.registry)
+        self.latency = Histogram("classifier_request_duration_seconds", "Request latency by path", ["path"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                 registry=self.registry)
+        self.batch_size = Histogram("classifier_batch_size", "Images per forward pass",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.images = Counter("classifier_images", "Images classified", registry=self.registry)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -73,17 +112,42 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def create_app(settings: Settings, load_predictor: Callable[[], Predictor]) -> FastAPI:
     state = ModelState()
-    # One forward pass at a time: torch already spreads a pass over all cores.
-    inference_lock = threading.Lock()
+    metrics = Metrics()
+    decode_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="decode")
+    inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+    fetch_s3 = S3Fetcher(settings.s3_buckets) if settings.s3_buckets else None
+    batcher_box: list[Batcher] = []
+
+    def infer(batch: torch.Tensor):
+        assert state.predictor is not None
+        return state.predictor.infer(batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = threading.Thread(target=state.load, args=(load_predictor,), name="model-loader", daemon=True)
-        loader.start()
-        yield
+        if settings.workers > 1:
+            # Worker processes share one listening socket: a worker that takes connections only
+            # once its model is ready never answers 503 while a sibling says /ping 200.
+            await asyncio.to_thread(state.load, load_predictor, settings.threads_per_worker)
+        else:
+            # One process: take connections at once and let /ping report the loading.
+            threading.Thread(target=state.load, args=(load_predictor, settings.threads_per_worker),
+                             name="model-loader", daemon=True).start()
+        batcher = Batcher(infer, inference_pool, max_batch_size=settings.max_batch_size,
+                          max_delay_s=settings.max_batch_delay_ms / 1000, max_queue=settings.max_queue,
+                          on_batch=metrics.batch_size.observe)
+        batcher.start()
+        batcher_box.append(batcher)
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            decode_pool.shutdown(wait=False, cancel_futures=True)
+            inference_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="Image classifier", lifespan=lifespan)
+    app = FastAPI(title="Image classifier", version="1", lifespan=lifespan,
+                  description="SageMaker-compatible image classification server.")
     app.state.model = state
+    app.state.metrics = metrics
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
@@ -94,7 +158,24 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor]) -> F
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(ServingError().body(), status_code=500)
 
-    @app.get("/ping")
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        request_id = request.headers.get("x-request-id") or request.headers.get("x-amzn-requestid") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        started = time.perf_counter()
+        response = await call_next(request)
+        elapsed = time.perf_counter() - started
+        response.headers["X-Request-Id"] = request_id
+        path = request.url.path if request.url.path in KNOWN_PATHS else "other"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(elapsed)
+        if path != "/ping":
+            access_logger.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code,
+                               elapsed * 1000, extra={"request_id": request_id, "status": response.status_code,
+                                                      "duration_ms": round(elapsed * 1000, 3)})
+        return response
+
+    @app.get("/ping", summary="Health: 200 once the model is loaded and warmed up")
     async def ping() -> JSONResponse:
         if state.health is Health.READY:
             return JSONResponse({"status": state.health.value})
@@ -103,23 +184,55 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor]) -> F
             body["reason"] = state.reason
         return JSONResponse(body, status_code=503)
 
-    @app.post("/invocations")
+    @app.get("/execution-parameters", summary="Batch Transform's preferred settings")
+    async def execution_parameters() -> JSONResponse:
+        return JSONResponse({
+            "MaxConcurrentTransforms": settings.max_concurrent_transforms,
+            "BatchStrategy": settings.batch_strategy,
+            "MaxPayloadInMB": max(1, settings.max_body_bytes // MEGABYTE),
+        })
+
+    @app.get("/metrics", summary="Prometheus metrics of this worker")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def prepare(predictor: Predictor, body: bytes, content_type: str | None) -> tuple[torch.Tensor, codec.Inputs]:
+        inputs = codec.decode(body, content_type, max_pixels=settings.max_image_pixels,
+                              max_instances=settings.max_instances, fetch_s3=fetch_s3)
+        if inputs.tensor is not None:
+            if tuple(inputs.tensor.shape[1:]) != predictor.input_shape:
+                raise InvalidTensor(f"expected images of shape {predictor.input_shape}, got {inputs.tensor.shape[1:]}")
+            return torch.from_numpy(inputs.tensor), inputs
+        return torch.stack([predictor.preprocess(image) for image in inputs.images]), inputs
+
+    @app.post("/invocations", summary="Classify images", openapi_extra=REQUEST_BODY_DOC)
     async def invocations(request: Request) -> Response:
         predictor = state.predictor
         if predictor is None:
             raise NotReady(f"the model is {state.health.value}", headers={"Retry-After": "5"})
-        response_type = choose_response_type(request.headers.get("accept"))
+        content_type = request.headers.get("content-type")
+        options = codec.parse_options(request.headers.get("x-amzn-sagemaker-custom-attributes"),
+                                      default_top_k=settings.top_k)
+        response_type = codec.choose_response_type(
+            request.headers.get("accept"), lines=codec.media_type(content_type) in codec.JSON_LINES_ALIASES)
         body = await read_body(request, settings.max_body_bytes)
-        image = await run_in_threadpool(
-            decode_image, body, request.headers.get("content-type"), max_pixels=settings.max_image_pixels
-        )
+        loop = asyncio.get_running_loop()
 
-        def predict() -> bytes:
-            with inference_lock:
-                (predictions,) = predictor.predict([image], settings.top_k)
-            return encode_predictions(predictions)
+        async def answer() -> Response:
+            started = time.perf_counter()
+            batch, inputs = await loop.run_in_executor(decode_pool, prepare, predictor, body, content_type)
+            decoded = time.perf_counter()
+            logits, timing = await batcher_box[0].submit(batch)
+            payload = codec.encode(logits, predictor.class_names, inputs=inputs, options=options,
+                                   response_type=response_type)
+            metrics.images.inc(len(inputs))
+            server_timing = (f"decode;dur={(decoded - started) * 1000:.2f}, queue;dur={timing.queue_s * 1000:.2f}, "
+                             f"inference;dur={timing.inference_s * 1000:.2f};desc=\"batch of {timing.batch_size}\"")
+            return Response(payload, media_type=response_type, headers={"Server-Timing": server_timing})
 
-        payload = await asyncio.to_thread(predict)
-        return Response(payload, media_type=response_type)
+        try:
+            return await asyncio.wait_for(answer(), timeout=settings.request_timeout_s)
+        except TimeoutError:
+            raise Timeout(f"the request did not finish within {settings.request_timeout_s:g} s") from None
 
     return app

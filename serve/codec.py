@@ -1,18 +1,51 @@
-"""Request bytes to images, predictions to response bytes. No HTTP or model code here."""
+"""Request bytes to model inputs, model outputs to response bytes. No HTTP or model code here.
+
+Request bodies (``Content-Type``):
+
+- an image: ``image/jpeg``, ``image/png``, ``application/x-image``, ``application/octet-stream``,
+  webp, gif (first frame), bmp, tiff — one image;
+- ``application/json``: ``{"instances": [{"b64": "<base64>"}, {"s3_uri": "s3://bucket/key"}, "<base64>", ...]}``
+  or one instance as the whole body (``{"b64": ...}``); S3 only for allowed buckets;
+- ``application/jsonlines``: one instance per line (Batch Transform's MULTI_RECORD), answered
+  one line per record, in order;
+- ``application/x-npy``: a preprocessed float tensor, ``(3, H, W)`` or ``(N, 3, H, W)``.
+
+Responses (``Accept``): ``application/json`` (default), ``application/jsonlines``, ``text/csv``
+(one line per image: ``label,probability,label,probability,...``), ``application/x-npy``
+(raw logits, ``(N, classes)`` float32).
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import csv
 import io
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serve.errors import InvalidImage, NotAcceptable, UnsupportedMediaType
+from serve.errors import (
+    BadRequest,
+    BatchTooLarge,
+    InvalidBase64,
+    InvalidImage,
+    InvalidJson,
+    InvalidTensor,
+    NotAcceptable,
+    UnsupportedMediaType,
+)
 
 JSON = "application/json"
+JSON_LINES = "application/jsonlines"
+CSV = "text/csv"
+NPY = "application/x-npy"
+JSON_LINES_ALIASES = frozenset({JSON_LINES, "application/x-jsonlines", "application/jsonl"})
 # application/x-image is what SageMaker's own image algorithms and examples send.
 IMAGE_TYPES = frozenset(
     {
@@ -27,6 +60,8 @@ IMAGE_TYPES = frozenset(
         "image/tiff",
     }
 )
+REQUEST_TYPES = IMAGE_TYPES | {JSON, NPY} | JSON_LINES_ALIASES
+RESPONSE_TYPES = (JSON, JSON_LINES, CSV, NPY)
 
 
 def media_type(header: str | None) -> str:
@@ -34,26 +69,63 @@ def media_type(header: str | None) -> str:
     return (header or "").split(";", 1)[0].strip().lower()
 
 
-def decode_image(body: bytes, content_type: str | None, *, max_pixels: int) -> Image.Image:
-    """Decode one image body into an upright RGB image."""
-    kind = media_type(content_type) or "application/x-image"
-    if kind not in IMAGE_TYPES:
-        raise UnsupportedMediaType(
-            f"content type {kind!r} is not supported; send one of: {', '.join(sorted(IMAGE_TYPES))}"
-        )
+@dataclass(frozen=True)
+class Options:
+    """Per-request options from ``X-Amzn-SageMaker-Custom-Attributes`` (``top_k=3,raw=true``)."""
+
+    top_k: int
+    raw: bool = False
+
+
+def parse_options(header: str | None, *, default_top_k: int) -> Options:
+    values: dict[str, str] = {}
+    for part in (header or "").replace(";", ",").split(","):
+        key, _, value = part.partition("=")
+        if key.strip():
+            values[key.strip().lower()] = value.strip()
+    top_k, raw = default_top_k, False
+    if "top_k" in values:
+        if not values["top_k"].isdigit() or int(values["top_k"]) < 1:
+            raise BadRequest(f"custom attribute top_k={values['top_k']!r} must be a positive integer")
+        top_k = int(values["top_k"])
+    if "raw" in values:
+        if values["raw"].lower() not in ("true", "false", "1", "0"):
+            raise BadRequest(f"custom attribute raw={values['raw']!r} must be true or false")
+        raw = values["raw"].lower() in ("true", "1")
+    return Options(top_k=top_k, raw=raw)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A decoded request: images (to preprocess) or a ready tensor, and how it was framed."""
+
+    images: tuple[Image.Image, ...] = ()
+    tensor: np.ndarray | None = None
+    single: bool = True  # a bare image or one-instance body: answer with one prediction list
+    lines: bool = False  # JSON Lines in: one output record per input line
+
+    def __len__(self) -> int:
+        return len(self.images) if self.tensor is None else len(self.tensor)
+
+
+def decode_image(body: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode one image into an upright RGB image; refuse oversized ones before decoding."""
     if not body:
-        raise InvalidImage("the request body is empty")
+        raise InvalidImage("the image is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(body))
             width, height = image.size
             if width * height > max_pixels:
-                raise InvalidImage(
-                    f"image is {width}x{height} pixels; the limit is {max_pixels} pixels"
-                )
+                raise InvalidImage(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
             image.load()
             image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit greyscale: scale to 8 bits instead of clipping to white.
+                array = np.asarray(image, dtype=np.float64)
+                peak = array.max() or 1.0
+                image = Image.fromarray(np.rint(array * (255.0 / peak)).clip(0, 255).astype(np.uint8))
             return image.convert("RGB")
     except InvalidImage:
         raise
@@ -63,16 +135,153 @@ def decode_image(body: bytes, content_type: str | None, *, max_pixels: int) -> I
         raise InvalidImage(f"the image could not be decoded: {exc}") from None
 
 
-def choose_response_type(accept: str | None) -> str:
-    """The media type to answer with, given an Accept header."""
+def _instance_bytes(instance: Any, position: int, fetch_s3: Callable[[str], bytes] | None) -> bytes:
+    if isinstance(instance, str):
+        encoded = instance
+    elif isinstance(instance, dict) and isinstance(instance.get("b64"), str):
+        encoded = instance["b64"]
+    elif isinstance(instance, dict) and isinstance(instance.get("s3_uri"), str):
+        if fetch_s3 is None:
+            raise BadRequest(f"instance {position}: S3 references are not enabled on this server")
+        return fetch_s3(instance["s3_uri"])
+    else:
+        raise BadRequest(f'instance {position}: expected {{"b64": "<base64>"}}, {{"s3_uri": "s3://..."}} or a base64 string')
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidBase64(f"instance {position}: not valid base64") from None
+
+
+def _decode_instances(instances: Sequence[Any], *, max_pixels: int, max_instances: int,
+                      fetch_s3: Callable[[str], bytes] | None) -> tuple[Image.Image, ...]:
+    if not instances:
+        raise BadRequest("the request holds no instances")
+    if len(instances) > max_instances:
+        raise BatchTooLarge(f"the request holds {len(instances)} instances; the limit is {max_instances}")
+    images = []
+    for position, instance in enumerate(instances):
+        try:
+            images.append(decode_image(_instance_bytes(instance, position, fetch_s3), max_pixels=max_pixels))
+        except InvalidImage as exc:
+            raise InvalidImage(f"instance {position}: {exc.message}") from None
+    return tuple(images)
+
+
+def _decode_tensor(body: bytes, max_instances: int) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidTensor(f"the body is not a .npy array: {exc}") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        raise InvalidTensor("the .npy array must hold numbers")
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[1] != 3:
+        raise InvalidTensor(f"expected an array of shape (3, H, W) or (N, 3, H, W), got {array.shape}")
+    if len(array) > max_instances:
+        raise BatchTooLarge(f"the request holds {len(array)} images; the limit is {max_instances}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instances: int,
+           fetch_s3: Callable[[str], bytes] | None = None) -> Inputs:
+    """Decode a request body of any supported type."""
+    kind = media_type(content_type) or "application/x-image"
+    if kind in IMAGE_TYPES:
+        return Inputs(images=(decode_image(body, max_pixels=max_pixels),))
+    if kind == NPY:
+        return Inputs(tensor=_decode_tensor(body, max_instances), single=False)
+    if kind == JSON:
+        try:
+            document = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+        if isinstance(document, dict) and "instances" in document:
+            if not isinstance(document["instances"], list):
+                raise BadRequest('"instances" must be a list')
+            images = _decode_instances(document["instances"], max_pixels=max_pixels,
+                                       max_instances=max_instances, fetch_s3=fetch_s3)
+            return Inputs(images=images, single=False)
+        return Inputs(images=_decode_instances([document], max_pixels=max_pixels, max_instances=1, fetch_s3=fetch_s3))
+    if kind in JSON_LINES_ALIASES:
+        records = []
+        for number, line in enumerate(body.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise InvalidJson(f"line {number} is not valid JSON: {exc}") from None
+        images = _decode_instances(records, max_pixels=max_pixels, max_instances=max_instances, fetch_s3=fetch_s3)
+        return Inputs(images=images, single=False, lines=True)
+    raise UnsupportedMediaType(
+        f"content type {kind!r} is not supported; send one of: {', '.join(sorted(REQUEST_TYPES))}"
+    )
+
+
+def choose_response_type(accept: str | None, *, lines: bool = False) -> str:
+    """The first supported type the client accepts, in the order it lists them."""
+    default = JSON_LINES if lines else JSON
     for part in (accept or "").split(","):
         kind = media_type(part)
-        if kind in ("", "*/*", "application/*", JSON):
-            return JSON
-    raise NotAcceptable(f"cannot answer with {accept!r}; this server produces {JSON}")
+        if kind in ("", "*/*", "application/*"):
+            return default
+        if kind in JSON_LINES_ALIASES:
+            return JSON_LINES
+        if kind in RESPONSE_TYPES:
+            return kind
+        if kind == "text/*":
+            return CSV
+    raise NotAcceptable(f"cannot answer with {accept!r}; this server produces {', '.join(RESPONSE_TYPES)}")
 
 
-def encode_predictions(predictions: Sequence[Any]) -> bytes:
-    """Serialise one image's top-k predictions as JSON."""
-    body = {"predictions": [p.to_dict() for p in predictions]}
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    probability: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {"label": self.label, "index": self.index, "probability": self.probability}
+
+
+def top_k(logits: np.ndarray, class_names: Sequence[str], k: int) -> list[list[Prediction]]:
+    """Ranked predictions for each row of ``logits``."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(shifted)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    k = min(k, logits.shape[1])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [
+        [Prediction(class_names[i], int(i), round(float(row[i]), 6)) for i in ranked]
+        for row, ranked in zip(probabilities, order)
+    ]
+
+
+def encode(logits: np.ndarray, class_names: Sequence[str], *, inputs: Inputs, options: Options,
+           response_type: str) -> bytes:
+    """Serialise the model's answer for ``inputs`` in ``response_type``."""
+    if response_type == NPY:
+        buffer = io.BytesIO()
+        np.save(buffer, logits.astype(np.float32), allow_pickle=False)
+        return buffer.getvalue()
+    ranked = top_k(logits, class_names, options.top_k)
+    if response_type == CSV:
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        for predictions in ranked:
+            writer.writerow([value for p in predictions for value in (p.label, p.probability)])
+        return text.getvalue().encode()
+    records = []
+    for row, predictions in zip(logits, ranked):
+        record: dict[str, Any] = {"predictions": [p.to_dict() for p in predictions]}
+        if options.raw:
+            record["logits"] = [round(float(v), 6) for v in row]
+        records.append(record)
+    if response_type == JSON_LINES:
+        return "".join(json.dumps(record) + "\n" for record in records).encode()
+    if inputs.single:
+        return json.dumps(records[0]).encode()
+    body: dict[str, Any] = {"predictions": [r["predictions"] for r in records]}
+    if options.raw:
+        body["logits"] = [r["logits"] for r in records]
     return json.dumps(body).encode()

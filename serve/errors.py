@@ -19,9 +19,34 @@ class ServingError(Exception):
         return {"error": {"code": self.code, "message": self.message}}
 
 
-class InvalidImage(ServingError):
+class BadRequest(ServingError):
     status = HTTPStatus.BAD_REQUEST
+    code = "bad_request"
+
+
+class InvalidImage(BadRequest):
     code = "invalid_image"
+
+
+class InvalidJson(BadRequest):
+    code = "invalid_json"
+
+
+class InvalidBase64(BadRequest):
+    code = "invalid_base64"
+
+
+class InvalidTensor(BadRequest):
+    code = "invalid_tensor"
+
+
+class BatchTooLarge(BadRequest):
+    code = "batch_too_large"
+
+
+class Forbidden(ServingError):
+    status = HTTPStatus.FORBIDDEN
+    code = "forbidden"
 
 
 class PayloadTooLarge(ServingError):
@@ -42,3 +67,13 @@ class NotAcceptable(ServingError):
 class NotReady(ServingError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "model_not_ready"
+
+
+class Overloaded(ServingError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "overloaded"
+
+
+class Timeout(ServingError):
+    status = HTTPStatus.GATEWAY_TIMEOUT
+    code = "timeout"

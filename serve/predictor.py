@@ -1,12 +1,16 @@
-"""Images in, ranked class probabilities out. Knows nothing of HTTP."""
+"""Images in, logits out. Knows nothing of HTTP.
+
+``preprocess`` turns one image into the network's input (run in parallel, off the event loop);
+``infer`` runs one forward pass over a stacked batch (run on one inference thread).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -14,18 +18,9 @@ from torch import nn
 from classifier import artifact
 from classifier.artifact import ArtifactError, Manifest
 from classifier.pretrained import default_model
+from serve import codec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    index: int
-    probability: float
-
-    def to_dict(self) -> dict[str, object]:
-        return {"label": self.label, "index": self.index, "probability": self.probability}
 
 
 def select_device(name: str) -> torch.device:
@@ -35,14 +30,23 @@ def select_device(name: str) -> torch.device:
 
 
 class Predictor:
-    def __init__(self, model: nn.Module, manifest: Manifest, device: torch.device) -> None:
-        self.model = model.to(device).eval()
-        self.manifest = manifest
+    def __init__(self, model: nn.Module, manifest: Manifest, device: torch.device, *, half: bool | None = None) -> None:
         self.device = device
-        self.preprocess = manifest.preprocessing.eval_preset()
+        self.half = device.type == "cuda" if half is None else half and device.type == "cuda"
+        self.channels_last = device.type == "cuda"
+        model = model.to(device).eval()
+        if self.half:
+            model = model.half()
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.manifest = manifest
+        self.preprocessing = manifest.preprocessing.eval_preset()
+        crop = manifest.preprocessing.crop_size
+        self.input_shape = (3, crop, crop)
 
     @classmethod
-    def load(cls, model_dir: Path, *, allow_default: bool, device: str = "auto") -> Predictor:
+    def load(cls, model_dir: Path, *, allow_default: bool, device: str = "auto", half: bool | None = None) -> Predictor:
         """The artifact in ``model_dir``, else (if allowed) the built-in ImageNet model."""
         target = select_device(device)
         if artifact.is_artifact(model_dir):
@@ -53,21 +57,32 @@ class Predictor:
             logger.info("no artifact in %s; serving the built-in ImageNet %s", model_dir, manifest.architecture)
         else:
             raise ArtifactError(f"no model artifact in {model_dir} and the default model is disabled")
-        return cls(model, manifest, target)
+        return cls(model, manifest, target, half=half)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.manifest.class_names
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocessing(image)
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[Image.Image], top_k: int) -> list[list[Prediction]]:
-        batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-        probabilities = self.model(batch).float().softmax(dim=1)
-        k = min(top_k, probabilities.shape[1])
-        values, indices = probabilities.topk(k, dim=1)
-        names = self.manifest.class_names
-        return [
-            [Prediction(names[i], i, round(p, 6)) for p, i in zip(row_p.tolist(), row_i.tolist())]
-            for row_p, row_i in zip(values, indices)
-        ]
+    def infer(self, batch: torch.Tensor) -> np.ndarray:
+        """Logits (float32, on the CPU) for a batch of preprocessed inputs."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        if self.half:
+            batch = batch.half()
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return self.model(batch).float().cpu().numpy()
+
+    def predict(self, images: Sequence[Image.Image], top_k: int) -> list[list[codec.Prediction]]:
+        """Ranked predictions for ``images`` in one pass (for in-process use and tests)."""
+        logits = self.infer(torch.stack([self.preprocess(image) for image in images]))
+        return codec.top_k(logits, self.class_names, top_k)
 
     def warm_up(self) -> None:
         """One inference on a blank image, so the first request does not pay for lazy setup."""
         size = self.manifest.preprocessing.resize_size
-        self.predict([Image.new("RGB", (size, size))], top_k=1)
+        self.infer(self.preprocess(Image.new("RGB", (size, size)))[None])

@@ -1,9 +1,16 @@
-"""Server settings, read once from an environment mapping (``Settings.from_env(os.environ)``)."""
+"""Server settings, read once from an environment mapping (``Settings.from_env(os.environ)``).
+
+SageMaker's own variables are honoured where they exist (``SAGEMAKER_BIND_TO_PORT``,
+``SAGEMAKER_MODEL_SERVER_WORKERS``, ``SAGEMAKER_MODEL_SERVER_TIMEOUT``, ``SAGEMAKER_BATCH``,
+``SAGEMAKER_MAX_PAYLOAD_IN_MB``, ``SAGEMAKER_BATCH_STRATEGY``,
+``SAGEMAKER_MAX_CONCURRENT_TRANSFORMS``); everything else is ``CLASSIFIER_*``.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -12,6 +19,10 @@ from classifier.parsing import parse_bool
 T = TypeVar("T")
 DEFAULT_PORT = 8080
 MEGABYTE = 1024 * 1024
+# SageMaker gives up on a real-time invocation after 60 s and on a Batch Transform one after
+# 600 s; answering 504 a little earlier tells the client what happened.
+REALTIME_TIMEOUT_S = 55.0
+BATCH_TIMEOUT_S = 590.0
 
 
 class ConfigError(ValueError):
@@ -25,11 +36,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise ValueError("must be positive")
     return value
+
+
+def _buckets(text: str) -> frozenset[str]:
+    return frozenset(name.strip() for name in text.split(",") if name.strip())
 
 
 @dataclass(frozen=True)
@@ -39,10 +61,22 @@ class Settings:
     model_dir: Path = Path("/opt/ml/model")
     # With no artifact in model_dir, serve the ImageNet EfficientNet-Lite0 shipped in the image.
     default_model: bool = True
+    workers: int = 1
+    threads_per_worker: int = 1
     top_k: int = 5
     max_body_bytes: int = 6 * MEGABYTE
     max_image_pixels: int = 40_000_000
+    max_batch_size: int = 16  # images per forward pass
+    max_batch_delay_ms: float = 0.0  # extra wait for more requests; 0 = batch what is queued
+    max_instances: int = 64  # images in one request
+    max_queue: int = 256  # images waiting for the model before requests get 503
+    request_timeout_s: float = REALTIME_TIMEOUT_S
     device: str = "auto"
+    half: bool | None = None  # None: half precision on CUDA, float32 on CPU
+    batch_transform: bool = False
+    batch_strategy: str = "MULTI_RECORD"
+    max_concurrent_transforms: int = 1
+    s3_buckets: frozenset[str] = field(default_factory=frozenset)
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -50,24 +84,46 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         def get(key: str, parse: Callable[[str], T], default: T) -> T:
             raw = environ.get(key)
-            if raw is None or raw == "":
+            if raw is None or raw.strip() == "":
                 return default
             try:
-                return parse(raw)
+                return parse(raw.strip())
             except ValueError as exc:
                 raise ConfigError(f"environment variable {key}={raw!r} is invalid: {exc}") from None
 
         base_dir = Path(environ.get("SAGEMAKER_BASE_DIR") or "/opt/ml")
-        max_mb = get("CLASSIFIER_MAX_BODY_MB", _positive_float, get("SAGEMAKER_MAX_PAYLOAD_IN_MB", _positive_float, 6.0))
+        cores = os.cpu_count() or 1
+        workers = get("SAGEMAKER_MODEL_SERVER_WORKERS", _positive_int, 1)
+        batch = get("SAGEMAKER_BATCH", parse_bool, False)
+        payload_mb = get("SAGEMAKER_MAX_PAYLOAD_IN_MB", _positive_float, 6.0)
+        timeout = get("SAGEMAKER_MODEL_SERVER_TIMEOUT", _positive_float, BATCH_TIMEOUT_S if batch else REALTIME_TIMEOUT_S)
+        strategy = get("SAGEMAKER_BATCH_STRATEGY", str.upper, cls.batch_strategy)
+        if strategy not in ("SINGLE_RECORD", "MULTI_RECORD"):
+            raise ConfigError(f"environment variable SAGEMAKER_BATCH_STRATEGY={strategy!r} is invalid: "
+                              "expected SINGLE_RECORD or MULTI_RECORD")
+        half = environ.get("CLASSIFIER_HALF", "auto").strip().lower()
         return cls(
             host=environ.get("CLASSIFIER_HOST") or cls.host,
             port=get("SAGEMAKER_BIND_TO_PORT", _positive_int, DEFAULT_PORT),
             model_dir=Path(environ.get("SM_MODEL_DIR") or base_dir / "model"),
             default_model=get("CLASSIFIER_DEFAULT_MODEL", parse_bool, cls.default_model),
+            workers=workers,
+            # Workers times threads should not exceed the cores, or they fight over them.
+            threads_per_worker=get("CLASSIFIER_THREADS_PER_WORKER", _positive_int, max(1, cores // workers)),
             top_k=get("CLASSIFIER_TOP_K", _positive_int, cls.top_k),
-            max_body_bytes=int(max_mb * MEGABYTE),
+            max_body_bytes=int(get("CLASSIFIER_MAX_BODY_MB", _positive_float, payload_mb) * MEGABYTE),
             max_image_pixels=get("CLASSIFIER_MAX_IMAGE_PIXELS", _positive_int, cls.max_image_pixels),
+            max_batch_size=get("CLASSIFIER_MAX_BATCH_SIZE", _positive_int, cls.max_batch_size),
+            max_batch_delay_ms=get("CLASSIFIER_MAX_BATCH_DELAY_MS", _non_negative_float, cls.max_batch_delay_ms),
+            max_instances=get("CLASSIFIER_MAX_INSTANCES", _positive_int, cls.max_instances),
+            max_queue=get("CLASSIFIER_MAX_QUEUE", _positive_int, cls.max_queue),
+            request_timeout_s=timeout,
             device=environ.get("CLASSIFIER_DEVICE") or cls.device,
+            half=None if half == "auto" else get("CLASSIFIER_HALF", parse_bool, False),
+            batch_transform=batch,
+            batch_strategy=strategy,
+            max_concurrent_transforms=get("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", _positive_int, workers),
+            s3_buckets=get("CLASSIFIER_S3_BUCKETS", _buckets, frozenset()),
             log_level=(environ.get("LOG_LEVEL") or cls.log_level).upper(),
-            log_json=get("LOG_FORMAT", lambda v: v.strip().lower() == "json", cls.log_json),
+            log_json=get("LOG_FORMAT", lambda v: v.lower() == "json", cls.log_json),
         )

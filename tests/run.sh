@@ -19,7 +19,7 @@ want=$(cat pyproject.toml requirements/*.txt | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "tests: preparing $venv" >&2
   [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
-  "$venv/bin/pip" install -q -c requirements/constraints.txt -e '.[serve,train,test]'
+  "$venv/bin/pip" install -q -c requirements/constraints.txt -e '.[serve,train,deploy,test]'
   echo "$want" > "$stamp"
 fi
 

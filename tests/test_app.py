@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from imagedata import encode
 from PIL import Image
 
 from serve.app import create_app
 from serve.predictor import Predictor
 from serve.settings import Settings
+
+from imagedata import encode
 
 
 def wait_for_ping(client: TestClient, status: int, timeout_s: float = 30.0) -> dict:
@@ -121,7 +122,7 @@ def test_oversized_body_without_content_length_is_refused(client: TestClient) ->
 
 def test_prediction_errors_are_500_json_without_internals(settings: Settings) -> None:
     class Broken(Predictor):
-        def predict(self, images, top_k):  # type: ignore[no-untyped-def]
+        def infer(self, batch):  # type: ignore[no-untyped-def]
             raise RuntimeError("secret internal detail")
 
     def loader() -> Predictor:
@@ -142,3 +143,129 @@ def test_prediction_errors_are_500_json_without_internals(settings: Settings) ->
 def test_unknown_headers_are_ignored(client: TestClient) -> None:
     headers = {"Content-Type": "image/png", "X-Amzn-SageMaker-Custom-Attributes": "anything", "X-Other": "1"}
     assert client.post("/invocations", content=png(), headers=headers).status_code == 200
+
+
+def b64png(colour: str = "red") -> str:
+    import base64
+
+    return base64.b64encode(png(colour=colour)).decode()
+
+
+def test_json_instances_and_csv_and_npy_answers(client: TestClient) -> None:
+    import io
+    import json
+
+    import numpy as np
+
+    body = json.dumps({"instances": [{"b64": b64png("red")}, {"b64": b64png("blue")}]})
+    many = client.post("/invocations", content=body, headers={"Content-Type": "application/json"})
+    assert many.status_code == 200, many.text
+    assert len(many.json()["predictions"]) == 2 and len(many.json()["predictions"][0]) == 2
+    as_csv = client.post("/invocations", content=body, headers={"Content-Type": "application/json", "Accept": "text/csv"})
+    assert as_csv.headers["content-type"].startswith("text/csv") and len(as_csv.text.splitlines()) == 2
+    logits = client.post("/invocations", content=body,
+                         headers={"Content-Type": "application/json", "Accept": "application/x-npy"})
+    array = np.load(io.BytesIO(logits.content))
+    assert array.shape == (2, 3) and array.dtype == np.float32
+
+    tensor = io.BytesIO()
+    np.save(tensor, np.zeros((2, 3, 32, 32), dtype=np.float32))
+    from_tensor = client.post("/invocations", content=tensor.getvalue(), headers={"Content-Type": "application/x-npy"})
+    assert from_tensor.status_code == 200 and len(from_tensor.json()["predictions"]) == 2
+    wrong = io.BytesIO()
+    np.save(wrong, np.zeros((1, 3, 64, 64), dtype=np.float32))
+    refused = client.post("/invocations", content=wrong.getvalue(), headers={"Content-Type": "application/x-npy"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_tensor"
+
+
+def test_json_lines_are_answered_line_by_line_in_order(client: TestClient) -> None:
+    import json
+
+    colours = ["red", "blue", "green", "red"]
+    body = "".join(json.dumps({"b64": b64png(c)}) + "\n" for c in colours)
+    response = client.post("/invocations", content=body, headers={"Content-Type": "application/jsonlines"})
+    assert response.status_code == 200
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert len(lines) == 4
+    assert lines[0] == lines[3]  # same input, same answer, same place
+    singles = [client.post("/invocations", content=png(colour=c), headers={"Content-Type": "image/png"}).json()
+               for c in colours]
+    assert [line["predictions"][0]["label"] for line in lines] == [s["predictions"][0]["label"] for s in singles]
+
+
+def test_custom_attributes_choose_top_k_and_raw_logits(client: TestClient) -> None:
+    headers = {"Content-Type": "image/png", "X-Amzn-SageMaker-Custom-Attributes": "top_k=1,raw=true"}
+    body = client.post("/invocations", content=png(), headers=headers).json()
+    assert len(body["predictions"]) == 1 and len(body["logits"]) == 3
+    bad = client.post("/invocations", content=png(), headers={**headers, "X-Amzn-SageMaker-Custom-Attributes": "top_k=-1"})
+    assert bad.status_code == 400 and "top_k" in bad.json()["error"]["message"]
+
+
+def test_request_id_server_timing_metrics_and_openapi(client: TestClient) -> None:
+    response = client.post("/invocations", content=png(), headers={"Content-Type": "image/png", "X-Request-Id": "abc"})
+    assert response.headers["x-request-id"] == "abc"
+    timing = response.headers["server-timing"]
+    assert "decode;dur=" in timing and "queue;dur=" in timing and "inference;dur=" in timing
+    generated = client.get("/ping").headers["x-request-id"]
+    assert len(generated) == 32
+    client.post("/invocations", content=b"junk", headers={"Content-Type": "image/png"})
+    metrics = client.get("/metrics").text
+    assert 'classifier_requests_total{path="/invocations",status="200"}' in metrics
+    assert 'classifier_requests_total{path="/invocations",status="400"}' in metrics
+    assert "classifier_batch_size_bucket" in metrics
+    spec = client.get("/openapi.json").json()
+    assert "application/x-image" in spec["paths"]["/invocations"]["post"]["requestBody"]["content"]
+
+
+def test_execution_parameters(client: TestClient) -> None:
+    assert client.get("/execution-parameters").json() == {
+        "MaxConcurrentTransforms": 1, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 1}
+
+
+def test_a_request_that_cannot_finish_in_its_budget_gets_504(settings: Settings) -> None:
+    from dataclasses import replace
+
+    class Slow(Predictor):
+        def infer(self, batch):  # type: ignore[no-untyped-def]
+            time.sleep(1.0)
+            return super().infer(batch)
+
+    def loader() -> Predictor:
+        good = Predictor.load(settings.model_dir, allow_default=False, device="cpu")
+        slow = Slow(good.model, good.manifest, good.device)
+        slow.warm_up = lambda: None  # type: ignore[method-assign]
+        return slow
+
+    with client_for(replace(settings, request_timeout_s=0.2), loader) as client:
+        wait_for_ping(client, 200)
+        response = client.post("/invocations", content=png(), headers={"Content-Type": "image/png"})
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "timeout"
+        assert client.get("/ping").status_code == 200
+
+
+def test_s3_references_only_from_allowed_buckets(settings: Settings) -> None:
+    import json
+    from dataclasses import replace
+
+    import boto3
+    from moto import mock_aws
+
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        for bucket in ("allowed-images", "private-stuff"):
+            s3.create_bucket(Bucket=bucket)
+            s3.put_object(Bucket=bucket, Key="cat.png", Body=png())
+        loader = lambda: Predictor.load(settings.model_dir, allow_default=False, device="cpu")  # noqa: E731
+        with client_for(replace(settings, s3_buckets=frozenset({"allowed-images"})), loader) as client:
+            wait_for_ping(client, 200)
+
+            def post(uri: str):
+                body = json.dumps({"instances": [{"s3_uri": uri}]})
+                return client.post("/invocations", content=body, headers={"Content-Type": "application/json"})
+
+            assert post("s3://allowed-images/cat.png").status_code == 200
+            denied = post("s3://private-stuff/cat.png")
+            assert denied.status_code == 403 and denied.json()["error"]["code"] == "forbidden"
+            assert post("s3://allowed-images/missing.png").status_code == 400
+            assert post("https://allowed-images.s3.amazonaws.com/cat.png").status_code == 400

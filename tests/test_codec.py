@@ -1,38 +1,82 @@
-"""Decoding request bodies into upright RGB images, and choosing the response type."""
+"""Decoding request bodies, choosing and encoding responses, custom attributes."""
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
+import json
+
+import numpy as np
 import pytest
-from imagedata import encode
 from PIL import Image
 
-from serve.codec import JSON, choose_response_type, decode_image
-from serve.errors import InvalidImage, NotAcceptable, UnsupportedMediaType
+from serve import codec
+from serve.codec import Inputs, Options, choose_response_type, decode, decode_image, parse_options
+from serve.errors import (
+    BadRequest,
+    BatchTooLarge,
+    InvalidBase64,
+    InvalidImage,
+    InvalidJson,
+    InvalidTensor,
+    NotAcceptable,
+    UnsupportedMediaType,
+)
+
+from imagedata import encode
 
 LIMIT = 10_000_000
+PNG = encode(Image.new("RGB", (8, 6), "red"))
 
 
-@pytest.mark.parametrize("content_type", ["image/png", "application/x-image", "Image/PNG; q=1", None])
-def test_png_under_every_accepted_content_type(content_type: str | None) -> None:
-    image = decode_image(encode(Image.new("RGB", (8, 6), "red")), content_type, max_pixels=LIMIT)
-    assert (image.mode, image.size) == ("RGB", (8, 6))
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def decoded(body: bytes, content_type: str | None, **kwargs) -> Inputs:
+    return decode(body, content_type, max_pixels=LIMIT, max_instances=kwargs.pop("max_instances", 8), **kwargs)
+
+
+@pytest.mark.parametrize("content_type", ["image/png", "application/x-image", "Image/PNG; q=1", None,
+                                          "application/octet-stream"])
+def test_png_under_every_image_content_type(content_type: str | None) -> None:
+    inputs = decoded(PNG, content_type)
+    assert inputs.single and len(inputs) == 1
+    assert (inputs.images[0].mode, inputs.images[0].size) == ("RGB", (8, 6))
 
 
 @pytest.mark.parametrize(
     ("mode", "image_format"),
-    [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP")],
+    [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB", "WEBP"),
+     ("RGB", "BMP"), ("RGB", "GIF"), ("RGB", "TIFF"), ("LA", "PNG"), ("1", "PNG")],
 )
 def test_modes_and_formats_become_rgb(mode: str, image_format: str) -> None:
-    body = encode(Image.new(mode, (5, 4)), image_format)
-    image = decode_image(body, "application/x-image", max_pixels=LIMIT)
+    image = decode_image(encode(Image.new(mode, (5, 4)), image_format), max_pixels=LIMIT)
     assert (image.mode, image.size) == ("RGB", (5, 4))
+
+
+def test_cmyk_colours_survive_conversion() -> None:
+    image = decode_image(encode(Image.new("RGB", (4, 4), (200, 30, 30)).convert("CMYK"), "JPEG"), max_pixels=LIMIT)
+    red, green, blue = image.getpixel((1, 1))
+    assert red > 150 and green < 80 and blue < 80
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped() -> None:
+    array = np.full((4, 4), 20_000, dtype=np.uint16)
+    array[0, 0] = 40_000
+    source = Image.fromarray(array)
+    assert source.mode == "I;16"
+    image = decode_image(encode(source), max_pixels=LIMIT)
+    assert image.getpixel((0, 0))[0] == 255
+    assert 120 < image.getpixel((2, 2))[0] < 135  # 20000 / 40000 of full scale, not white
 
 
 def test_exif_orientation_is_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
     body = encode(Image.new("RGB", (40, 20)), "JPEG", exif=exif)
-    assert decode_image(body, "image/jpeg", max_pixels=LIMIT).size == (20, 40)
+    assert decode_image(body, max_pixels=LIMIT).size == (20, 40)
 
 
 @pytest.mark.parametrize(
@@ -45,25 +89,131 @@ def test_exif_orientation_is_applied() -> None:
 )
 def test_undecodable_bodies_are_invalid_images(body: bytes, message: str) -> None:
     with pytest.raises(InvalidImage, match=message):
-        decode_image(body, "image/jpeg", max_pixels=LIMIT)
+        decode_image(body, max_pixels=LIMIT)
 
 
-def test_images_over_the_pixel_limit_are_refused_before_decoding() -> None:
+def test_decompression_bombs_are_refused_before_decoding() -> None:
     body = encode(Image.new("L", (2000, 2000)), "PNG")
     with pytest.raises(InvalidImage, match="2000x2000 pixels; the limit is 1000000"):
-        decode_image(body, "image/png", max_pixels=1_000_000)
+        decode_image(body, max_pixels=1_000_000)
 
 
 def test_unsupported_content_type() -> None:
     with pytest.raises(UnsupportedMediaType, match="text/plain"):
-        decode_image(b"hello", "text/plain", max_pixels=LIMIT)
+        decoded(b"hello", "text/plain")
 
 
-@pytest.mark.parametrize("accept", [None, "", "*/*", "application/json", "text/html, application/*;q=0.5"])
-def test_json_answers_every_accept_that_allows_it(accept: str | None) -> None:
-    assert choose_response_type(accept) == JSON
+def test_json_instances_in_every_shape() -> None:
+    body = json.dumps({"instances": [{"b64": b64(PNG)}, b64(PNG)]}).encode()
+    inputs = decoded(body, "application/json")
+    assert (len(inputs), inputs.single) == (2, False)
+    one = decoded(json.dumps({"b64": b64(PNG)}).encode(), "application/json")
+    assert (len(one), one.single) == (1, True)
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "message"),
+    [
+        (b"{not json", InvalidJson, "not valid JSON"),
+        (b'{"instances": {"b64": "x"}}', BadRequest, "must be a list"),
+        (b'{"instances": []}', BadRequest, "no instances"),
+        (b'{"instances": [{"b64": "@@@"}]}', InvalidBase64, "instance 0: not valid base64"),
+        (b'{"instances": [{"url": "http://169.254.169.254/"}]}', BadRequest, "instance 0: expected"),
+        (b'{"instances": [{"s3_uri": "s3://bucket/key"}]}', BadRequest, "S3 references are not enabled"),
+        (json.dumps({"instances": [b64(PNG), b64(b"junk")]}).encode(), InvalidImage, "instance 1"),
+    ],
+)
+def test_bad_json_requests_name_the_problem(body: bytes, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        decoded(body, "application/json")
+
+
+def test_batch_too_large() -> None:
+    body = json.dumps({"instances": [b64(PNG)] * 3}).encode()
+    with pytest.raises(BatchTooLarge, match="3 instances; the limit is 2"):
+        decoded(body, "application/json", max_instances=2)
+
+
+def test_json_lines_records_in_order() -> None:
+    body = f'{{"b64": "{b64(PNG)}"}}\n\n"{b64(encode(Image.new("RGB", (3, 3))))}"\n'.encode()
+    inputs = decoded(body, "application/jsonlines")
+    assert inputs.lines and [image.size for image in inputs.images] == [(8, 6), (3, 3)]
+    with pytest.raises(InvalidJson, match="line 2"):
+        decoded(b'"x"\n{oops\n', "application/jsonlines")
+
+
+def test_npy_tensors() -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((3, 4, 4), dtype=np.float64))
+    inputs = decoded(buffer.getvalue(), "application/x-npy")
+    assert inputs.tensor is not None and inputs.tensor.shape == (1, 3, 4, 4) and inputs.tensor.dtype == np.float32
+    for bad in (np.zeros((4, 4)), np.zeros((2, 4, 4, 4)), np.array(["a"])):
+        buffer = io.BytesIO()
+        np.save(buffer, bad)
+        with pytest.raises(InvalidTensor):
+            decoded(buffer.getvalue(), "application/x-npy")
+    with pytest.raises(InvalidTensor, match="not a .npy array"):
+        decoded(b"garbage", "application/x-npy")
+
+
+def test_pickled_npy_is_refused() -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InvalidTensor):
+        decoded(buffer.getvalue(), "application/x-npy")
+
+
+@pytest.mark.parametrize(
+    ("accept", "lines", "expected"),
+    [
+        (None, False, codec.JSON), ("", False, codec.JSON), ("*/*", False, codec.JSON),
+        ("text/html, application/*;q=0.5", False, codec.JSON), ("text/csv", False, codec.CSV),
+        ("application/x-npy", False, codec.NPY), ("application/jsonlines", False, codec.JSON_LINES),
+        (None, True, codec.JSON_LINES), ("application/json", True, codec.JSON),
+    ],
+)
+def test_response_type_follows_accept(accept: str | None, lines: bool, expected: str) -> None:
+    assert choose_response_type(accept, lines=lines) == expected
 
 
 def test_unsupported_accept() -> None:
     with pytest.raises(NotAcceptable, match="text/html"):
         choose_response_type("text/html")
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [(None, Options(5)), ("top_k=2", Options(2)), ("raw=true; top_k=1", Options(1, True)),
+     ("anything else,raw=0", Options(5, False))],
+)
+def test_custom_attributes(header: str | None, expected: Options) -> None:
+    assert parse_options(header, default_top_k=5) == expected
+
+
+@pytest.mark.parametrize("header", ["top_k=0", "top_k=x", "raw=maybe"])
+def test_bad_custom_attributes(header: str) -> None:
+    with pytest.raises(BadRequest, match="custom attribute"):
+        parse_options(header, default_top_k=5)
+
+
+LOGITS = np.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]], dtype=np.float32)
+NAMES = ("a", "b, with comma", "c")
+
+
+def test_encodings() -> None:
+    many = Inputs(images=(Image.new("RGB", (1, 1)),) * 2, single=False)
+    body = json.loads(codec.encode(LOGITS, NAMES, inputs=many, options=Options(2), response_type=codec.JSON))
+    assert [[p["index"] for p in row] for row in body["predictions"]] == [[1, 2], [0, 1]]
+    assert body["predictions"][0][0]["probability"] == pytest.approx(np.exp(2) / (1 + np.exp(2) + np.exp(1)), abs=1e-6)
+    raw = json.loads(codec.encode(LOGITS, NAMES, inputs=many, options=Options(1, True), response_type=codec.JSON))
+    assert raw["logits"] == [[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]]
+    rows = list(csv.reader(io.StringIO(codec.encode(LOGITS, NAMES, inputs=many, options=Options(2),
+                                                    response_type=codec.CSV).decode())))
+    assert [row[0] for row in rows] == ["b, with comma", "a"] and len(rows[0]) == 4
+    lines = codec.encode(LOGITS, NAMES, inputs=many, options=Options(1), response_type=codec.JSON_LINES)
+    assert [json.loads(line)["predictions"][0]["label"] for line in lines.splitlines()] == ["b, with comma", "a"]
+    array = np.load(io.BytesIO(codec.encode(LOGITS, NAMES, inputs=many, options=Options(1), response_type=codec.NPY)))
+    np.testing.assert_array_equal(array, LOGITS)
+    single = json.loads(codec.encode(LOGITS[:1], NAMES, inputs=Inputs(images=(Image.new("RGB", (1, 1)),)),
+                                     options=Options(3), response_type=codec.JSON))
+    assert [p["label"] for p in single["predictions"]] == ["b, with comma", "c", "a"]

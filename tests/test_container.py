@@ -13,10 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from containers import VARIANTS, classify, docker, image_for, serving, wait_for_ping, write_training_config
-from imagedata import CLASSES, cat_photo_jpeg, write_image_folder
 
 from classifier import artifact
+
+from containers import VARIANTS, classify, docker, image_for, serving, wait_for_ping, write_training_config
+from imagedata import CLASSES, cat_photo_jpeg, write_image_folder
 
 pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parent.parent

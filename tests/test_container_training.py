@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from containers import docker, image_for, write_training_config
-from imagedata import write_image_folder
 
 from classifier import artifact
+
+from containers import docker, image_for, write_training_config
+from imagedata import write_image_folder
 
 pytestmark = pytest.mark.container
 HOSTS = ("algo-1", "algo-2")

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from imagedata import write_image_folder
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
@@ -20,6 +19,8 @@ from train.__main__ import main
 from train.data import SeededDataset, ShardSampler
 from train.distributed import Topology, init_process_group
 from train.engine import train_one_epoch
+
+from imagedata import write_image_folder
 
 STEPS, PER_PROCESS_BATCH, WORLD = 6, 4, 2
 TOLERANCE = 1e-5  # float32 sums in another order; observed differences are ~1e-7

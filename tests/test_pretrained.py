@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 
 import torch
-from imagedata import cat_photo_jpeg
 from PIL import Image
 
 from classifier.pretrained import default_model, imagenet_categories
 from serve.predictor import Predictor
+
+from imagedata import cat_photo_jpeg
 
 # ImageNet-1k's domestic cat classes (indices 281-285).
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}

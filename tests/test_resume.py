@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from imagedata import write_image_folder
 
 from train import checkpoint
+
+from imagedata import write_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--architecture", "resnet18", "--pretrained", "false", "--image-size", "32",

@@ -1,19 +1,24 @@
-"""The real server process: ``python -m serve`` under uvicorn, over real sockets."""
+"""The real server process: ``python -m serve`` under uvicorn, over real sockets, under load."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from imagedata import encode
 from PIL import Image
+
+from imagedata import CLASSES, encode, render
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,52 +29,141 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float = 60) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
+def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         assert process.poll() is None, "server exited before becoming ready"
-        try:
+        with contextlib.suppress(httpx.TransportError):
             if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.TransportError:
-            pass
+                return
         time.sleep(0.1)
     pytest.fail(f"{url}/ping did not answer 200 within {timeout_s} s")
 
 
-@pytest.fixture
-def server(tiny_artifact: Path):
+@contextlib.contextmanager
+def server(model_dir: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
-    env = {
+    environ = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "SM_MODEL_DIR": str(tiny_artifact),
+        "SM_MODEL_DIR": str(model_dir),
         "SAGEMAKER_BIND_TO_PORT": str(port),  # SageMaker's inference-pipeline port override
         "CLASSIFIER_HOST": "127.0.0.1",
         "CLASSIFIER_DEFAULT_MODEL": "false",
+        **env,
     }
-    process = subprocess.Popen([sys.executable, "-m", "serve"], env=env, cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "serve"], env=environ, cwd=ROOT, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, process)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # worker processes too
         process.communicate(timeout=10)
 
 
-def test_real_server_classifies_and_stops_cleanly_on_sigterm(server) -> None:
-    url, process = server
-    response = httpx.post(f"{url}/invocations", content=encode(Image.new("RGB", (50, 50), "blue")),
-                          headers={"Content-Type": "application/x-image"}, timeout=30)
-    assert response.status_code == 200
-    assert response.json()["predictions"][0]["label"] in {"circle", "square", "triangle"}
-    bad = httpx.post(f"{url}/invocations", content=b"\x00" * 10,
-                     headers={"Content-Type": "image/jpeg"}, timeout=30)
-    assert bad.status_code == 400
-    assert httpx.get(f"{url}/ping", timeout=2).status_code == 200
+def shapes(count: int) -> list[bytes]:
+    import random
 
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
+    rng = random.Random(4)
+    names = sorted(CLASSES)
+    return [encode(render(names[i % 3], rng)) for i in range(count)]
+
+
+async def post_all(url: str, bodies: list[tuple[bytes, str]], timeout: float = 60) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        return await asyncio.gather(*(
+            client.post(f"{url}/invocations", content=body, headers={"Content-Type": kind}) for body, kind in bodies
+        ))
+
+
+def test_sigterm_when_idle_exits_zero(tiny_artifact: Path) -> None:
+    with server(tiny_artifact) as (url, process):
+        response = httpx.post(f"{url}/invocations", content=encode(Image.new("RGB", (50, 50), "blue")),
+                              headers={"Content-Type": "application/x-image"}, timeout=30)
+        assert response.status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
+def test_fifty_concurrent_mixed_requests(tiny_artifact: Path) -> None:
+    good = shapes(30)
+    with server(tiny_artifact) as (url, _):
+        expected = [httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": "image/png"},
+                               timeout=30).json()["predictions"][0]["label"] for body in good]
+        bad = [(b"not an image", "image/png"), (b"{}", "text/plain"), (b"{broken", "application/json"),
+               (good[0][:100], "image/png"), (b"", "image/jpeg")] * 4
+        mixed = [(body, "image/png") for body in good] + bad
+        responses = asyncio.run(post_all(url, mixed))
+        for response in responses[:30]:
+            assert response.status_code == 200, response.text
+        assert [r.json()["predictions"][0]["label"] for r in responses[:30]] == expected
+        for response in responses[30:]:
+            assert 400 <= response.status_code < 500, response.text
+            assert response.json()["error"]["code"]
+        assert httpx.get(f"{url}/ping", timeout=2).status_code == 200
+
+
+def test_concurrent_requests_are_batched_with_unbatched_results(tiny_artifact: Path) -> None:
+    bodies = shapes(12)
+    with server(tiny_artifact, CLASSIFIER_MAX_BATCH_DELAY_MS="50") as (url, _):
+        alone = [httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": "image/png"},
+                            timeout=30) for body in bodies]
+        together = asyncio.run(post_all(url, [(body, "image/png") for body in bodies]))
+        batch_sizes = [int(re.search(r'batch of (\d+)', r.headers["server-timing"]).group(1)) for r in together]
+        assert max(batch_sizes) > 1, batch_sizes
+        assert all(int(re.search(r'batch of (\d+)', r.headers["server-timing"]).group(1)) == 1 for r in alone)
+        for single, batched in zip(alone, together):
+            a, b = single.json()["predictions"], batched.json()["predictions"]
+            assert [p["label"] for p in a] == [p["label"] for p in b]
+            assert [p["probability"] for p in a] == pytest.approx([p["probability"] for p in b], abs=1e-4)
+
+
+def test_sigterm_under_load_loses_no_accepted_request(tiny_artifact: Path) -> None:
+    bodies = [(body, "image/png") for body in shapes(10)]
+    with server(tiny_artifact, CLASSIFIER_MAX_BATCH_DELAY_MS="400") as (url, process):
+
+        async def scenario() -> list[httpx.Response]:
+            requests = asyncio.ensure_future(post_all(url, bodies))
+            await asyncio.sleep(0.2)  # all sent and waiting in the batcher's queue
+            process.send_signal(signal.SIGTERM)
+            return await requests
+
+        responses = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * len(bodies)
+        assert process.wait(timeout=30) == 0
+
+
+def test_a_slow_body_does_not_block_ping(tiny_artifact: Path) -> None:
+    with server(tiny_artifact) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + b"\x89PNG")
+            started = time.monotonic()
+            assert httpx.get(f"{url}/ping", timeout=2).status_code == 200
+            assert time.monotonic() - started < 1.0
+            assert httpx.post(f"{url}/invocations", content=shapes(1)[0], headers={"Content-Type": "image/png"},
+                              timeout=10).status_code == 200
+
+
+def test_overload_gets_503_with_retry_after(tiny_artifact: Path) -> None:
+    bodies = [(body, "image/png") for body in shapes(20)]
+    with server(tiny_artifact, CLASSIFIER_MAX_QUEUE="2", CLASSIFIER_MAX_BATCH_DELAY_MS="300") as (url, _):
+        responses = asyncio.run(post_all(url, bodies))
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 503 in codes, codes
+        refused = next(r for r in responses if r.status_code == 503)
+        assert refused.json()["error"]["code"] == "overloaded" and refused.headers["retry-after"] == "1"
+        assert httpx.get(f"{url}/ping", timeout=2).status_code == 200
+
+
+def test_several_workers(tiny_artifact: Path) -> None:
+    with server(tiny_artifact, SAGEMAKER_MODEL_SERVER_WORKERS="2") as (url, process):
+        responses = asyncio.run(post_all(url, [(body, "image/png") for body in shapes(8)]))
+        assert [r.status_code for r in responses] == [200] * 8
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=40) == 0

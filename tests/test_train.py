@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from imagedata import CLASSES, write_image_folder
 from PIL import Image
 
 from classifier import artifact
 from serve.predictor import Predictor
 from train.__main__ import main
+
+from imagedata import CLASSES, write_image_folder
 
 FAST = ["--architecture", "resnet18", "--pretrained", "false", "--image-size", "32",
         "--batch-size", "8", "--workers", "0"]

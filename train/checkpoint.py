@@ -55,7 +55,7 @@ def load_latest(directory: Path) -> dict[str, Any] | None:
         try:
             # Our own files, written by this program; they hold optimizer and RNG state objects.
             state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a damaged file: try the previous one
+        except Exception as exc:
             logger.warning("ignoring unreadable checkpoint %s: %s", path, exc)
             continue
         logger.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["step_in_epoch"])

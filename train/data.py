@@ -46,7 +46,7 @@ def is_readable_image(path: str) -> bool:
             image.draft("RGB", (64, 64))
             image.load()
         return True
-    except Exception:  # noqa: BLE001 - any decoder error means the file is unusable
+    except Exception:
         return False
 
 

@@ -1,0 +1,115 @@
+"""Dynamic batching: requests that wait for the model at the same time share one forward pass.
+
+The batcher never holds a lone request back: with ``max_delay_s`` = 0 (the default) it runs
+whatever is queued the moment the model is free, so a single request costs one forward pass and
+concurrent requests are grouped while the previous pass runs. A positive delay trades a little
+latency for larger batches. Requests over ``max_queue`` queued images are refused at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from serve.errors import Overloaded
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    inputs: torch.Tensor
+    future: asyncio.Future[np.ndarray]
+    queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+class Batcher:
+    def __init__(self, infer: Callable[[torch.Tensor], np.ndarray], executor: Executor, *, max_batch_size: int,
+                 max_delay_s: float, max_queue: int, on_batch: Callable[[int], None] = lambda size: None) -> None:
+        self._infer = infer
+        self._executor = executor
+        self._max_batch_size = max_batch_size
+        self._max_delay_s = max_delay_s
+        self._max_queue = max_queue
+        self._on_batch = on_batch
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._queued_images = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def submit(self, inputs: torch.Tensor) -> tuple[np.ndarray, Timing]:
+        """Logits for ``inputs`` (one request's images), computed in some batch."""
+        if self._queued_images + len(inputs) > self._max_queue:
+            raise Overloaded("too many images are waiting for the model; retry shortly", headers={"Retry-After": "1"})
+        job = _Job(inputs, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self._queued_images += len(inputs)
+        self._wakeup.set()
+        logits, batch_size = await job.future
+        done = time.perf_counter()
+        return logits, Timing(job.started_at - job.queued_at, done - job.started_at, batch_size)
+
+    def _take_batch(self) -> list[_Job]:
+        jobs, size = [], 0
+        while self._queue and (not jobs or size + len(self._queue[0].inputs) <= self._max_batch_size):
+            job = self._queue.popleft()
+            self._queued_images -= len(job.inputs)
+            if job.future.cancelled():  # its request timed out or went away while queued
+                continue
+            jobs.append(job)
+            size += len(job.inputs)
+        return jobs
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self._max_delay_s > 0 and self._queued_images < self._max_batch_size:
+                await asyncio.sleep(self._max_delay_s)
+            jobs = self._take_batch()
+            if not jobs:
+                continue
+            started = time.perf_counter()
+            for job in jobs:
+                job.started_at = started
+            batch = jobs[0].inputs if len(jobs) == 1 else torch.cat([job.inputs for job in jobs])
+            self._on_batch(len(batch))
+            try:
+                logits = await loop.run_in_executor(self._executor, self._infer, batch)
+            except Exception as exc:
+                logger.exception("inference failed for a batch of %d", len(batch))
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            offset = 0
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_result((logits[offset : offset + len(job.inputs)], len(batch)))
+                offset += len(job.inputs)

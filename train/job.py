@@ -361,6 +361,10 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
 
     model.load_state_dict(progress["best_state"])
     _finish(settings, model, splits, progress, preprocessing, device, precision, rank, world_size)
+    if dist.is_initialized():
+        # Every host ends together, once rank 0 has written the artifact: launchers that stop
+        # the whole job when one container exits (SDK local mode) cannot cut rank 0 short.
+        dist.barrier()
     return Outcome.COMPLETED
 
 

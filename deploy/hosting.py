@@ -1,0 +1,271 @@
+"""Models and endpoints: deploy (real-time or serverless), autoscaling, predict, delete."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError, WaiterError
+from sagemaker.deserializers import JSONDeserializer
+from sagemaker.model import Model
+from sagemaker.model_monitor import DataCaptureConfig
+from sagemaker.predictor import Predictor
+from sagemaker.serializers import IdentitySerializer
+from sagemaker.serverless import ServerlessInferenceConfig
+from sagemaker.session import Session
+
+from deploy.sdk import is_local
+
+logger = logging.getLogger(__name__)
+
+VARIANT = "AllTraffic"  # the SDK's name for a model's only production variant
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+    ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
+}
+GENERIC_IMAGE = "application/x-image"
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    """Target tracking on SageMakerVariantInvocationsPerInstance (invocations per instance per minute)."""
+
+    min_instances: int
+    max_instances: int
+    target_invocations: float = 100.0
+    scale_in_cooldown_s: int = 300
+    scale_out_cooldown_s: int = 60
+
+
+@dataclass(frozen=True)
+class Serverless:
+    memory_mb: int = 3072
+    max_concurrency: int = 5
+
+
+def model_data_of(session: Session, training_job: str) -> str:
+    """The model artifact a finished training job wrote."""
+    description = session.sagemaker_client.describe_training_job(TrainingJobName=training_job)
+    artifacts = description.get("ModelArtifacts", {}).get("S3ModelArtifacts")
+    if not artifacts:
+        raise ValueError(f"training job {training_job} has no model artifact (status "
+                         f"{description.get('TrainingJobStatus')})")
+    return artifacts
+
+
+def build_model(session: Session, *, image_uri: str, model_data: str, role: str,
+                env: Mapping[str, str] | None = None, name: str | None = None) -> Model:
+    return Model(image_uri=image_uri, model_data=model_data, role=role, env=dict(env or {}), name=name,
+                 predictor_cls=Predictor, sagemaker_session=session)
+
+
+def deploy(model: Model, *, endpoint_name: str, instance_type: str | None = None, instance_count: int = 1,
+           serverless: Serverless | None = None, capture_s3_uri: str | None = None, capture_percent: int = 100,
+           wait: bool = True) -> str:
+    """Create the model, endpoint config and endpoint; returns the endpoint name."""
+    capture = None
+    if capture_s3_uri:
+        capture = DataCaptureConfig(enable_capture=True, sampling_percentage=capture_percent,
+                                    destination_s3_uri=capture_s3_uri)
+    if serverless:
+        placement: dict[str, Any] = {"serverless_inference_config": ServerlessInferenceConfig(
+            memory_size_in_mb=serverless.memory_mb, max_concurrency=serverless.max_concurrency)}
+    else:
+        placement = {"instance_type": instance_type, "initial_instance_count": instance_count}
+    # The SDK's own wait sleeps 30 s before its first look; the boto waiter looks first.
+    model.deploy(endpoint_name=endpoint_name, data_capture_config=capture, wait=False, **placement)
+    if wait and not is_local(model.sagemaker_session):  # a local deploy returns once /ping answers
+        wait_for_endpoint(model.sagemaker_session.sagemaker_client, endpoint_name)
+    return endpoint_name
+
+
+def wait_for_endpoint(client: Any, endpoint_name: str, *, delay_s: int = 30, max_attempts: int = 60) -> None:
+    """Until InService (at most ``delay_s * max_attempts``); a failed endpoint raises with its reason."""
+    try:
+        client.get_waiter("endpoint_in_service").wait(
+            EndpointName=endpoint_name, WaiterConfig={"Delay": delay_s, "MaxAttempts": max_attempts})
+    except WaiterError as error:
+        reason = (error.last_response or {}).get("FailureReason", str(error))
+        raise RuntimeError(f"endpoint {endpoint_name} did not come into service: {reason}") from None
+
+
+def resource_id(endpoint_name: str, variant: str = VARIANT) -> str:
+    return f"endpoint/{endpoint_name}/variant/{variant}"
+
+
+def configure_autoscaling(autoscaling_client: Any, endpoint_name: str, scaling: Autoscaling,
+                          variant: str = VARIANT) -> str:
+    """Register the variant as a scalable target and attach a target-tracking policy to it.
+
+    The endpoint must be InService first. Returns the policy name.
+    """
+    if not 1 <= scaling.min_instances <= scaling.max_instances:
+        raise ValueError(f"autoscaling needs 1 <= min ({scaling.min_instances}) <= max ({scaling.max_instances})")
+    resource = resource_id(endpoint_name, variant)
+    autoscaling_client.register_scalable_target(
+        ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
+        MinCapacity=scaling.min_instances, MaxCapacity=scaling.max_instances,
+    )
+    policy = f"{endpoint_name}-invocations-per-instance"
+    autoscaling_client.put_scaling_policy(
+        PolicyName=policy, ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
+        PolicyType="TargetTrackingScaling",
+        TargetTrackingScalingPolicyConfiguration={
+            "TargetValue": scaling.target_invocations,
+            "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+            "ScaleInCooldown": scaling.scale_in_cooldown_s,
+            "ScaleOutCooldown": scaling.scale_out_cooldown_s,
+        },
+    )
+    return policy
+
+
+def _not_found(error: ClientError) -> bool:
+    # SageMaker answers describe/delete of a missing resource with ValidationException ("Could not
+    # find ..."); Application Auto Scaling with ObjectNotFoundException.
+    code = error.response.get("Error", {}).get("Code", "")
+    message = error.response.get("Error", {}).get("Message", "")
+    return code in ("ObjectNotFoundException", "ResourceNotFound") or (
+        code == "ValidationException" and ("not find" in message or "does not exist" in message))
+
+
+def delete(session: Session, endpoint_name: str, autoscaling_client: Any | None = None) -> list[str]:
+    """Delete the scaling target, endpoint, endpoint config and models; returns what was deleted.
+
+    Anything already gone is skipped, so this also cleans up after a half-finished deploy.
+    """
+    client = session.sagemaker_client
+    deleted: list[str] = []
+
+    def attempt(what: str, call: Any, **kwargs: str) -> Any:
+        try:
+            result = call(**kwargs)
+        except ClientError as error:
+            if not _not_found(error):
+                raise
+            logger.info("%s: not found", what)
+            return None
+        deleted.append(what)
+        return result
+
+    def describe(call: Any, **kwargs: str) -> dict[str, Any] | None:
+        try:
+            return call(**kwargs)
+        except ClientError as error:
+            if _not_found(error):
+                return None
+            raise
+
+    endpoint = describe(client.describe_endpoint, EndpointName=endpoint_name)
+    config_name = endpoint["EndpointConfigName"] if endpoint else endpoint_name  # the SDK names both alike
+    config = describe(client.describe_endpoint_config, EndpointConfigName=config_name)
+    variants = config["ProductionVariants"] if config else []
+    if autoscaling_client is not None:
+        for variant in variants:
+            resource = resource_id(endpoint_name, variant["VariantName"])
+            # Deregistering a target deletes its policies too, but saying which is clearer.
+            policies = autoscaling_client.describe_scaling_policies(
+                ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
+            )["ScalingPolicies"]
+            for policy in policies:
+                attempt(f"scaling policy {policy['PolicyName']}", autoscaling_client.delete_scaling_policy,
+                        PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker", ResourceId=resource,
+                        ScalableDimension=SCALABLE_DIMENSION)
+            attempt(f"scalable target {resource}", autoscaling_client.deregister_scalable_target,
+                    ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION)
+    attempt(f"endpoint {endpoint_name}", client.delete_endpoint, EndpointName=endpoint_name)
+    if config:
+        attempt(f"endpoint config {config_name}", client.delete_endpoint_config, EndpointConfigName=config_name)
+    for model_name in dict.fromkeys(variant["ModelName"] for variant in variants):
+        attempt(f"model {model_name}", client.delete_model, ModelName=model_name)
+    return deleted
+
+
+def local_endpoint_answers(port: int, host: str = "localhost", timeout_s: float = 2) -> bool:
+    """Whether a local-mode endpoint still answers /ping with 200 (never through a proxy)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{host}:{port}/ping", timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+# --- predict ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    label: str | None = None
+    probability: float | None = None
+    error: str | None = None
+
+
+def find_images(patterns: Iterable[str]) -> list[Path]:
+    """Files named directly, image files under folders (recursively), and glob matches, in order."""
+    found: dict[Path, None] = {}
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CONTENT_TYPES)
+        elif path.is_file():
+            matches = [path]
+        else:
+            matches = sorted(Path(match) for match in glob.glob(pattern, recursive=True) if Path(match).is_file())
+        if not matches:
+            raise FileNotFoundError(f"no image files match {pattern!r}")
+        found.update(dict.fromkeys(matches))
+    return list(found)
+
+
+def content_type(path: Path) -> str:
+    return CONTENT_TYPES.get(path.suffix.lower(), GENERIC_IMAGE)
+
+
+def predictor(endpoint_name: str, session: Session) -> Predictor:
+    return Predictor(endpoint_name, sagemaker_session=session, serializer=IdentitySerializer(GENERIC_IMAGE),
+                     deserializer=JSONDeserializer())
+
+
+def predict(endpoint: Predictor, paths: Sequence[Path]) -> list[Prediction]:
+    """The top prediction for each file; a file the endpoint refuses gets its error instead."""
+    results = []
+    for path in paths:
+        try:
+            answer = endpoint.predict(path.read_bytes(), initial_args={"ContentType": content_type(path)})
+        except (ClientError, OSError, ValueError) as error:
+            results.append(Prediction(path, error=f"{type(error).__name__}: {error}"))
+            continue
+        if not isinstance(answer, dict) or not answer.get("predictions"):
+            results.append(Prediction(path, error=describe_error(answer)))
+            continue
+        top = answer["predictions"][0]
+        results.append(Prediction(path, top["label"], float(top["probability"])))
+    return results
+
+
+def describe_error(answer: object) -> str:
+    """Local mode hands back the server's error bodies as if they were answers."""
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(error, dict) and "code" in error:
+        return f"{error['code']}: {error.get('message', '')}"
+    return f"unexpected answer: {str(answer)[:200]}"
+
+
+def format_table(predictions: Sequence[Prediction]) -> str:
+    rows = [("file", "label", "probability")]
+    for item in predictions:
+        if item.error is not None:
+            rows.append((str(item.path), "ERROR", item.error))
+        else:
+            rows.append((str(item.path), str(item.label), f"{item.probability:.4f}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(2)]
+    return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}" for row in rows)

@@ -1,0 +1,328 @@
+"""The deploy CLI's control-plane calls, made against moto: what each command asks SageMaker for.
+
+Everything goes through ``deploy.cli.main`` as a user would type it, against moto's in-process
+SageMaker, S3 and Application Auto Scaling (no network, no account). What moto stores is read back
+with the ordinary describe calls. Two things moto does not keep: a training job's
+``MetricDefinitions`` (its describe answer always holds a fixed sample) — those are checked on
+the request the CLI sent, recorded with a botocore event hook — and real job or endpoint
+progress (everything is Completed / InService at once), so no test here depends on waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+
+from deploy import hosting, training
+from deploy.cli import main
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's account
+IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/sagemaker-classifier:cpu-test"
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/SageMakerExecution"
+BUCKET = "classifier-test"
+MODEL_DATA = f"s3://{BUCKET}/jobs/shapes/output/model.tar.gz"
+
+
+@dataclass
+class Aws:
+    session: boto3.Session
+    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def sagemaker(self) -> Any:
+        return self.session.client("sagemaker")
+
+    @property
+    def autoscaling(self) -> Any:
+        return self.session.client("application-autoscaling")
+
+    def sent(self, operation: str) -> dict[str, Any]:
+        """The parameters of the last ``operation`` request the CLI made."""
+        matches = [params for name, params in self.requests if name == operation]
+        assert matches, f"no {operation} request among {[name for name, _ in self.requests]}"
+        return matches[-1]
+
+    def run(self, *argv: str, environ: dict[str, str] | None = None) -> int:
+        return main(list(argv), environ=environ or {}, boto_session=self.session)
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Aws]:
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with mock_aws():
+        aws = Aws(boto3.Session(region_name=REGION))
+
+        def record(params: dict[str, Any], model: Any, **_: Any) -> None:
+            aws.requests.append((model.name, params))
+
+        # Clients copy the session's handlers when created: register before any exists.
+        aws.session.events.register("before-parameter-build.sagemaker", record)
+        aws.session.client("s3").create_bucket(Bucket=BUCKET)
+        yield aws
+
+
+def deploy_args(*extra: str) -> list[str]:
+    return ["deploy", "--image-uri", IMAGE, "--role", ROLE, "--model-data", MODEL_DATA, *extra]
+
+
+def test_train_asks_for_spot_capacity_checkpoints_and_the_metric_regexes(aws: Aws, capsys) -> None:
+    code = aws.run(
+        "train", "--image-uri", IMAGE, "--role", ROLE, "--job-name", "shapes-1",
+        "--data", f"s3://{BUCKET}/shapes/train/", "--validation", f"s3://{BUCKET}/shapes/valid/",
+        "--instance-type", "ml.g5.2xlarge", "--instance-count", "2", "--output-path", f"s3://{BUCKET}/jobs",
+        "--hp", "epochs=5", "--hp", "learning_rate=0.01", "--hp", "pretrained=true",
+        "--spot", "--checkpoint-s3-uri", f"s3://{BUCKET}/checkpoints/shapes", "--max-run", "3600",
+        "--max-wait", "7200", "--no-wait",
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "training job: shapes-1" in out
+    assert f"model artifact: s3://{BUCKET}/jobs/shapes-1/output/model.tar.gz" in out
+
+    job = aws.sagemaker.describe_training_job(TrainingJobName="shapes-1")
+    assert job["AlgorithmSpecification"]["TrainingImage"] == IMAGE
+    assert job["RoleArn"] == ROLE
+    assert job["ResourceConfig"]["InstanceType"] == "ml.g5.2xlarge"
+    assert job["ResourceConfig"]["InstanceCount"] == 2
+    assert job["HyperParameters"] == {"epochs": "5", "learning_rate": "0.01", "pretrained": "true"}
+    assert job["EnableManagedSpotTraining"] is True
+    assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
+    assert job["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/checkpoints/shapes", "LocalPath": "/opt/ml/checkpoints"}
+    assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/jobs"
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in job["InputDataConfig"]}
+    assert channels == {"training": f"s3://{BUCKET}/shapes/train/", "validation": f"s3://{BUCKET}/shapes/valid/"}
+
+    # moto answers MetricDefinitions with a fixed sample, so check what was asked for.
+    sent = aws.sent("CreateTrainingJob")["AlgorithmSpecification"]["MetricDefinitions"]
+    assert sent == [dict(d) for d in training.METRIC_DEFINITIONS]
+    assert {d["Name"] for d in sent} >= {"validation:accuracy", "validation:loss", "train:loss",
+                                         "train:images_per_second", "test:accuracy"}
+
+
+def test_the_metric_regexes_read_the_lines_training_prints(capsys) -> None:
+    from train.job import emit_metric  # the one place the training log's metric lines come from
+
+    for name, value in [("validation_accuracy", 0.9123), ("validation_loss", 0.31), ("train_loss", 0.25),
+                        ("train_images_per_second", 812.5)]:
+        emit_metric(name, value, epoch=3)
+    emit_metric("test_accuracy", 0.875)
+    log = capsys.readouterr().out
+    found = {}
+    for definition in training.METRIC_DEFINITIONS:
+        assert len(definition["Regex"]) <= 500  # SageMaker's limit
+        match = re.search(definition["Regex"], log)
+        assert match, f"{definition['Name']}: {definition['Regex']!r} finds nothing in\n{log}"
+        found[definition["Name"]] = float(match.group(1))
+    assert found == {"validation:accuracy": 0.9123, "validation:loss": 0.31, "train:loss": 0.25,
+                     "train:images_per_second": 812.5, "test:accuracy": 0.875}
+    assert training.OBJECTIVE_METRIC in found
+
+
+def test_tune_searches_learning_rate_and_batch_size_for_validation_accuracy(aws: Aws, capsys) -> None:
+    code = aws.run(
+        "tune", "--image-uri", IMAGE, "--job-name", "shapes-tune", "--data", f"s3://{BUCKET}/shapes/",
+        "--output-path", f"s3://{BUCKET}/tuning", "--instance-type", "ml.g4dn.xlarge",
+        "--hp", "epochs=3", "--hp", "learning_rate=0.5",  # a tuned name: the tuner's value wins
+        "--lr-min", "0.001", "--lr-max", "0.1", "--batch-sizes", "16,32,64",
+        "--max-jobs", "6", "--max-parallel-jobs", "3", "--strategy", "Random", "--no-wait",
+        environ={"SAGEMAKER_ROLE": ROLE},
+    )
+    assert code == 0
+    assert "tuning job: shapes-tune" in capsys.readouterr().out
+
+    job = aws.sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName="shapes-tune")
+    config = job["HyperParameterTuningJobConfig"]
+    assert config["Strategy"] == "Random"
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "validation:accuracy"}
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 3}
+    ranges = config["ParameterRanges"]
+    assert ranges["ContinuousParameterRanges"] == [
+        {"Name": "learning_rate", "MinValue": "0.001", "MaxValue": "0.1", "ScalingType": "Logarithmic"}]
+    assert ranges["CategoricalParameterRanges"] == [{"Name": "batch_size", "Values": ["16", "32", "64"]}]
+    definition = job["TrainingJobDefinition"]
+    assert definition["AlgorithmSpecification"]["TrainingImage"] == IMAGE
+    assert definition["RoleArn"] == ROLE
+    assert definition["StaticHyperParameters"] == {"epochs": "3"}
+    # The objective must be one of the metrics the jobs report.
+    metric_names = [d["Name"] for d in definition["AlgorithmSpecification"]["MetricDefinitions"]]
+    assert "validation:accuracy" in metric_names
+    sent = aws.sent("CreateHyperParameterTuningJob")["TrainingJobDefinition"]
+    assert sent["AlgorithmSpecification"]["MetricDefinitions"] == [dict(d) for d in training.METRIC_DEFINITIONS]
+    resources = sent.get("ResourceConfig") or sent["HyperParameterTuningResourceConfig"]
+    assert resources["InstanceType"] == "ml.g4dn.xlarge"
+
+
+def test_deploy_creates_an_autoscaled_endpoint_with_data_capture(aws: Aws, capsys) -> None:
+    code = aws.run(*deploy_args(
+        "--endpoint-name", "shapes", "--model-name", "shapes-model", "--instance-type", "ml.c5.xlarge",
+        "--instance-count", "2", "--max-instances", "6", "--target-invocations", "250",
+        "--scale-in-cooldown", "600", "--scale-out-cooldown", "30",
+        "--capture-s3-uri", f"s3://{BUCKET}/capture", "--capture-percent", "20", "--env", "CLASSIFIER_TOP_K=3",
+    ))
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "endpoint: shapes" in out and "autoscaling: 2..6 instances" in out
+
+    model = aws.sagemaker.describe_model(ModelName="shapes-model")
+    assert model["PrimaryContainer"]["Image"] == IMAGE
+    assert model["PrimaryContainer"]["ModelDataUrl"] == MODEL_DATA
+    assert model["PrimaryContainer"]["Environment"] == {"CLASSIFIER_TOP_K": "3"}
+    assert model["ExecutionRoleArn"] == ROLE
+    assert aws.sagemaker.describe_endpoint(EndpointName="shapes")["EndpointConfigName"] == "shapes"
+    config = aws.sagemaker.describe_endpoint_config(EndpointConfigName="shapes")
+    [variant] = config["ProductionVariants"]
+    assert (variant["VariantName"], variant["ModelName"]) == ("AllTraffic", "shapes-model")
+    assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.c5.xlarge", 2)
+    capture = config["DataCaptureConfig"]
+    assert capture["EnableCapture"] is True
+    assert capture["InitialSamplingPercentage"] == 20
+    assert capture["DestinationS3Uri"] == f"s3://{BUCKET}/capture"
+    assert {option["CaptureMode"] for option in capture["CaptureOptions"]} == {"Input", "Output"}
+
+    [target] = aws.autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert target["ResourceId"] == "endpoint/shapes/variant/AllTraffic"
+    assert target["ScalableDimension"] == "sagemaker:variant:DesiredInstanceCount"
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (2, 6)
+    [policy] = aws.autoscaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]
+    assert policy["ResourceId"] == "endpoint/shapes/variant/AllTraffic"
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    assert policy["TargetTrackingScalingPolicyConfiguration"] == {
+        "TargetValue": 250.0,
+        "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+        "ScaleInCooldown": 600, "ScaleOutCooldown": 30,
+    }
+
+
+def test_deploy_serverless_has_no_instances_and_no_scaling(aws: Aws) -> None:
+    assert aws.run(*deploy_args("--endpoint-name", "shapes-sl", "--serverless", "--memory-mb", "2048",
+                                "--max-concurrency", "3")) == 0
+    [variant] = aws.sagemaker.describe_endpoint_config(EndpointConfigName="shapes-sl")["ProductionVariants"]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": 2048, "MaxConcurrency": 3}
+    assert "InstanceType" not in variant
+    assert aws.autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+
+
+def test_transform_sends_each_image_whole_from_a_training_jobs_artifact(aws: Aws, capsys) -> None:
+    assert aws.run("train", "--image-uri", IMAGE, "--role", ROLE, "--job-name", "shapes-2",
+                   "--data", f"s3://{BUCKET}/shapes/", "--output-path", f"s3://{BUCKET}/jobs", "--no-wait") == 0
+    code = aws.run("transform", "--image-uri", IMAGE, "--role", ROLE, "--training-job", "shapes-2",
+                   "--model-name", "shapes-batch", "--job-name", "shapes-batch-1",
+                   "--data", f"s3://{BUCKET}/unlabelled/", "--output-path", f"s3://{BUCKET}/predictions/",
+                   "--instance-type", "ml.c5.2xlarge", "--instance-count", "2", "--no-wait")
+    assert code == 0
+    assert "transform job: shapes-batch-1" in capsys.readouterr().out
+
+    model = aws.sagemaker.describe_model(ModelName="shapes-batch")
+    assert model["PrimaryContainer"]["Image"] == IMAGE
+    assert model["PrimaryContainer"]["ModelDataUrl"] == f"s3://{BUCKET}/jobs/shapes-2/output/model.tar.gz"
+    job = aws.sagemaker.describe_transform_job(TransformJobName="shapes-batch-1")
+    assert job["ModelName"] == "shapes-batch"
+    assert job["BatchStrategy"] == "SingleRecord"
+    assert job["MaxPayloadInMB"] == 6
+    assert job["TransformInput"]["DataSource"]["S3DataSource"] == {
+        "S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/unlabelled/"}
+    assert job["TransformInput"]["ContentType"] == "application/x-image"
+    assert job["TransformInput"].get("SplitType", "None") == "None"
+    assert job["TransformOutput"]["S3OutputPath"] == f"s3://{BUCKET}/predictions/"
+    assert job["TransformOutput"]["Accept"] == "application/json"
+    assert job["TransformResources"] == {"InstanceType": "ml.c5.2xlarge", "InstanceCount": 2}
+
+
+def test_delete_removes_scaling_endpoint_config_and_model_and_tolerates_leftovers(aws: Aws, capsys) -> None:
+    assert aws.run(*deploy_args("--endpoint-name", "shapes", "--model-name", "shapes-model",
+                                "--max-instances", "3")) == 0
+    capsys.readouterr()
+
+    assert aws.run("delete", "--endpoint-name", "shapes") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "deleted scaling policy shapes-invocations-per-instance",
+        "deleted scalable target endpoint/shapes/variant/AllTraffic",
+        "deleted endpoint shapes",
+        "deleted endpoint config shapes",
+        "deleted model shapes-model",
+    ]
+    assert aws.autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+    assert aws.autoscaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"] == []
+    for describe, key in [(aws.sagemaker.describe_endpoint, "EndpointName"),
+                          (aws.sagemaker.describe_endpoint_config, "EndpointConfigName")]:
+        with pytest.raises(ClientError):
+            describe(**{key: "shapes"})
+    with pytest.raises(ClientError):
+        aws.sagemaker.describe_model(ModelName="shapes-model")
+
+    assert aws.run("delete", "--endpoint-name", "shapes") == 0
+    assert "nothing to delete for endpoint shapes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "code", "message"), [
+    (["train", "--image-uri", IMAGE, "--role", ROLE, "--data", "s3://b/d", "--spot"], 2, "--checkpoint-s3-uri"),
+    (["train", "--image-uri", IMAGE, "--data", "s3://b/d"], 2, "--role"),
+    (["train", "--local", "--image-uri", IMAGE, "--data", "file:///d"], 2, "--output-path"),
+    (deploy_args("--max-instances", "4", "--no-wait"), 2, "InService"),
+    (deploy_args("--serverless", "--max-instances", "4"), 2, "autoscaling"),
+    (["tune", "--image-uri", IMAGE, "--role", ROLE, "--data", "s3://b/d", "--lr-min", "0.1", "--lr-max", "0.01"],
+     1, "learning rate"),
+])
+def test_impossible_requests_stop_before_any_call(aws: Aws, capsys, argv: list[str], code: int, message: str) -> None:
+    try:
+        result = aws.run(*argv)
+    except SystemExit as exit_info:  # argparse's way out: usage errors
+        result = exit_info.code
+    assert result == code
+    assert message in capsys.readouterr().err
+    assert [name for name, _ in aws.requests if name.startswith("Create")] == []
+
+
+def test_a_missing_region_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert main(["delete", "--endpoint-name", "shapes"], environ={}) == 1
+    assert "region" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "deploy", "transform", "predict", "delete"])
+def test_every_subcommand_has_help(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"python -m deploy {command}" in capsys.readouterr().out
+
+
+def test_predict_finds_images_by_file_folder_and_glob_and_prints_a_table(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    for name in ("a/1.png", "a/2.JPG", "a/notes.txt", "b.jpeg", "c.bin"):
+        (tmp_path / name).write_bytes(b"x")
+    found = hosting.find_images([str(tmp_path / "a"), str(tmp_path / "*.jpeg"), str(tmp_path / "c.bin"),
+                                 str(tmp_path / "a" / "1.png")])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/1.png", "a/2.JPG", "b.jpeg", "c.bin"]
+    assert [hosting.content_type(p) for p in found] == ["image/png", "image/jpeg", "image/jpeg",
+                                                          "application/x-image"]
+    with pytest.raises(FileNotFoundError):
+        hosting.find_images([str(tmp_path / "missing*.png")])
+
+    table = hosting.format_table([hosting.Prediction(Path("a/1.png"), "circle", 0.98765),
+                                  hosting.Prediction(Path("c.bin"), error="invalid_image")])
+    assert table.splitlines() == [
+        "file     label   probability",
+        "a/1.png  circle  0.9877",
+        "c.bin    ERROR   invalid_image",
+    ]

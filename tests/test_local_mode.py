@@ -1,0 +1,242 @@
+"""The real image under the SageMaker Python SDK's local mode, driven through the deploy CLI.
+
+This is how users try a bring-your-own-container image before paying for AWS: ``instance_type``
+``local``, ``file://`` data and outputs, a region and no credentials. Local mode runs
+``docker compose`` with files it writes under ``--container-root``; containers are found (and
+removed) afterwards by the compose working-directory label, which lies under that folder.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy import hosting, training
+from deploy.cli import main
+
+from containers import docker, image_for
+from imagedata import CLASSES, write_image_folder
+
+pytestmark = [
+    pytest.mark.container,
+    # SDK v2 local mode reads docker compose's output through a subprocess pipe it never closes
+    # (sagemaker/local/image.py, _stream_output); CPython reports that as a ResourceWarning.
+    pytest.mark.filterwarnings("ignore:unclosed file:ResourceWarning"),
+]
+REPO = Path(__file__).resolve().parents[1]
+REGION = "us-east-1"
+# efficientnet_lite0 from the shipped ImageNet weights learns the shapes in a few epochs.
+# workers=0: on 90 images, starting loader processes every epoch costs more than it saves.
+SINGLE_HOST = {"epochs": "5", "image_size": "64", "batch_size": "16", "learning_rate": "0.01", "workers": "0"}
+TWO_HOSTS = {"epochs": "2", "architecture": "resnet18", "pretrained": "false", "image_size": "32",
+             "batch_size": "8", "workers": "0"}
+
+
+@pytest.fixture
+def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A region and nothing else: no keys, no profiles, no instance metadata probing."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def image() -> str:
+    image = image_for("cpu")
+    # Compose pulls an image it cannot find, from Docker Hub: fail here with a clearer reason.
+    docker("image", "inspect", image)
+    return image
+
+
+def compose_containers(root: Path) -> list[str]:
+    """IDs of the containers local mode started from compose files under ``root``."""
+    listing = docker("ps", "-a", "--format", '{{.ID}} {{.Label "com.docker.compose.project.working_dir"}}').stdout
+    ids = []
+    for line in listing.splitlines():
+        container, _, working_dir = line.partition(" ")
+        if working_dir.startswith(f"{root}{os.sep}"):
+            ids.append(container)
+    return ids
+
+
+def running(containers: list[str]) -> list[str]:
+    if not containers:
+        return []
+    states = docker("inspect", "--format", "{{.State.Running}}", *containers, check=False).stdout.split()
+    return [container for container, state in zip(containers, states, strict=False) if state == "true"]
+
+
+@pytest.fixture
+def container_root(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "sagemaker-local"
+    yield root
+    leftovers = compose_containers(root)
+    if leftovers:  # local mode stops its containers but never removes them
+        docker("rm", "-f", *leftovers, check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_argv(image: str, data: Path, output: Path, root: Path, hyperparameters: dict[str, str],
+               *channels: str) -> list[str]:
+    argv = ["train", "--local", "--image-uri", image, "--container-root", str(root),
+            "--data", f"file://{data / 'train'}", "--output-path", f"file://{output}"]
+    for channel, folder in (("--validation", "valid"), ("--test", "test")):
+        if folder in channels:
+            argv += [channel, f"file://{data / folder}"]
+    for key, value in hyperparameters.items():
+        argv += ["--hp", f"{key}={value}"]
+    return argv
+
+
+class Background:
+    """A CLI process whose output is collected line by line, for waiting on a line with a deadline."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "deploy", *argv], cwd=REPO, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        with self.process.stdout:
+            for line in self.process.stdout:
+                self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError(f"the CLI exited ({self.process.wait()}) before {text!r}:\n{self.output}")
+            self.lines.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"no {text!r} within {timeout_s} s:\n{self.output}")
+
+    def finish(self, timeout_s: float) -> int:
+        code = self.process.wait(timeout=timeout_s)
+        while (line := self._queue.get(timeout=timeout_s)) is not None:
+            self.lines.append(line)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)[-6000:]
+
+
+def test_train_deploy_predict_delete_in_local_mode(image: str, no_credentials: None, container_root: Path,
+                                                   tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    write_image_folder(data / "train", 30, seed=1)
+    write_image_folder(data / "valid", 8, seed=2)
+    write_image_folder(data / "test", 6, seed=4)
+    held_out = write_image_folder(tmp_path / "held-out", 5, seed=3)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    output = tmp_path / "output"
+    started, timings = time.monotonic(), {}
+
+    # Train: one local container; the SDK streams the job's log to this process's stdout.
+    code = main(train_argv(image, data, output, container_root, SINGLE_HOST, "valid", "test"), environ={})
+    log = capfd.readouterr().out
+    assert code == 0, log[-6000:]
+    timings["trained"] = time.monotonic() - started
+    assert f"model artifact: file://{output}/model.tar.gz" in log
+    # Every metric definition finds its value in the real log, as SageMaker would.
+    for definition in training.METRIC_DEFINITIONS:
+        assert re.search(definition["Regex"], log), f"{definition['Name']} not in the log:\n{log[-4000:]}"
+    best = max(float(value) for value in re.findall(training.METRIC_DEFINITIONS[0]["Regex"], log))
+    assert best >= 0.8, log[-4000:]
+    with tarfile.open(output / "model.tar.gz") as archive:
+        names = archive.getnames()
+    assert {"manifest.json", "model.safetensors"} <= set(names)
+    assert all("/" not in name.removeprefix("./") for name in names), f"files must sit at the root: {names}"
+    assert not running(compose_containers(container_root))
+
+    # Deploy: `deploy --local` owns the endpoint until it is interrupted, as a user runs it.
+    port = free_port()
+    server = Background(["deploy", "--local", "--port", str(port), "--container-root", str(container_root),
+                         "--image-uri", image, "--model-data", f"file://{output}/model.tar.gz",
+                         "--endpoint-name", "shapes-local"], {**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        server.wait_for("Ctrl-C deletes it", timeout_s=180)
+        timings["endpoint ready"] = time.monotonic() - started
+        [endpoint_container] = running(compose_containers(container_root))
+
+        # Predict with a session of its own, as from another shell: local mode finds the
+        # endpoint by its port.
+        code = main(["predict", "--local", "--port", str(port), "--endpoint-name", "shapes-local", str(held_out)],
+                    environ={})
+        table = capfd.readouterr().out
+        assert code == 0, table
+        code = main(["predict", "--local", "--port", str(port), "--endpoint-name", "shapes-local",
+                     str(not_an_image)], environ={})
+        refused = capfd.readouterr().out
+        assert code == 1 and re.search(r"notes\.png\s+ERROR\s+invalid_image", refused), refused
+        timings["predicted"] = time.monotonic() - started
+    finally:
+        server.process.send_signal(signal.SIGINT)
+        exit_code = server.finish(timeout_s=90)
+    timings["deleted"] = time.monotonic() - started
+    rows = [line.split() for line in table.splitlines()[1:]]
+    assert len(rows) == 5 * len(CLASSES), table
+    assert {label for _, label, _ in rows} <= set(CLASSES), table
+    correct = sum(Path(path).parent.name == label for path, label, _ in rows)
+    assert correct >= 0.8 * len(rows), table
+
+    # Delete: Ctrl-C deleted the endpoint, its config and model; the server shut down cleanly.
+    assert exit_code == 0, server.output
+    for deleted in ("deleted endpoint shapes-local", "deleted endpoint config shapes-local", "deleted model "):
+        assert deleted in server.output, server.output
+    assert running(compose_containers(container_root)) == []
+    assert docker("inspect", "--format", "{{.State.ExitCode}}", endpoint_container).stdout.strip() == "0"
+    assert not hosting.local_endpoint_answers(port)
+    print(", ".join(f"{step} after {seconds:.0f} s" for step, seconds in timings.items()))
+
+
+def test_two_local_instances_train_together(image: str, no_credentials: None, container_root: Path,
+                                            tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    write_image_folder(data / "train", 12, seed=11)
+    write_image_folder(data / "valid", 4, seed=12)
+    output = tmp_path / "output"
+
+    argv = train_argv(image, data, output, container_root, TWO_HOSTS, "valid")
+    code = main([*argv, "--instance-count", "2"], environ={})
+    log = capfd.readouterr().out
+    assert code == 0, log[-6000:]
+    hosts = set(re.findall(r"(algo-\d-[a-z0-9]{5})\s+\|", log))
+    assert len(hosts) == 2, f"expected two hosts in the log, saw {hosts}"
+    assert "rank 0 of 2" in log and "rank 1 of 2" in log, log[-6000:]
+    with tarfile.open(output / "model.tar.gz") as archive:
+        assert {"manifest.json", "model.safetensors"} <= set(archive.getnames())
+    containers = compose_containers(container_root)
+    assert len(containers) == 2 and running(containers) == []
+    codes = docker("inspect", "--format", "{{.State.ExitCode}}", *containers).stdout.split()
+    assert codes == ["0", "0"], log[-6000:]

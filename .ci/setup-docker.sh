@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install (when missing) and start what the test suite needs on a Debian bookworm machine:
-# the Docker engine, BuildKit (buildx), Compose v2, debootstrap and a local OCI registry.
+# the Docker engine, BuildKit (buildx), Compose v2, debootstrap, a local OCI registry, and
+# Chromium with its WebDriver for the demo page's browser test.
 # Compose v2 and buildx come from Debian trixie, pinned low so nothing else is upgraded.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -9,6 +10,8 @@ missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null

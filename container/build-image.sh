@@ -3,7 +3,7 @@
 # everything that goes into the image (Dockerfile, requirements, code, build args), so an
 # unchanged tree reuses the image it built before instead of rebuilding it.
 #
-# Usage: container/build-image.sh cpu|gpu
+# Usage: container/build-image.sh cpu|gpu [--prune]     (--prune: remove older tags of the variant)
 # Env:   IMAGE_NAME (default sagemaker-classifier), BASE_IMAGE, TORCH_INDEX_URL,
 #        PLATFORM (default linux/amd64)
 set -euo pipefail
@@ -22,7 +22,7 @@ digest=$(
   {
     printf '%s\n' "$platform" "${args[@]}"
     find "$dockerfile" .dockerignore requirements container/entrypoint.sh classifier train serve \
-      -type f \( -name '*.py' -o -name '*.txt' -o -name '*.sh' -o -name 'Dockerfile.*' -o -name .dockerignore \) \
+      -type f \( -name '*.py' -o -name '*.html' -o -name '*.txt' -o -name '*.sh' -o -name 'Dockerfile.*' -o -name .dockerignore \) \
       -print0 | sort -z | xargs -0 sha256sum
   } | sha256sum | cut -c1-12
 )
@@ -31,7 +31,9 @@ image="$name:$variant-$digest"
 if ! docker image inspect "$image" >/dev/null 2>&1; then
   echo "build-image: building $image" >&2
   DOCKER_BUILDKIT=1 docker build --platform "$platform" -f "$dockerfile" "${args[@]}" -t "$image" . >&2
-  # Drop the tags of earlier builds of this variant; shared layers stay for the build cache.
+fi
+if [[ ${2:-} == --prune ]]; then
+  # Drop the tags of earlier builds of this variant (only safe while nothing else uses them).
   docker image ls --format '{{.Repository}}:{{.Tag}}' --filter "reference=$name:$variant-*" \
     | grep -vxF "$image" | xargs -r docker image rm >/dev/null 2>&1 || true
 fi

@@ -39,7 +39,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from deploy import batch, hosting, sdk, training
+from deploy import batch, check, hosting, sdk, training
 
 ROLE_ENV = "SAGEMAKER_ROLE"
 DEFAULT_TRAINING_INSTANCE = "ml.g5.xlarge"
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Delete the scaling target and policy, endpoint, endpoint config "
                                              "and models; whatever is already gone is skipped.")
     delete.add_argument("--endpoint-name", required=True)
+    check.add_parser(commands)
     return parser
 
 
@@ -366,7 +367,7 @@ def cmd_delete(args: argparse.Namespace, session: Any, environ: Mapping[str, str
 
 
 COMMANDS = {"train": cmd_train, "tune": cmd_tune, "deploy": cmd_deploy, "transform": cmd_transform,
-            "predict": cmd_predict, "delete": cmd_delete}
+            "predict": cmd_predict, "delete": cmd_delete, "check": check.cmd_check}
 
 
 def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] = os.environ,
@@ -379,7 +380,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] = os.e
     # The SDK's config loader logs each config file it does (not) find at INFO on its own handler.
     logging.getLogger("sagemaker.config").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
-        return COMMANDS[args.command](args, make_session(args, boto_session), environ)
+        # check needs Docker only: no AWS session (and no region) for it.
+        session = None if args.command == "check" else make_session(args, boto_session)
+        return COMMANDS[args.command](args, session, environ)
     except UsageError as error:
         parser.error(f"{args.command}: {error}")  # exits 2
     except (ValueError, RuntimeError, BotoCoreError, ClientError) as error:

@@ -20,11 +20,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from serve import codec
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("serve.access")
-KNOWN_PATHS = frozenset({"/ping", "/invocations", "/execution-parameters", "/metrics"})
+KNOWN_PATHS = frozenset({"/", "/ping", "/invocations", "/execution-parameters", "/metrics"})
+DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
 REQUEST_BODY_DOC = {
     "requestBody": {
         "required": True,
@@ -174,6 +176,13 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor]) -> F
                                elapsed * 1000, extra={"request_id": request_id, "status": response.status_code,
                                                       "duration_ms": round(elapsed * 1000, 3)})
         return response
+
+    if settings.demo:
+        demo_page = DEMO_PAGE.read_text()
+
+        @app.get("/", summary="A page to try the model in a browser", response_class=HTMLResponse)
+        async def demo() -> HTMLResponse:
+            return HTMLResponse(demo_page)
 
     @app.get("/ping", summary="Health: 200 once the model is loaded and warmed up")
     async def ping() -> JSONResponse:

@@ -77,6 +77,7 @@ class Settings:
     batch_strategy: str = "MULTI_RECORD"
     max_concurrent_transforms: int = 1
     s3_buckets: frozenset[str] = field(default_factory=frozenset)
+    demo: bool = True  # GET / serves a small page to try the model in a browser
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -124,6 +125,7 @@ class Settings:
             batch_strategy=strategy,
             max_concurrent_transforms=get("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", _positive_int, workers),
             s3_buckets=get("CLASSIFIER_S3_BUCKETS", _buckets, frozenset()),
+            demo=get("CLASSIFIER_DEMO", parse_bool, cls.demo),
             log_level=(environ.get("LOG_LEVEL") or cls.log_level).upper(),
             log_json=get("LOG_FORMAT", lambda v: v.lower() == "json", cls.log_json),
         )

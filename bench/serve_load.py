@@ -1,8 +1,11 @@
 """Serving load benchmark: our container against the raw pipeline and TorchServe, side by side.
 
-    python bench/serve_load.py                 # the full run (about 15 minutes on 2 cores)
-    python bench/serve_load.py --quick         # a smoke run of every code path (about 3 minutes)
-    python bench/serve_load.py --image sagemaker-classifier:cpu-<tag>   # default: $CLASSIFIER_IMAGE_CPU
+    export CLASSIFIER_IMAGE_CPU=$(container/build-image.sh cpu)
+    .venv/bin/python bench/serve_load.py            # the full run: 13 minutes on 2 shared cores
+    .venv/bin/python bench/serve_load.py --quick    # a smoke run of every code path: 3 minutes
+    .venv/bin/python bench/serve_load.py --image sagemaker-classifier:cpu-<tag> --models resnet50
+
+The first run also creates bench/.venv-torchserve (about 2 minutes, 6 GB with torch's CUDA wheels).
 
 For each model (the default EfficientNet-Lite0, then ResNet-50 with random weights in the real
 artifact format) it starts every system at once and keeps them all loaded:
@@ -20,7 +23,12 @@ side), or the raw pipeline running flat out. Throughput is the median over round
 percentiles pool every round's requests. Everything runs on this machine over 127.0.0.1.
 
 Writes bench/results/serve_load.json (every run, the machine, the versions) and
-bench/results/serve_load.png, and prints a markdown table and the ratios against the targets.
+bench/results/serve_load.png, and prints a markdown table, the ratios against the targets and
+where our server's time goes (its Server-Timing header beside the raw pipeline's stages).
+
+On a machine shared with other work the numbers swing by tens of percent from minute to minute,
+and multi-threaded inference suffers most (a thread waiting for a busy core stalls the others at
+every parallel region): compare the systems within one run, and trust a quiet machine's run.
 """
 
 from __future__ import annotations
@@ -500,13 +508,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     width = 0.8 / len(series)
     for column, model in enumerate(models):
         h = headline(rows, model)
-        for metric_row, (key, label) in enumerate((("throughput", "requests / s"), ("p99_ms", "p99 latency (ms)"))):
+        for metric_row, (key, label) in enumerate((("throughput", "requests / s"), ("p99_ms", "p99 latency (ms, log scale)"))):
             axis = axes[metric_row][column]
             for index, (name, colour) in enumerate(zip(series, colours)):
                 values = [shown(h[name].get(c), key, raw_batch=name == "raw best" and c == 8) for c in CONCURRENCIES]
                 bars = axis.bar(np.arange(len(CONCURRENCIES)) + (index - 2) * width, values, width, label=name, color=colour)
                 axis.bar_label(bars, fmt="%.0f", fontsize=7)
             axis.set_xticks(range(len(CONCURRENCIES)), [f"concurrency {c}" for c in CONCURRENCIES])
+            if key != "throughput":
+                axis.set_yscale("log")  # TorchServe's defaults are seconds; the rest tens of ms
             axis.set_ylabel(label)
             axis.set_title(f"{model}: {'throughput' if key == 'throughput' else 'p99 latency'}")
     axes[0][0].legend(fontsize=8)

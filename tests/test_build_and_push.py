@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import pytest
 
 from containers import docker, image_for, serving
 from imagedata import encode, render
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "build_and_push.sh"
@@ -41,11 +41,6 @@ ECR_HOST = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com"
 VERSION = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
 MANIFEST_TYPES = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_http(url: str, timeout_s: float, process: subprocess.Popen) -> None:

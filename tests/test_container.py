@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -18,6 +17,7 @@ from classifier import artifact
 
 from containers import VARIANTS, classify, docker, image_for, serving, wait_for_ping, write_training_config
 from imagedata import CLASSES, cat_photo_jpeg, write_image_folder
+from ports import free_port
 
 pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,11 +134,6 @@ def compose(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_compose_trains_on_data_then_serves_the_result(dataset: Path, tmp_path: Path) -> None:

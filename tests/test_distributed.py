@@ -4,7 +4,6 @@ and a multi-process run of the real entry point."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import torch
@@ -21,15 +20,11 @@ from train.distributed import Topology, init_process_group
 from train.engine import train_one_epoch
 
 from imagedata import write_image_folder
+from ports import free_port
 
 STEPS, PER_PROCESS_BATCH, WORLD = 6, 4, 2
 TOLERANCE = 1e-5  # float32 sums in another order; observed differences are ~1e-7
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def small_net() -> nn.Module:

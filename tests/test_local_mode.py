@@ -12,7 +12,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -28,6 +27,7 @@ from deploy.cli import main
 
 from containers import docker, image_for
 from imagedata import CLASSES, write_image_folder
+from ports import free_port
 
 pytestmark = [
     pytest.mark.container,
@@ -89,11 +89,6 @@ def container_root(tmp_path: Path) -> Iterator[Path]:
     if leftovers:  # local mode stops its containers but never removes them
         docker("rm", "-f", *leftovers, check=False)
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def train_argv(image: str, data: Path, output: Path, root: Path, hyperparameters: dict[str, str],

@@ -19,14 +19,10 @@ import pytest
 from PIL import Image
 
 from imagedata import CLASSES, encode, render
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float = 60) -> None:

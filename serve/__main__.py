@@ -10,6 +10,7 @@ import functools
 import os
 import signal
 import sys
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
@@ -29,11 +30,24 @@ def load_predictor(settings: Settings):
                           half=settings.half)
 
 
+def load_model(settings: Settings, model_dir: Path):
+    """A model named by ``POST /models`` (multi-model mode): an artifact, never the default model."""
+    from serve.predictor import Predictor
+
+    return Predictor.load(model_dir, allow_default=False, device=settings.device, half=settings.half)
+
+
+def build(settings: Settings) -> FastAPI:
+    if settings.multi_model:
+        return create_app(settings, load_model=functools.partial(load_model, settings))
+    return create_app(settings, functools.partial(load_predictor, settings))
+
+
 def create() -> FastAPI:
     """App factory for uvicorn's worker processes (settings from this process's environment)."""
     settings = Settings.from_env(os.environ)
     setup_logging(settings.log_level, json_format=settings.log_json)
-    return create_app(settings, functools.partial(load_predictor, settings))
+    return build(settings)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -55,7 +69,7 @@ def main() -> int:
     if settings.workers > 1:
         uvicorn.run("serve.__main__:create", factory=True, workers=settings.workers, **options)
     else:
-        uvicorn.run(create_app(settings, functools.partial(load_predictor, settings)), **options)
+        uvicorn.run(build(settings), **options)
     return 0
 
 

@@ -1,11 +1,13 @@
 """HTTP routes: SageMaker's ``GET /ping``, ``POST /invocations`` and ``GET /execution-parameters``,
-plus ``GET /metrics`` (Prometheus) and the OpenAPI docs (``/docs``).
+plus ``GET /metrics`` (Prometheus) and the OpenAPI docs (``/docs``); in multi-model mode also
+SageMaker's ``/models`` API (see :mod:`serve.multi_model`).
 
 ``create_app(settings, load_predictor)`` builds the app; the model loads in a background thread
 when the server starts, so the port answers at once and ``/ping`` says 503 until the model has
 loaded and served a warm-up inference (200), or for good if loading failed. Decoding runs on a
 thread pool and inference on one thread behind the batcher, so the event loop (and ``/ping``)
-never waits for either.
+never waits for either. In multi-model mode ``/ping`` is 200 as soon as the server runs: models
+come and go through ``/models``.
 """
 
 from __future__ import annotations
@@ -16,21 +18,26 @@ import logging
 import os
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve import codec
 from serve.batching import Batcher
-from serve.errors import InvalidTensor, NotReady, PayloadTooLarge, ServingError, Timeout
+from serve.errors import BadRequest, InvalidTensor, NotReady, PayloadTooLarge, ServingError, Timeout
+from serve.multi_model import TARGET_MODEL_HEADER, models_router
+from serve.observe import Metrics, Observe
+from serve.predictor import select_device
+from serve.registry import LoadedModel, ModelRegistry
 from serve.s3 import S3Fetcher
 from serve.settings import MEGABYTE, Settings
 
@@ -38,8 +45,6 @@ if TYPE_CHECKING:
     from serve.predictor import Predictor
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("serve.access")
-KNOWN_PATHS = frozenset({"/", "/ping", "/invocations", "/execution-parameters", "/metrics"})
 DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
 REQUEST_BODY_DOC = {
     "requestBody": {
@@ -60,17 +65,24 @@ class Health(enum.Enum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class Served:
+    """A model ready for requests: its predictor and the batcher that feeds it."""
+
+    predictor: Predictor
+    batcher: Batcher
+
+
 class ModelState:
-    """Where model loading stands; read by /ping, written once by the loader thread."""
+    """Where loading the one model stands; read by /ping, written once by the loader thread."""
 
     def __init__(self) -> None:
         self.health = Health.LOADING
         self.predictor: Predictor | None = None
         self.reason = ""
 
-    def load(self, load_predictor: Callable[[], Predictor], threads: int) -> None:
+    def load(self, load_predictor: Callable[[], Predictor]) -> None:
         try:
-            torch.set_num_threads(threads)
             predictor = load_predictor()
             predictor.warm_up()
         except Exception as exc:
@@ -81,21 +93,6 @@ class ModelState:
         self.predictor = predictor
         self.health = Health.READY
         logger.info("model ready")
-
-
-class Metrics:
-    """Prometheus metrics of one app (its own registry: no process-wide state)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("classifier_requests", "HTTP requests by path and status",
-                                ["path", "status"], registry=self.registry)
-        self.latency = Histogram("classifier_request_duration_seconds", "Request latency by path", ["path"],
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-                                 registry=self.registry)
-        self.batch_size = Histogram("classifier_batch_size", "Images per forward pass",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        self.images = Counter("classifier_images", "Images classified", registry=self.registry)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -112,37 +109,56 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(settings: Settings, load_predictor: Callable[[], Predictor]) -> FastAPI:
+def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | None = None, *,
+               load_model: Callable[[Path], Predictor] | None = None) -> FastAPI:
+    """The server. One model from ``load_predictor``, or in multi-model mode any number from
+    ``load_model(folder)`` as ``POST /models`` asks."""
+    if settings.multi_model and load_model is None:
+        raise ValueError("multi-model mode needs load_model")
+    if not settings.multi_model and load_predictor is None:
+        raise ValueError("single-model mode needs load_predictor")
     state = ModelState()
     metrics = Metrics()
     decode_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="decode")
-    inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+    inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference",
+                                        initializer=torch.set_num_threads, initargs=(settings.threads_per_worker,))
     fetch_s3 = S3Fetcher(settings.s3_buckets) if settings.s3_buckets else None
-    batcher_box: list[Batcher] = []
+    single: list[Served] = []  # the one model, once loaded (single-model mode)
 
-    def infer(batch: torch.Tensor):
-        assert state.predictor is not None
-        return state.predictor.infer(batch)
+    def make_batcher(predictor: Predictor) -> Batcher:
+        return Batcher(predictor.infer, inference_pool, max_batch_size=settings.max_batch_size,
+                       max_delay_s=settings.max_batch_delay_ms / 1000, max_queue=settings.max_queue,
+                       on_batch=metrics.batch_size.observe)
+
+    registry = ModelRegistry(
+        load=load_model, make_batcher=make_batcher, device=select_device(settings.device),
+        budget_bytes=settings.model_memory_budget_bytes, reserve_bytes=settings.memory_reserve_bytes,
+        evict=settings.evict_models,
+    ) if load_model is not None else None
+
+    def load_single() -> None:
+        assert load_predictor is not None
+        torch.set_num_threads(settings.threads_per_worker)
+        state.load(load_predictor)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.workers > 1:
+        if settings.multi_model:
+            state.health = Health.READY
+        elif settings.workers > 1:
             # Worker processes share one listening socket: a worker that takes connections only
             # once its model is ready never answers 503 while a sibling says /ping 200.
-            await asyncio.to_thread(state.load, load_predictor, settings.threads_per_worker)
+            await asyncio.to_thread(load_single)
         else:
             # One process: take connections at once and let /ping report the loading.
-            threading.Thread(target=state.load, args=(load_predictor, settings.threads_per_worker),
-                             name="model-loader", daemon=True).start()
-        batcher = Batcher(infer, inference_pool, max_batch_size=settings.max_batch_size,
-                          max_delay_s=settings.max_batch_delay_ms / 1000, max_queue=settings.max_queue,
-                          on_batch=metrics.batch_size.observe)
-        batcher.start()
-        batcher_box.append(batcher)
+            threading.Thread(target=load_single, name="model-loader", daemon=True).start()
         try:
             yield
         finally:
-            await batcher.stop()
+            for served in single:
+                await served.batcher.stop()
+            if registry is not None:
+                await registry.close()
             decode_pool.shutdown(wait=False, cancel_futures=True)
             inference_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -150,32 +166,22 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor]) -> F
                   description="SageMaker-compatible image classification server.")
     app.state.model = state
     app.state.metrics = metrics
+    app.state.registry = registry
+    app.add_middleware(Observe, metrics=metrics, access_log=settings.access_log)
 
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors())
+        return JSONResponse(BadRequest(problems).body(), status_code=400)
+
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(ServingError().body(), status_code=500)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        request_id = request.headers.get("x-request-id") or request.headers.get("x-amzn-requestid") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        response.headers["X-Request-Id"] = request_id
-        path = request.url.path if request.url.path in KNOWN_PATHS else "other"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(elapsed)
-        if path != "/ping":
-            access_logger.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code,
-                               elapsed * 1000, extra={"request_id": request_id, "status": response.status_code,
-                                                      "duration_ms": round(elapsed * 1000, 3)})
-        return response
 
     if settings.demo:
         demo_page = DEMO_PAGE.read_text()
@@ -214,11 +220,9 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor]) -> F
             return torch.from_numpy(inputs.tensor), inputs
         return torch.stack([predictor.preprocess(image) for image in inputs.images]), inputs
 
-    @app.post("/invocations", summary="Classify images", openapi_extra=REQUEST_BODY_DOC)
-    async def invocations(request: Request) -> Response:
-        predictor = state.predictor
-        if predictor is None:
-            raise NotReady(f"the model is {state.health.value}", headers={"Retry-After": "5"})
+    async def classify(request: Request, served: Served | LoadedModel) -> Response:
+        """Decode the request, run it through the model's batcher and encode the answer."""
+        predictor = served.predictor
         content_type = request.headers.get("content-type")
         options = codec.parse_options(request.headers.get("x-amzn-sagemaker-custom-attributes"),
                                       default_top_k=settings.top_k)
@@ -231,7 +235,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor]) -> F
             started = time.perf_counter()
             batch, inputs = await loop.run_in_executor(decode_pool, prepare, predictor, body, content_type)
             decoded = time.perf_counter()
-            logits, timing = await batcher_box[0].submit(batch)
+            logits, timing = await served.batcher.submit(batch)
             payload = codec.encode(logits, predictor.class_names, inputs=inputs, options=options,
                                    response_type=response_type)
             metrics.images.inc(len(inputs))
@@ -243,5 +247,30 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor]) -> F
             return await asyncio.wait_for(answer(), timeout=settings.request_timeout_s)
         except TimeoutError:
             raise Timeout(f"the request did not finish within {settings.request_timeout_s:g} s") from None
+
+    def single_model() -> Served:
+        if not single:
+            predictor = state.predictor
+            if predictor is None:
+                raise NotReady(f"the model is {state.health.value}", headers={"Retry-After": "5"})
+            served = Served(predictor, make_batcher(predictor))
+            served.batcher.start()
+            single.append(served)
+        return single[0]
+
+    def target_model(request: Request) -> LoadedModel:
+        assert registry is not None
+        name = request.headers.get(TARGET_MODEL_HEADER)
+        if not name:
+            raise BadRequest(f"this server hosts several models: invoke /models/<name>/invoke or name one "
+                             f"in the {TARGET_MODEL_HEADER} header")
+        return registry.get(name)
+
+    @app.post("/invocations", summary="Classify images", openapi_extra=REQUEST_BODY_DOC)
+    async def invocations(request: Request) -> Response:
+        return await classify(request, target_model(request) if settings.multi_model else single_model())
+
+    if registry is not None:
+        app.include_router(models_router(registry, classify, openapi_extra=REQUEST_BODY_DOC))
 
     return app

@@ -4,6 +4,7 @@ The batcher never holds a lone request back: with ``max_delay_s`` = 0 (the defau
 whatever is queued the moment the model is free, so a single request costs one forward pass and
 concurrent requests are grouped while the previous pass runs. A positive delay trades a little
 latency for larger batches. Requests over ``max_queue`` queued images are refused at once.
+Each model has its own batcher, so one forward pass never mixes two models' inputs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from serve.errors import Overloaded
+from serve.errors import NotReady, Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class Batcher:
         self._queued_images = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._busy = False  # a forward pass is running
+        self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -61,8 +64,17 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    async def drain(self) -> None:
+        """Refuse new work, finish what is queued or running, then stop."""
+        self._closed = True
+        while self._queue or self._busy:
+            await asyncio.sleep(0.005)
+        await self.stop()
+
     async def submit(self, inputs: torch.Tensor) -> tuple[np.ndarray, Timing]:
         """Logits for ``inputs`` (one request's images), computed in some batch."""
+        if self._closed:
+            raise NotReady("the model is being unloaded", headers={"Retry-After": "1"})
         if self._queued_images + len(inputs) > self._max_queue:
             raise Overloaded("too many images are waiting for the model; retry shortly", headers={"Retry-After": "1"})
         job = _Job(inputs, asyncio.get_running_loop().create_future())
@@ -100,6 +112,7 @@ class Batcher:
                 job.started_at = started
             batch = jobs[0].inputs if len(jobs) == 1 else torch.cat([job.inputs for job in jobs])
             self._on_batch(len(batch))
+            self._busy = True
             try:
                 logits = await loop.run_in_executor(self._executor, self._infer, batch)
             except Exception as exc:
@@ -108,6 +121,8 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            finally:
+                self._busy = False
             offset = 0
             for job in jobs:
                 if not job.future.done():

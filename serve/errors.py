@@ -77,3 +77,22 @@ class Overloaded(ServingError):
 class Timeout(ServingError):
     status = HTTPStatus.GATEWAY_TIMEOUT
     code = "timeout"
+
+
+class InvalidModel(BadRequest):
+    code = "invalid_model"
+
+
+class ModelNotFound(ServingError):
+    status = HTTPStatus.NOT_FOUND
+    code = "model_not_found"
+
+
+class ModelAlreadyLoaded(ServingError):
+    status = HTTPStatus.CONFLICT
+    code = "model_already_loaded"
+
+
+class InsufficientMemory(ServingError):
+    status = HTTPStatus.INSUFFICIENT_STORAGE  # 507: what SageMaker's multi-model API expects
+    code = "insufficient_memory"

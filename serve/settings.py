@@ -3,7 +3,8 @@
 SageMaker's own variables are honoured where they exist (``SAGEMAKER_BIND_TO_PORT``,
 ``SAGEMAKER_MODEL_SERVER_WORKERS``, ``SAGEMAKER_MODEL_SERVER_TIMEOUT``, ``SAGEMAKER_BATCH``,
 ``SAGEMAKER_MAX_PAYLOAD_IN_MB``, ``SAGEMAKER_BATCH_STRATEGY``,
-``SAGEMAKER_MAX_CONCURRENT_TRANSFORMS``); everything else is ``CLASSIFIER_*``.
+``SAGEMAKER_MAX_CONCURRENT_TRANSFORMS``, and ``SAGEMAKER_MULTI_MODEL`` as AWS's toolkits read it);
+everything else is ``CLASSIFIER_*``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _megabytes(value: float | None) -> int | None:
+    return None if value is None else int(value * MEGABYTE)
+
+
 def _buckets(text: str) -> frozenset[str]:
     return frozenset(name.strip() for name in text.split(",") if name.strip())
 
@@ -78,6 +83,12 @@ class Settings:
     max_concurrent_transforms: int = 1
     s3_buckets: frozenset[str] = field(default_factory=frozenset)
     demo: bool = True  # GET / serves a small page to try the model in a browser
+    access_log: bool = True  # one log line per request other than /ping
+    # Multi-model mode: models are loaded by name through POST /models (SageMaker's MME API).
+    multi_model: bool = False
+    model_memory_budget_bytes: int | None = None  # for all loaded models together; None: free memory decides
+    memory_reserve_bytes: int = 256 * MEGABYTE  # left free for requests when loading a model
+    evict_models: bool = True  # unload least recently used models to make room (else answer 507)
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -94,7 +105,10 @@ class Settings:
 
         base_dir = Path(environ.get("SAGEMAKER_BASE_DIR") or "/opt/ml")
         cores = os.cpu_count() or 1
-        workers = get("SAGEMAKER_MODEL_SERVER_WORKERS", _positive_int, 1)
+        multi_model = get("CLASSIFIER_MULTI_MODEL", parse_bool, get("SAGEMAKER_MULTI_MODEL", parse_bool, False))
+        # Models loaded through POST /models live in one process: worker processes would each
+        # hold a different set, so multi-model mode always runs one.
+        workers = 1 if multi_model else get("SAGEMAKER_MODEL_SERVER_WORKERS", _positive_int, 1)
         batch = get("SAGEMAKER_BATCH", parse_bool, False)
         payload_mb = get("SAGEMAKER_MAX_PAYLOAD_IN_MB", _positive_float, 6.0)
         timeout = get("SAGEMAKER_MODEL_SERVER_TIMEOUT", _positive_float, BATCH_TIMEOUT_S if batch else REALTIME_TIMEOUT_S)
@@ -126,6 +140,11 @@ class Settings:
             max_concurrent_transforms=get("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", _positive_int, workers),
             s3_buckets=get("CLASSIFIER_S3_BUCKETS", _buckets, frozenset()),
             demo=get("CLASSIFIER_DEMO", parse_bool, cls.demo),
+            access_log=get("CLASSIFIER_ACCESS_LOG", parse_bool, cls.access_log),
+            multi_model=multi_model,
+            model_memory_budget_bytes=_megabytes(get("CLASSIFIER_MODEL_MEMORY_MB", _positive_float, None)),
+            memory_reserve_bytes=int(get("CLASSIFIER_MEMORY_RESERVE_MB", _non_negative_float, 256.0) * MEGABYTE),
+            evict_models=get("CLASSIFIER_EVICT_MODELS", parse_bool, cls.evict_models),
             log_level=(environ.get("LOG_LEVEL") or cls.log_level).upper(),
             log_json=get("LOG_FORMAT", lambda v: v.lower() == "json", cls.log_json),
         )

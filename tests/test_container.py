@@ -15,6 +15,7 @@ import pytest
 
 from classifier import artifact
 
+from artifacts import constant_artifact
 from containers import VARIANTS, classify, docker, image_for, serving, wait_for_ping, write_training_config
 from imagedata import CLASSES, cat_photo_jpeg, write_image_folder
 from ports import free_port
@@ -108,6 +109,33 @@ def test_default_model_recognises_a_cat(variant: str, tmp_path: Path) -> None:
         assert predictions[0]["label"] in CAT_CLASSES, predictions
         assert len(predictions) == 5
     print(f"{variant}: first /ping 200 {served.seconds_to_ready:.1f} s after docker run")
+
+
+def test_multi_model_mode_serves_two_artifacts_side_by_side(trained, dataset: Path, tmp_path: Path) -> None:
+    """SageMaker's multi-model API: the trained shapes model and a second artifact, loaded by name."""
+    image, base, run = trained
+    assert run.returncode == 0, run.stderr[-4000:]
+    models = tmp_path / "models"
+    shutil.copytree(base / "model", models / "shapes" / "model")
+    constant_artifact(models / "pets" / "model", ("cat", "dog"), "dog")
+    with serving(image, "-e", "SAGEMAKER_MULTI_MODEL=true", "-v", f"{models}:/opt/ml/models:ro") as served:
+        for name in ("shapes", "pets"):
+            load = httpx.post(f"{served.url}/models", json={"model_name": name, "url": f"/opt/ml/models/{name}/model"},
+                              timeout=120)
+            assert load.status_code == 200, load.text
+        circle = next((dataset / "heldout" / "circle").iterdir()).read_bytes()
+        for name, expected in (("shapes", set(CLASSES)), ("pets", {"dog"})):
+            answer = httpx.post(f"{served.url}/models/{name}/invoke", content=circle,
+                                headers={"Content-Type": "image/png", "X-Amzn-SageMaker-Target-Model": f"{name}.tar.gz"},
+                                timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["predictions"][0]["label"] in expected
+        assert httpx.delete(f"{served.url}/models/pets", timeout=60).status_code == 200
+        assert httpx.post(f"{served.url}/models/pets/invoke", content=circle, headers={"Content-Type": "image/png"},
+                          timeout=60).status_code == 404
+        assert [m["modelName"] for m in httpx.get(f"{served.url}/models", timeout=10).json()["models"]] == ["shapes"]
+    labels = json.loads(docker("inspect", "-f", "{{json .Config.Labels}}", image).stdout)
+    assert labels["com.amazonaws.sagemaker.capabilities.multi-models"] == "true"
 
 
 def test_bind_to_port_is_honoured() -> None:

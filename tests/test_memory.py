@@ -1,0 +1,41 @@
+"""Free memory as a container sees it: the host's MemAvailable and the cgroup's limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from serve.memory import available_bytes
+
+CPU = torch.device("cpu")
+GIB = 1 << 30
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_the_smaller_of_host_and_cgroup_wins(tmp_path: Path) -> None:
+    meminfo = write(tmp_path / "meminfo", f"MemTotal: {64 * GIB // 1024} kB\nMemAvailable: {32 * GIB // 1024} kB\n")
+    limit, usage = write(tmp_path / "max", str(4 * GIB)), write(tmp_path / "current", str(GIB))
+    assert available_bytes(CPU, meminfo=meminfo, cgroups=((limit, usage),)) == 3 * GIB
+    roomy = write(tmp_path / "big", str(100 * GIB))
+    assert available_bytes(CPU, meminfo=meminfo, cgroups=((roomy, usage),)) == 32 * GIB
+
+
+def test_no_limit_and_missing_files_fall_back_to_the_host(tmp_path: Path) -> None:
+    meminfo = write(tmp_path / "meminfo", f"MemAvailable: {GIB // 1024} kB\n")
+    unlimited_v2 = write(tmp_path / "max", "max")
+    unlimited_v1 = write(tmp_path / "limit", str((1 << 63) - 4096))
+    usage = write(tmp_path / "usage", "123")
+    missing = tmp_path / "missing"
+    cgroups = ((unlimited_v2, usage), (unlimited_v1, usage), (missing, missing))
+    assert available_bytes(CPU, meminfo=meminfo, cgroups=cgroups) == GIB
+    assert available_bytes(CPU, meminfo=missing, cgroups=((missing, missing),)) is None
+
+
+def test_this_machine_reports_something() -> None:
+    free = available_bytes(CPU)
+    assert free is not None and free > 0

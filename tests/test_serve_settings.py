@@ -1,0 +1,51 @@
+"""The server's settings from an environment mapping: SageMaker's variables and CLASSIFIER_*."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from serve.settings import BATCH_TIMEOUT_S, MEGABYTE, REALTIME_TIMEOUT_S, ConfigError, Settings
+
+
+def test_defaults_follow_the_sagemaker_layout() -> None:
+    settings = Settings.from_env({})
+    assert settings.port == 8080 and settings.workers == 1
+    assert settings.model_dir == Path("/opt/ml/model")
+    assert settings.max_body_bytes == 6 * MEGABYTE
+    assert settings.request_timeout_s == REALTIME_TIMEOUT_S
+    assert settings.threads_per_worker == (os.cpu_count() or 1)
+    assert not settings.multi_model and settings.model_memory_budget_bytes is None and settings.evict_models
+
+
+def test_sagemaker_variables_are_honoured() -> None:
+    settings = Settings.from_env({
+        "SAGEMAKER_BIND_TO_PORT": "9090", "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "SAGEMAKER_BATCH": "true",
+        "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20", "SAGEMAKER_BATCH_STRATEGY": "single_record", "SM_MODEL_DIR": "/models/a",
+    })
+    assert (settings.port, settings.workers, settings.batch_transform) == (9090, 2, True)
+    assert settings.max_body_bytes == 20 * MEGABYTE and settings.batch_strategy == "SINGLE_RECORD"
+    assert settings.request_timeout_s == BATCH_TIMEOUT_S and settings.model_dir == Path("/models/a")
+    assert settings.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
+    assert settings.max_concurrent_transforms == 2
+
+
+@pytest.mark.parametrize("key", ["SAGEMAKER_MULTI_MODEL", "CLASSIFIER_MULTI_MODEL"])
+def test_multi_model_mode_runs_one_process_with_its_memory_policy(key: str) -> None:
+    settings = Settings.from_env({key: "true", "SAGEMAKER_MODEL_SERVER_WORKERS": "4",
+                                  "CLASSIFIER_MODEL_MEMORY_MB": "1024", "CLASSIFIER_MEMORY_RESERVE_MB": "0",
+                                  "CLASSIFIER_EVICT_MODELS": "false"})
+    assert settings.multi_model and settings.workers == 1
+    assert settings.model_memory_budget_bytes == 1024 * MEGABYTE and settings.memory_reserve_bytes == 0
+    assert not settings.evict_models
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("SAGEMAKER_MODEL_SERVER_WORKERS", "0"), ("SAGEMAKER_BATCH_STRATEGY", "ALL"), ("CLASSIFIER_MAX_BATCH_SIZE", "x"),
+    ("CLASSIFIER_MODEL_MEMORY_MB", "-5"), ("CLASSIFIER_MULTI_MODEL", "maybe"), ("CLASSIFIER_ACCESS_LOG", "loud"),
+])
+def test_bad_values_name_the_variable(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Settings.from_env({key: value})

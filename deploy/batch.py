@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sagemaker.model import Model
 
-from deploy.hosting import GENERIC_IMAGE
+from deploy.predict import GENERIC_IMAGE
 
 
 def transform(model: Model, *, data: str, output_path: str, instance_type: str, instance_count: int = 1,

@@ -40,6 +40,7 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from deploy import batch, check, hosting, sdk, training
+from deploy.predict import find_images
 
 ROLE_ENV = "SAGEMAKER_ROLE"
 DEFAULT_TRAINING_INSTANCE = "ml.g5.xlarge"
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     transform.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True)
 
     predict = commands.add_parser("predict", parents=[_common(local=True)], help="classify local images",
-                                  description="Send image files to an endpoint and print the top label of each.")
+                                  description="Send image files to an endpoint and print the top label of each "
+                                              "(classifier-predict does more: top-k, CSV/JSON, concurrency).")
     predict.add_argument("--endpoint-name", required=True, help="with --local any name reaches the local endpoint")
     predict.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or globs")
 
@@ -348,7 +350,7 @@ def cmd_transform(args: argparse.Namespace, session: Any, environ: Mapping[str, 
 
 def cmd_predict(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
     try:
-        paths = hosting.find_images(args.paths)
+        paths = find_images(args.paths)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
     predictions = hosting.predict(hosting.predictor(args.endpoint_name, session), paths)

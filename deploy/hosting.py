@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,17 +19,14 @@ from sagemaker.serializers import IdentitySerializer
 from sagemaker.serverless import ServerlessInferenceConfig
 from sagemaker.session import Session
 
+from deploy.predict import GENERIC_IMAGE, content_type
+from deploy.predict import find_images as find_images  # still importable from here, where it lived
 from deploy.sdk import is_local
 
 logger = logging.getLogger(__name__)
 
 VARIANT = "AllTraffic"  # the SDK's name for a model's only production variant
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
-CONTENT_TYPES = {
-    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-    ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
-}
-GENERIC_IMAGE = "application/x-image"
 
 
 @dataclass(frozen=True)
@@ -207,27 +203,6 @@ class Prediction:
     label: str | None = None
     probability: float | None = None
     error: str | None = None
-
-
-def find_images(patterns: Iterable[str]) -> list[Path]:
-    """Files named directly, image files under folders (recursively), and glob matches, in order."""
-    found: dict[Path, None] = {}
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CONTENT_TYPES)
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = sorted(Path(match) for match in glob.glob(pattern, recursive=True) if Path(match).is_file())
-        if not matches:
-            raise FileNotFoundError(f"no image files match {pattern!r}")
-        found.update(dict.fromkeys(matches))
-    return list(found)
-
-
-def content_type(path: Path) -> str:
-    return CONTENT_TYPES.get(path.suffix.lower(), GENERIC_IMAGE)
 
 
 def predictor(endpoint_name: str, session: Session) -> Predictor:

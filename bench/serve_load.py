@@ -20,7 +20,9 @@ Then, round after round, it measures each system in turn (the order reversed eve
 so slow drift on a shared machine hits all alike): a closed-loop load of 1 and of 8 concurrent
 clients sending real photos (four scikit-image photos, JPEG quality 90, 300 to 640 pixels a
 side), or the raw pipeline running flat out. Throughput is the median over rounds; latency
-percentiles pool every round's requests. Everything runs on this machine over 127.0.0.1.
+percentiles pool every round's requests. Everything runs on this machine: TorchServe on
+127.0.0.1, our containers on their own bridge-network address (as SageMaker reaches them; the
+published 127.0.0.1 port is the fallback).
 
 Writes bench/results/serve_load.json (every run, the machine, the versions) and
 bench/results/serve_load.png, and prints a markdown table, the ratios against the targets and
@@ -213,6 +215,23 @@ class RawTarget:
     system: str = "raw"
 
 
+def direct_url(container: str, port: int = 8080) -> str | None:
+    """The container's own address on Docker's bridge network, if this host can reach it.
+
+    SageMaker's front end talks to the container directly, and TorchServe here runs natively, so
+    our server is measured the same way rather than through Docker's userland port proxy (which
+    copies every byte through one more process)."""
+    address = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container,
+                     check=False).stdout.strip()
+    if not address:
+        return None
+    url = f"http://{address}:{port}"
+    try:
+        return url if httpx.get(f"{url}/ping", timeout=2).status_code == 200 else None
+    except httpx.TransportError:
+        return None
+
+
 def start_systems(stack: contextlib.ExitStack, prepared: Prepared, plan: Plan, image: str, scratch: Path,
                   torchserve_python: Path, bodies: list[bytes]) -> list[HttpTarget | RawTarget]:
     """Start every configuration of every system for one model, and wait until all are ready."""
@@ -231,10 +250,12 @@ def start_systems(stack: contextlib.ExitStack, prepared: Prepared, plan: Plan, i
     for label, env in plan.ours.items():
         options = [argument for key, value in env.items() for argument in ("-e", f"{key}={value}")]
         served = stack.enter_context(serving(image, *options, *mount))
-        targets.append(HttpTarget("ours", label, f"{served.url}/invocations",
+        url = direct_url(served.container) or served.url
+        targets.append(HttpTarget("ours", label, f"{url}/invocations",
                                   {"env": env, "container": served.container[:12],
                                    "seconds_to_ready": round(served.seconds_to_ready, 1),
-                                   "ping_url": f"{served.url}/ping"}))
+                                   "reached_at": "container address" if url != served.url else "published port",
+                                   "ping_url": f"{url}/ping"}))
     for instance in instances:
         instance.wait_ready()
         targets.append(HttpTarget("torchserve", instance.config.label, instance.url,

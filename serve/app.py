@@ -244,7 +244,8 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
             return Response(payload, media_type=response_type, headers={"Server-Timing": server_timing})
 
         try:
-            return await asyncio.wait_for(answer(), timeout=settings.request_timeout_s)
+            async with asyncio.timeout(settings.request_timeout_s):
+                return await answer()
         except TimeoutError:
             raise Timeout(f"the request did not finish within {settings.request_timeout_s:g} s") from None
 

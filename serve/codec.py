@@ -250,11 +250,17 @@ def top_k(logits: np.ndarray, class_names: Sequence[str], k: int) -> list[list[P
     probabilities = np.exp(shifted)
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     k = min(k, logits.shape[1])
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return [
-        [Prediction(class_names[i], int(i), round(float(row[i]), 6)) for i in ranked]
-        for row, ranked in zip(probabilities, order)
-    ]
+    if k < logits.shape[1]:
+        # Only the k best need sorting: select them first (O(classes)), then order those.
+        candidates = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
+    else:
+        candidates = np.broadcast_to(np.arange(k), (len(logits), k))
+    ranked = []
+    for row, chosen in zip(probabilities, candidates):
+        # Highest probability first; equal ones by class index, as a stable sort would order them.
+        order = sorted(chosen.tolist(), key=lambda i: (-row[i], i))
+        ranked.append([Prediction(class_names[i], i, round(float(row[i]), 6)) for i in order])
+    return ranked
 
 
 def encode(logits: np.ndarray, class_names: Sequence[str], *, inputs: Inputs, options: Options,

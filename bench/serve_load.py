@@ -70,7 +70,7 @@ from classifier.artifact import Manifest, Preprocessing  # noqa: E402
 from classifier.models import create_model  # noqa: E402
 from classifier.pretrained import default_model, imagenet_categories  # noqa: E402
 
-from containers import docker, serving  # noqa: E402
+from containers import direct_url, docker, serving  # noqa: E402
 from imagedata import encode  # noqa: E402
 
 RESULTS = BENCH / "results"
@@ -213,23 +213,6 @@ class RawTarget:
     config: RawConfig
     pool: RawPool
     system: str = "raw"
-
-
-def direct_url(container: str, port: int = 8080) -> str | None:
-    """The container's own address on Docker's bridge network, if this host can reach it.
-
-    SageMaker's front end talks to the container directly, and TorchServe here runs natively, so
-    our server is measured the same way rather than through Docker's userland port proxy (which
-    copies every byte through one more process)."""
-    address = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container,
-                     check=False).stdout.strip()
-    if not address:
-        return None
-    url = f"http://{address}:{port}"
-    try:
-        return url if httpx.get(f"{url}/ping", timeout=2).status_code == 200 else None
-    except httpx.TransportError:
-        return None
 
 
 def start_systems(stack: contextlib.ExitStack, prepared: Prepared, plan: Plan, image: str, scratch: Path,

@@ -95,3 +95,20 @@ def classify(url: str, body: bytes, content_type: str = "image/png") -> list[dic
     response = httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": content_type}, timeout=60)
     assert response.status_code == 200, response.text
     return response.json()["predictions"]
+
+
+def direct_url(container: str, port: int = 8080) -> str | None:
+    """The container's own address on Docker's bridge network, if this host can reach it.
+
+    SageMaker's front end talks to the container directly, and TorchServe here runs natively, so
+    our server is measured the same way rather than through Docker's userland port proxy (which
+    copies every byte through one more process)."""
+    address = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container,
+                     check=False).stdout.strip()
+    if not address:
+        return None
+    url = f"http://{address}:{port}"
+    try:
+        return url if httpx.get(f"{url}/ping", timeout=2).status_code == 200 else None
+    except httpx.TransportError:
+        return None

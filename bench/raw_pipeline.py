@@ -1,7 +1,8 @@
 """The raw pipeline: the server's own decode, preprocessing and model, in plain processes, no HTTP.
 
 Every image goes through exactly what ``/invocations`` does with it, minus the web layer:
-``serve.codec.decode_image`` (the server's decoder: full-size PIL decode, EXIF transpose, RGB),
+``serve.codec.decode_image`` (the server's decoder: reduced-scale JPEG decode down to the resize
+size, as the server does by default, EXIF transpose, RGB),
 ``Predictor.preprocess`` (the manifest's resize, crop and normalisation), ``Predictor.infer`` on a
 stacked batch and ``codec.top_k``. A :class:`RawPool` keeps ``processes`` worker processes with the
 model loaded and ``threads`` torch threads each (set before loading, as the server does), so one pool
@@ -45,7 +46,7 @@ def classify(predictor: Any, bodies: Sequence[bytes]) -> dict[str, float]:
     from serve import codec
 
     started = time.perf_counter()
-    images = [codec.decode_image(body, max_pixels=MAX_PIXELS) for body in bodies]
+    images = [codec.decode_image(body, max_pixels=MAX_PIXELS, min_side=predictor.resize_size) for body in bodies]
     decoded = time.perf_counter()
     batch = torch.stack([predictor.preprocess(image) for image in images])
     preprocessed = time.perf_counter()

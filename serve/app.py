@@ -213,7 +213,8 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
 
     def prepare(predictor: Predictor, body: bytes, content_type: str | None) -> tuple[torch.Tensor, codec.Inputs]:
         inputs = codec.decode(body, content_type, max_pixels=settings.max_image_pixels,
-                              max_instances=settings.max_instances, fetch_s3=fetch_s3)
+                              max_instances=settings.max_instances, fetch_s3=fetch_s3,
+                              min_side=predictor.resize_size if settings.fast_decode else None)
         if inputs.tensor is not None:
             if tuple(inputs.tensor.shape[1:]) != predictor.input_shape:
                 raise InvalidTensor(f"expected images of shape {predictor.input_shape}, got {inputs.tensor.shape[1:]}")

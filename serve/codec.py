@@ -22,6 +22,7 @@ import binascii
 import csv
 import io
 import json
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,8 +109,13 @@ class Inputs:
         return len(self.images) if self.tensor is None else len(self.tensor)
 
 
-def decode_image(body: bytes, *, max_pixels: int) -> Image.Image:
-    """Decode one image into an upright RGB image; refuse oversized ones before decoding."""
+def decode_image(body: bytes, *, max_pixels: int, min_side: int | None = None) -> Image.Image:
+    """Decode one image into an upright RGB image; refuse oversized ones before decoding.
+
+    With ``min_side`` (the model's resize size), a JPEG much larger than needed is decoded at a
+    reduced scale straight from its DCT coefficients (1/2, 1/4 or 1/8), never below ``min_side``
+    on its short side: a 12-megapixel photo decodes several times faster, and the resize that
+    follows sees nearly the same pixels."""
     if not body:
         raise InvalidImage("the image is empty")
     try:
@@ -119,6 +125,9 @@ def decode_image(body: bytes, *, max_pixels: int) -> Image.Image:
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidImage(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+            if min_side and image.format == "JPEG" and min(width, height) >= 2 * min_side:
+                scale = min_side / min(width, height)
+                image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -153,7 +162,7 @@ def _instance_bytes(instance: Any, position: int, fetch_s3: Callable[[str], byte
 
 
 def _decode_instances(instances: Sequence[Any], *, max_pixels: int, max_instances: int,
-                      fetch_s3: Callable[[str], bytes] | None) -> tuple[Image.Image, ...]:
+                      fetch_s3: Callable[[str], bytes] | None, min_side: int | None) -> tuple[Image.Image, ...]:
     if not instances:
         raise BadRequest("the request holds no instances")
     if len(instances) > max_instances:
@@ -161,7 +170,8 @@ def _decode_instances(instances: Sequence[Any], *, max_pixels: int, max_instance
     images = []
     for position, instance in enumerate(instances):
         try:
-            images.append(decode_image(_instance_bytes(instance, position, fetch_s3), max_pixels=max_pixels))
+            images.append(decode_image(_instance_bytes(instance, position, fetch_s3), max_pixels=max_pixels,
+                                       min_side=min_side))
         except InvalidImage as exc:
             raise InvalidImage(f"instance {position}: {exc.message}") from None
     return tuple(images)
@@ -184,11 +194,11 @@ def _decode_tensor(body: bytes, max_instances: int) -> np.ndarray:
 
 
 def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instances: int,
-           fetch_s3: Callable[[str], bytes] | None = None) -> Inputs:
-    """Decode a request body of any supported type."""
+           fetch_s3: Callable[[str], bytes] | None = None, min_side: int | None = None) -> Inputs:
+    """Decode a request body of any supported type (``min_side``: see :func:`decode_image`)."""
     kind = media_type(content_type) or "application/x-image"
     if kind in IMAGE_TYPES:
-        return Inputs(images=(decode_image(body, max_pixels=max_pixels),))
+        return Inputs(images=(decode_image(body, max_pixels=max_pixels, min_side=min_side),))
     if kind == NPY:
         return Inputs(tensor=_decode_tensor(body, max_instances), single=False)
     if kind == JSON:
@@ -200,9 +210,10 @@ def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instan
             if not isinstance(document["instances"], list):
                 raise BadRequest('"instances" must be a list')
             images = _decode_instances(document["instances"], max_pixels=max_pixels,
-                                       max_instances=max_instances, fetch_s3=fetch_s3)
+                                       max_instances=max_instances, fetch_s3=fetch_s3, min_side=min_side)
             return Inputs(images=images, single=False)
-        return Inputs(images=_decode_instances([document], max_pixels=max_pixels, max_instances=1, fetch_s3=fetch_s3))
+        return Inputs(images=_decode_instances([document], max_pixels=max_pixels, max_instances=1, fetch_s3=fetch_s3,
+                                               min_side=min_side))
     if kind in JSON_LINES_ALIASES:
         records = []
         for number, line in enumerate(body.splitlines(), start=1):
@@ -211,7 +222,8 @@ def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instan
                     records.append(json.loads(line))
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise InvalidJson(f"line {number} is not valid JSON: {exc}") from None
-        images = _decode_instances(records, max_pixels=max_pixels, max_instances=max_instances, fetch_s3=fetch_s3)
+        images = _decode_instances(records, max_pixels=max_pixels, max_instances=max_instances, fetch_s3=fetch_s3,
+                                   min_side=min_side)
         return Inputs(images=images, single=False, lines=True)
     raise UnsupportedMediaType(
         f"content type {kind!r} is not supported; send one of: {', '.join(sorted(REQUEST_TYPES))}"

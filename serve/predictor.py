@@ -44,6 +44,7 @@ class Predictor:
         self.preprocessing = manifest.preprocessing.eval_preset()
         crop = manifest.preprocessing.crop_size
         self.input_shape = (3, crop, crop)
+        self.resize_size = manifest.preprocessing.resize_size  # the short side preprocessing resizes to
 
     @classmethod
     def load(cls, model_dir: Path, *, allow_default: bool, device: str = "auto", half: bool | None = None) -> Predictor:

@@ -71,6 +71,7 @@ class Settings:
     top_k: int = 5
     max_body_bytes: int = 6 * MEGABYTE
     max_image_pixels: int = 40_000_000
+    fast_decode: bool = True  # decode large JPEGs at a reduced scale (never below the model's resize size)
     max_batch_size: int = 16  # images per forward pass
     max_batch_delay_ms: float = 0.0  # extra wait for more requests; 0 = batch what is queued
     max_instances: int = 64  # images in one request
@@ -128,6 +129,7 @@ class Settings:
             top_k=get("CLASSIFIER_TOP_K", _positive_int, cls.top_k),
             max_body_bytes=int(get("CLASSIFIER_MAX_BODY_MB", _positive_float, payload_mb) * MEGABYTE),
             max_image_pixels=get("CLASSIFIER_MAX_IMAGE_PIXELS", _positive_int, cls.max_image_pixels),
+            fast_decode=get("CLASSIFIER_FAST_DECODE", parse_bool, cls.fast_decode),
             max_batch_size=get("CLASSIFIER_MAX_BATCH_SIZE", _positive_int, cls.max_batch_size),
             max_batch_delay_ms=get("CLASSIFIER_MAX_BATCH_DELAY_MS", _non_negative_float, cls.max_batch_delay_ms),
             max_instances=get("CLASSIFIER_MAX_INSTANCES", _positive_int, cls.max_instances),

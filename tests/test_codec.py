@@ -79,6 +79,32 @@ def test_exif_orientation_is_applied() -> None:
     assert decode_image(body, max_pixels=LIMIT).size == (20, 40)
 
 
+def gradient(width: int, height: int) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    return Image.fromarray(np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
+                                           np.full((height, width, 1), 128, np.float32)], axis=2).astype(np.uint8))
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_never_below_the_resize() -> None:
+    big = gradient(2400, 1600)
+    body = encode(big, "JPEG", quality=90)
+    reduced = decode_image(body, max_pixels=LIMIT, min_side=256)
+    assert reduced.size == (600, 400)  # 1/4 scale (1/8 would be 200 px, below 256)
+    assert decode_image(body, max_pixels=LIMIT).size == (2400, 1600)
+    # The same picture: resized to the model's input both ways, the pixels barely differ.
+    a = np.asarray(big.resize((384, 256), Image.BILINEAR, reducing_gap=None), dtype=np.float32)
+    b = np.asarray(reduced.resize((384, 256), Image.BILINEAR), dtype=np.float32)
+    assert np.abs(a - b).mean() < 3.0
+    # Small JPEGs and other formats are decoded as they are; EXIF orientation still applies.
+    assert decode_image(encode(gradient(400, 300), "JPEG"), max_pixels=LIMIT, min_side=256).size == (400, 300)
+    assert decode_image(encode(big, "PNG"), max_pixels=LIMIT, min_side=256).size == (2400, 1600)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert decode_image(encode(big, "JPEG", exif=exif), max_pixels=LIMIT, min_side=256).size == (400, 600)
+    assert decoded(body, "image/jpeg", min_side=256).images[0].size == (600, 400)
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [

@@ -33,7 +33,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve import codec
 from serve.batching import Batcher
-from serve.errors import BadRequest, InvalidTensor, NotReady, PayloadTooLarge, ServingError, Timeout
+from serve.errors import (
+    BadRequest,
+    InvalidTensor,
+    ModelNotFound,
+    NotReady,
+    PayloadTooLarge,
+    ServingError,
+    Timeout,
+)
 from serve.multi_model import TARGET_MODEL_HEADER, models_router
 from serve.observe import Metrics, Observe
 from serve.predictor import select_device
@@ -125,15 +133,16 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     fetch_s3 = S3Fetcher(settings.s3_buckets) if settings.s3_buckets else None
     single: list[Served] = []  # the one model, once loaded (single-model mode)
 
-    def make_batcher(predictor: Predictor) -> Batcher:
+    def make_batcher(predictor: Predictor, name: str | None = None) -> Batcher:
+        options = {"closed_error": lambda: ModelNotFound(f"model {name!r} is not loaded")} if name else {}
         return Batcher(predictor.infer, inference_pool, max_batch_size=settings.max_batch_size,
                        max_delay_s=settings.max_batch_delay_ms / 1000, max_queue=settings.max_queue,
-                       on_batch=metrics.batch_size.observe)
+                       on_batch=metrics.batch_size.observe, **options)
 
     registry = ModelRegistry(
-        load=load_model, make_batcher=make_batcher, device=select_device(settings.device),
+        load=load_model, make_batcher=make_batcher, executor=inference_pool, device=select_device(settings.device),
         budget_bytes=settings.model_memory_budget_bytes, reserve_bytes=settings.memory_reserve_bytes,
-        evict=settings.evict_models,
+        evict=settings.evict_models, drain_timeout_s=settings.request_timeout_s,
     ) if load_model is not None else None
 
     def load_single() -> None:
@@ -181,7 +190,10 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(ServingError().body(), status_code=500)
+        # Answered outside the Observe middleware: add its request id here.
+        request_id = getattr(request.state, "request_id", None)
+        return JSONResponse(ServingError().body(), status_code=500,
+                            headers={"X-Request-Id": request_id} if request_id else None)
 
     if settings.demo:
         demo_page = DEMO_PAGE.read_text()

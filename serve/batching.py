@@ -42,13 +42,16 @@ class Timing:
 
 class Batcher:
     def __init__(self, infer: Callable[[torch.Tensor], np.ndarray], executor: Executor, *, max_batch_size: int,
-                 max_delay_s: float, max_queue: int, on_batch: Callable[[int], None] = lambda size: None) -> None:
+                 max_delay_s: float, max_queue: int, on_batch: Callable[[int], None] = lambda size: None,
+                 closed_error: Callable[[], Exception] = lambda: NotReady("the model is being unloaded",
+                                                                           headers={"Retry-After": "1"})) -> None:
         self._infer = infer
         self._executor = executor
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
         self._max_queue = max_queue
         self._on_batch = on_batch
+        self._closed_error = closed_error  # what a request gets once the model is going away
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
@@ -60,21 +63,32 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def stop(self) -> None:
+        """Stop at once: requests still queued get the closed error instead of waiting for nothing."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(self._closed_error())
+        self._queued_images = 0
 
-    async def drain(self) -> None:
-        """Refuse new work, finish what is queued or running, then stop."""
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new work, finish what is queued or running (for up to ``timeout_s``), then stop."""
         self._closed = True
-        while self._queue or self._busy:
+        deadline = time.monotonic() + timeout_s
+        while (self._queue or self._busy) and self._task is not None and not self._task.done():
+            if time.monotonic() > deadline:
+                logger.warning("gave up waiting for %d queued images after %g s", self._queued_images, timeout_s)
+                break
             await asyncio.sleep(0.005)
         await self.stop()
 
     async def submit(self, inputs: torch.Tensor) -> tuple[np.ndarray, Timing]:
         """Logits for ``inputs`` (one request's images), computed in some batch."""
         if self._closed:
-            raise NotReady("the model is being unloaded", headers={"Retry-After": "1"})
+            raise self._closed_error()
         if self._queued_images + len(inputs) > self._max_queue:
             raise Overloaded("too many images are waiting for the model; retry shortly", headers={"Retry-After": "1"})
         job = _Job(inputs, asyncio.get_running_loop().create_future())

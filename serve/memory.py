@@ -2,8 +2,10 @@
 
 A container on SageMaker sees the host's ``/proc/meminfo`` but may be held to less by its cgroup,
 so free memory is the smaller of the two: ``MemAvailable``, and the cgroup's limit minus its
-usage (cgroup v2 ``memory.max``/``memory.current`` or v1 ``memory.limit_in_bytes``/``usage``).
-On a GPU device it is the device's free memory.
+usage (cgroup v2 ``memory.max``/``memory.current`` or v1 ``memory.limit_in_bytes``/``usage``),
+where usage leaves out inactive file cache, which the kernel reclaims before it would run out
+(as ``docker stats`` counts it). On a GPU it is the device's free memory plus what PyTorch's
+allocator holds cached but unused.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CGROUP_V2 = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current"))
-CGROUP_V1 = (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+# (limit, usage, statistics, the reclaimable cache's name in the statistics)
+CGROUP_V2 = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current"),
+             Path("/sys/fs/cgroup/memory.stat"), "inactive_file")
+CGROUP_V1 = (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+             Path("/sys/fs/cgroup/memory/memory.stat"), "total_inactive_file")
+Cgroup = tuple[Path, Path, Path, str]
 # cgroup v1 reports "no limit" as a huge number near 2**63.
 NO_LIMIT = 1 << 60
 
@@ -37,20 +43,32 @@ def _meminfo_available(meminfo: Path) -> int | None:
     return None
 
 
-def _cgroup_available(limit_file: Path, usage_file: Path) -> int | None:
+def _statistic(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _cgroup_available(cgroup: Cgroup) -> int | None:
+    limit_file, usage_file, stat_file, reclaimable = cgroup
     limit, usage = _read_int(limit_file), _read_int(usage_file)
     if limit is None or usage is None or limit >= NO_LIMIT:
         return None
-    return max(0, limit - usage)
+    return max(0, limit - max(0, usage - _statistic(stat_file, reclaimable)))
 
 
 def available_bytes(device: torch.device, *, meminfo: Path = Path("/proc/meminfo"),
-                    cgroups: tuple[tuple[Path, Path], ...] = (CGROUP_V2, CGROUP_V1)) -> int | None:
+                    cgroups: tuple[Cgroup, ...] = (CGROUP_V2, CGROUP_V1)) -> int | None:
     """Bytes that can still be allocated on ``device``; None when nothing can be measured."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return free
-    measured = [_meminfo_available(meminfo), *(_cgroup_available(*files) for files in cgroups)]
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    measured = [_meminfo_available(meminfo), *(_cgroup_available(cgroup) for cgroup in cgroups)]
     known = [value for value in measured if value is not None]
     return min(known) if known else None
 

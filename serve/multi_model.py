@@ -41,6 +41,8 @@ def _load_request(body: bytes) -> tuple[str, str]:
     name, url = document.get("model_name"), document.get("url")
     if not isinstance(name, str) or not name.strip():
         raise BadRequest('"model_name" must be a non-empty string')
+    if "/" in name:  # it names a path segment: /models/<name>/invoke
+        raise BadRequest(f'"model_name" {name!r} must not contain "/"')
     if not isinstance(url, str) or not url.strip():
         raise BadRequest('"url" must be the path of the folder that holds the model')
     return name, url

@@ -1,24 +1,31 @@
 """Multi-model mode: models loaded, listed and unloaded by name while the server runs.
 
 This is the state behind SageMaker's multi-model container API (``POST /models`` and friends).
-Each model gets its own :class:`~serve.batching.Batcher`; all of them share one inference thread,
-so models take turns on the cores instead of fighting over them.
+Each model gets its own :class:`~serve.batching.Batcher`; all of them share one inference thread
+(warm-up included), so models take turns on the cores instead of fighting over them.
 
 Memory policy. Before a load, the model's need is estimated from its weights file; it is loaded
 only if that fits both the free memory measured right now (the container's cgroup or the host,
 or the GPU, minus a reserve) and the optional budget for all models together. When it does not
-fit, the least recently used models are unloaded one by one until it does (``evict=True``, the
-default), or the load is refused with 507 so that SageMaker unloads models itself
-(``evict=False``). A loaded model is charged what its parameters and buffers occupy.
+fit, the least recently used models are unloaded one by one until it does (``evict=True``), or
+the load is refused with 507 so that SageMaker unloads models itself (``evict=False``). A load
+that could not fit even with every other model gone is refused at once, unloading nothing. A
+loaded model is charged what its parameters and buffers occupy, and unloading one is credited
+with that much (freed memory is not always visible to the next measurement at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import bisect
 import collections
+import gc
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,16 +69,31 @@ def estimate_bytes(model_dir: Path) -> int:
     return int(weights.stat().st_size * LOAD_OVERHEAD) + LOAD_EXTRA_BYTES
 
 
+def page_token(name: str) -> str:
+    """An opaque token for "the page after ``name``": stable while models come and go."""
+    return base64.urlsafe_b64encode(name.encode()).decode()
+
+
+def after_token(token: str) -> str:
+    try:
+        return base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        raise InvalidModel(f"next_page_token {token!r} is not one this server gave") from None
+
+
 class ModelRegistry:
-    def __init__(self, *, load: Callable[[Path], Predictor], make_batcher: Callable[[Predictor], Batcher],
-                 device: torch.device, budget_bytes: int | None = None, reserve_bytes: int = 0,
-                 evict: bool = True, available: Callable[[torch.device], int | None] = memory.available_bytes) -> None:
+    def __init__(self, *, load: Callable[[Path], Predictor], make_batcher: Callable[[Predictor, str], Batcher],
+                 executor: Executor, device: torch.device, budget_bytes: int | None = None, reserve_bytes: int = 0,
+                 evict: bool = True, drain_timeout_s: float = 60.0,
+                 available: Callable[[torch.device], int | None] = memory.available_bytes) -> None:
         self._load = load
         self._make_batcher = make_batcher
+        self._executor = executor  # the inference thread: warm-ups take their turn on it
         self._device = device
         self._budget = budget_bytes
         self._reserve = reserve_bytes
         self._evict = evict
+        self._drain_timeout_s = drain_timeout_s
         self._available = available
         self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()  # oldest use first
         self._loading: set[str] = set()
@@ -97,32 +119,25 @@ class ModelRegistry:
     def page(self, token: str | None, size: int) -> tuple[list[dict[str, object]], str | None]:
         """One page of loaded models in name order, and the token of the next page (None at the end)."""
         names = sorted(self._models)
-        start = 0
-        if token:
-            if not token.isdigit() or int(token) > len(names):
-                raise InvalidModel(f"next_page_token {token!r} is not one this server gave")
-            start = int(token)
-        end = start + size
-        return [self._models[name].describe() for name in names[start:end]], (str(end) if end < len(names) else None)
+        start = bisect.bisect_right(names, after_token(token)) if token else 0
+        chosen = names[start:start + size]
+        more = start + size < len(names)
+        return [self._models[name].describe() for name in chosen], (page_token(chosen[-1]) if more else None)
 
     async def load(self, name: str, url: str) -> LoadedModel:
         if name in self._models or name in self._loading:
-            raise ModelAlreadyLoaded(f"model {name!r} is already loaded")
+            raise ModelAlreadyLoaded(f"model {name!r} is already loaded or loading")
         model_dir = Path(url)
-        if not artifact.is_artifact(model_dir):
-            raise InvalidModel(f"{url!r} holds no model artifact ({artifact.MANIFEST_FILE} and {artifact.WEIGHTS_FILE})")
+        missing = [file for file in (artifact.MANIFEST_FILE, artifact.WEIGHTS_FILE) if not (model_dir / file).is_file()]
+        if missing:
+            raise InvalidModel(f"{url!r} holds no model artifact (missing {' and '.join(missing)})")
         self._loading.add(name)
         try:
             async with self._lock:
                 await self._make_room(name, estimate_bytes(model_dir))
                 started = time.perf_counter()
-                try:
-                    predictor = await asyncio.to_thread(self._load_warm, model_dir)
-                except (artifact.ArtifactError, ValueError, KeyError, OSError) as exc:
-                    raise InvalidModel(f"model {name!r} could not be loaded from {url!r}: {exc}") from None
-                except (MemoryError, torch.OutOfMemoryError):
-                    raise InsufficientMemory(f"ran out of memory loading model {name!r}") from None
-                batcher = self._make_batcher(predictor)
+                predictor = await self._load_warm(name, model_dir)
+                batcher = self._make_batcher(predictor, name)
                 batcher.start()
                 loaded = LoadedModel(name, url, predictor, batcher, memory.model_bytes(predictor.model))
                 self._models[name] = loaded
@@ -143,35 +158,57 @@ class ModelRegistry:
             await model.batcher.stop()
         self._models.clear()
 
-    def _load_warm(self, model_dir: Path) -> Predictor:
-        predictor = self._load(model_dir)
-        predictor.warm_up()
+    async def _load_warm(self, name: str, model_dir: Path) -> Predictor:
+        try:
+            predictor = await asyncio.to_thread(self._load, model_dir)
+            await asyncio.get_running_loop().run_in_executor(self._executor, predictor.warm_up)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise InsufficientMemory(f"ran out of memory loading model {name!r}") from None
+        except Exception as exc:  # a damaged or foreign artifact: the caller's problem, named
+            logger.warning("model %r could not be loaded from %s", name, model_dir, exc_info=True)
+            raise InvalidModel(f"model {name!r} could not be loaded from {str(model_dir)!r}: "
+                               f"{type(exc).__name__}: {exc}") from None
         return predictor
 
     async def _unload(self, name: str) -> None:
         model = self._models.pop(name)  # new requests for it get 404 from here on
-        await model.batcher.drain()  # requests already queued still get their answers
+        await model.batcher.drain(self._drain_timeout_s)  # requests already queued still get their answers
+        footprint = model.footprint_bytes
+        del model
+        gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
-        logger.info("unloaded model %r (%.1f MB)", name, model.footprint_bytes / MEGABYTE)
+        logger.info("unloaded model %r (%.1f MB)", name, footprint / MEGABYTE)
 
-    def _shortfall(self, need: int) -> str | None:
-        """Why ``need`` more bytes do not fit now, or None when they do."""
-        if self._budget is not None:
-            used = sum(model.footprint_bytes for model in self._models.values())
-            if used + need > self._budget:
-                return (f"the loaded models use {used / MEGABYTE:.0f} MB of the {self._budget / MEGABYTE:.0f} MB "
-                        f"budget and this one needs about {need / MEGABYTE:.0f} MB")
-        free = self._available(self._device)
+    def _used(self) -> int:
+        return sum(model.footprint_bytes for model in self._models.values())
+
+    def _shortfall(self, need: int, free: int | None) -> str | None:
+        """Why ``need`` more bytes do not fit, or None when they do."""
+        if self._budget is not None and self._used() + need > self._budget:
+            return (f"the loaded models use {self._used() / MEGABYTE:.0f} MB of the {self._budget / MEGABYTE:.0f} MB "
+                    f"budget and this one needs about {need / MEGABYTE:.0f} MB")
         if free is not None and free - self._reserve < need:
             return (f"{free / MEGABYTE:.0f} MB is free ({self._reserve / MEGABYTE:.0f} MB kept in reserve) and this "
                     f"model needs about {need / MEGABYTE:.0f} MB")
         return None
 
     async def _make_room(self, name: str, need: int) -> None:
-        while (reason := self._shortfall(need)) is not None:
-            if not self._evict or not self._models:
-                raise InsufficientMemory(f"cannot load model {name!r}: {reason}")
+        free = self._available(self._device)  # measured once; each unload below is credited its footprint
+        reason = self._shortfall(need, free)
+        if reason is None:
+            return
+        never = (self._budget is not None and need > self._budget) or (
+            free is not None and free + self._used() - self._reserve < need)
+        if not self._evict or not self._models or never:
+            raise InsufficientMemory(f"cannot load model {name!r}: {reason}")
+        while reason is not None and self._models:
             oldest = next(iter(self._models))
             logger.info("unloading least recently used model %r to make room for %r", oldest, name)
+            freed = self._models[oldest].footprint_bytes
             await self._unload(oldest)
+            if free is not None:
+                free += freed
+            reason = self._shortfall(need, free)
+        if reason is not None:
+            raise InsufficientMemory(f"cannot load model {name!r}: {reason}")

@@ -89,7 +89,7 @@ class Settings:
     multi_model: bool = False
     model_memory_budget_bytes: int | None = None  # for all loaded models together; None: free memory decides
     memory_reserve_bytes: int = 256 * MEGABYTE  # left free for requests when loading a model
-    evict_models: bool = True  # unload least recently used models to make room (else answer 507)
+    evict_models: bool = True  # unload least recently used models to make room (else 507); off under SageMaker MME
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -106,7 +106,8 @@ class Settings:
 
         base_dir = Path(environ.get("SAGEMAKER_BASE_DIR") or "/opt/ml")
         cores = os.cpu_count() or 1
-        multi_model = get("CLASSIFIER_MULTI_MODEL", parse_bool, get("SAGEMAKER_MULTI_MODEL", parse_bool, False))
+        on_sagemaker_mme = get("SAGEMAKER_MULTI_MODEL", parse_bool, False)
+        multi_model = get("CLASSIFIER_MULTI_MODEL", parse_bool, on_sagemaker_mme)
         # Models loaded through POST /models live in one process: worker processes would each
         # hold a different set, so multi-model mode always runs one.
         workers = 1 if multi_model else get("SAGEMAKER_MODEL_SERVER_WORKERS", _positive_int, 1)
@@ -146,7 +147,9 @@ class Settings:
             multi_model=multi_model,
             model_memory_budget_bytes=_megabytes(get("CLASSIFIER_MODEL_MEMORY_MB", _positive_float, None)),
             memory_reserve_bytes=int(get("CLASSIFIER_MEMORY_RESERVE_MB", _non_negative_float, 256.0) * MEGABYTE),
-            evict_models=get("CLASSIFIER_EVICT_MODELS", parse_bool, cls.evict_models),
+            # SageMaker keeps its own list of loaded models and unloads some when a load answers
+            # 507; a model dropped behind its back would answer 404. Elsewhere, evict (LRU).
+            evict_models=get("CLASSIFIER_EVICT_MODELS", parse_bool, not on_sagemaker_mme),
             log_level=(environ.get("LOG_LEVEL") or cls.log_level).upper(),
             log_json=get("LOG_FORMAT", lambda v: v.lower() == "json", cls.log_json),
         )

@@ -133,11 +133,14 @@ def test_prediction_errors_are_500_json_without_internals(settings: Settings) ->
 
     with client_for(settings, loader) as client:
         wait_for_ping(client, 200)
-        response = client.post("/invocations", content=png(), headers={"Content-Type": "image/png"})
+        response = client.post("/invocations", content=png(), headers={"Content-Type": "image/png",
+                                                                         "X-Request-Id": "trace-500"})
         assert response.status_code == 500
         assert response.json() == {"error": {"code": "internal_error", "message": "Internal Server Error"}}
         assert "secret" not in response.text
+        assert response.headers["x-request-id"] == "trace-500"
         assert client.get("/ping").status_code == 200
+        assert 'classifier_requests_total{path="/invocations",status="500"} 1.0' in client.get("/metrics").text
 
 
 def test_unknown_headers_are_ignored(client: TestClient) -> None:

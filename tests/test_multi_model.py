@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -17,9 +19,10 @@ from PIL import Image
 
 from classifier import artifact
 from serve.app import create_app
+from serve.batching import Batcher
 from serve.memory import model_bytes
 from serve.predictor import Predictor
-from serve.registry import estimate_bytes
+from serve.registry import ModelRegistry, estimate_bytes
 from serve.settings import MEGABYTE, Settings
 
 from artifacts import constant_artifact
@@ -101,6 +104,9 @@ def test_two_models_side_by_side_give_their_own_labels(client: TestClient, model
     assert top_label(response) == "blue"
     missing = client.post("/invocations", content=png(), headers={"Content-Type": "image/png"})
     assert missing.status_code == 400 and "/models/<name>/invoke" in missing.json()["error"]["message"]
+    unknown = client.post("/invocations", content=png(),
+                          headers={"Content-Type": "image/png", "X-Amzn-SageMaker-Target-Model": "nope"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
 
     described = client.get("/models/pets").json()
     assert described["modelName"] == "pets"
@@ -136,15 +142,26 @@ def test_unload_then_invoke_is_404_and_double_load_is_409(client: TestClient, mo
     assert load(client, models_dir, "pets").status_code == 200
 
 
-def test_bad_load_requests_are_400(client: TestClient, tmp_path: Path) -> None:
+def test_bad_load_requests_are_400(client: TestClient, models_dir: Path, tmp_path: Path) -> None:
     no_artifact = client.post("/models", json={"model_name": "x", "url": str(tmp_path)})
     assert no_artifact.status_code == 400 and no_artifact.json()["error"]["code"] == "invalid_model"
+    shutil.copy(models_dir / "pets" / "model" / artifact.MANIFEST_FILE, tmp_path / artifact.MANIFEST_FILE)
+    no_weights = client.post("/models", json={"model_name": "x", "url": str(tmp_path)})
+    assert no_weights.status_code == 400 and artifact.WEIGHTS_FILE in no_weights.json()["error"]["message"]
+    (tmp_path / artifact.WEIGHTS_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    damaged = client.post("/models", json={"model_name": "x", "url": str(tmp_path)})
+    assert damaged.status_code == 400 and damaged.json()["error"]["code"] == "invalid_model"
+    assert "'x' could not be loaded" in damaged.json()["error"]["message"]
+    slash = client.post("/models", json={"model_name": "a/b", "url": str(models_dir / "pets" / "model")})
+    assert slash.status_code == 400 and "/" in slash.json()["error"]["message"]
     assert client.post("/models", content=b"{", headers={"Content-Type": "application/json"}).status_code == 400
     assert client.post("/models", json={"url": str(tmp_path)}).status_code == 400
     assert client.post("/models", json=["x"]).status_code == 400
     bad_page = client.get("/models", params={"page_size": 0})
     assert bad_page.status_code == 400 and "page_size" in bad_page.json()["error"]["message"]
-    assert client.get("/models", params={"next_page_token": "zzz"}).status_code == 400
+    for token in ("²", "%%%", "-1"):
+        assert client.get("/models", params={"next_page_token": token}).status_code == 400, token
+    assert client.get("/models").json() == {"models": []}
 
 
 def test_list_is_paginated(client: TestClient, models_dir: Path) -> None:
@@ -155,6 +172,11 @@ def test_list_is_paginated(client: TestClient, models_dir: Path) -> None:
     second = client.get("/models", params={"page_size": 2, "next_page_token": first["nextPageToken"]}).json()
     assert [m["modelName"] for m in second["models"]] == ["c"]
     assert "nextPageToken" not in second
+    # Models coming and going between pages neither skip nor repeat the ones still there.
+    assert client.delete("/models/a").status_code == 200
+    assert load(client, models_dir, "d", folder="pets").status_code == 200
+    again = client.get("/models", params={"page_size": 2, "next_page_token": first["nextPageToken"]}).json()
+    assert [m["modelName"] for m in again["models"]] == ["c", "d"]
 
 
 def test_concurrent_invokes_are_batched_per_model_never_mixed(models_dir: Path) -> None:
@@ -212,3 +234,63 @@ def test_a_model_is_charged_its_tensors(models_dir: Path) -> None:
     expected = sum(t.numel() * t.element_size() for t in [*predictor.model.parameters(), *predictor.model.buffers()])
     assert model_bytes(predictor.model) == expected
     assert (models_dir / "pets" / "model" / artifact.WEIGHTS_FILE).stat().st_size == pytest.approx(expected, rel=0.01)
+
+
+def test_a_model_larger_than_the_budget_is_refused_without_unloading_others(models_dir: Path) -> None:
+    need = estimate_bytes(models_dir / "pets" / "model")
+    with mme_client(model_memory_budget_bytes=need - 1) as client:
+        assert load(client, models_dir, "pets").status_code == 507
+    with mme_client(model_memory_budget_bytes=need + MEGABYTE) as client:
+        assert load(client, models_dir, "pets").status_code == 200
+        # A second copy could fit only by unloading the first: it does, that being LRU eviction.
+        assert load(client, models_dir, "pets-2", folder="pets").status_code == 200
+        assert [m["modelName"] for m in client.get("/models").json()["models"]] == ["pets-2"]
+
+
+def test_loading_the_same_name_twice_at_once_gives_one_200_and_one_409(models_dir: Path) -> None:
+    with mme_client(Recorder(delay_s=0.3)) as client, ThreadPoolExecutor(max_workers=2) as pool:
+        statuses = sorted(pool.map(lambda _: load(client, models_dir, "pets").status_code, range(2)))
+    assert statuses == [200, 409]
+
+
+def test_unloading_answers_queued_requests_and_404s_later_ones(models_dir: Path) -> None:
+    with mme_client(Recorder(delay_s=0.2)) as client, ThreadPoolExecutor(max_workers=8) as pool:
+        load(client, models_dir, "pets")
+        invoke = lambda _: client.post("/models/pets/invoke", content=png(), headers={"Content-Type": "image/png"})
+        queued = [pool.submit(invoke, n) for n in range(6)]
+        time.sleep(0.15)  # all six are decoded and waiting for the (slow) model
+        assert client.delete("/models/pets").status_code == 200
+        assert [top_label(future.result()) for future in queued] == ["dog"] * 6
+        assert invoke(0).status_code == 404
+
+
+class FakeMemory:
+    """Free memory that does not rise when a model is unloaded (freed pages kept by the allocator)."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def __call__(self, device: torch.device) -> int:
+        return self.free
+
+
+def test_eviction_stops_once_the_credited_memory_fits(models_dir: Path) -> None:
+    """Three models loaded, memory for about one more: one unload makes room, not all three."""
+    need = estimate_bytes(models_dir / "pets" / "model")
+    weights = (models_dir / "pets" / "model" / artifact.WEIGHTS_FILE).stat().st_size
+
+    async def scenario() -> list[str]:
+        registry = ModelRegistry(load=Recorder(), make_batcher=lambda predictor, name: Batcher(
+            predictor.infer, executor, max_batch_size=4, max_delay_s=0, max_queue=16), executor=executor,
+            device=torch.device("cpu"), available=FakeMemory(10 * need))
+        for name in ("a", "b", "c"):
+            await registry.load(name, str(models_dir / "pets" / "model"))
+        registry.get("a")  # b is now the least recently used
+        registry._available = FakeMemory(need - weights // 2)  # short by less than one model's footprint
+        await registry.load("d", str(models_dir / "colours" / "model"))
+        names = [model["modelName"] for model in registry.page(None, 10)[0]]
+        await registry.close()
+        return names
+
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        assert asyncio.run(scenario()) == ["a", "c", "d"]

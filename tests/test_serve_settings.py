@@ -49,3 +49,9 @@ def test_multi_model_mode_runs_one_process_with_its_memory_policy(key: str) -> N
 def test_bad_values_name_the_variable(key: str, value: str) -> None:
     with pytest.raises(ConfigError, match=key):
         Settings.from_env({key: value})
+
+
+def test_eviction_is_left_to_sagemaker_on_its_multi_model_endpoints() -> None:
+    assert not Settings.from_env({"SAGEMAKER_MULTI_MODEL": "true"}).evict_models
+    assert Settings.from_env({"CLASSIFIER_MULTI_MODEL": "true"}).evict_models
+    assert Settings.from_env({"SAGEMAKER_MULTI_MODEL": "true", "CLASSIFIER_EVICT_MODELS": "true"}).evict_models

@@ -83,7 +83,8 @@ RESNET50_PREPROCESSING = Preprocessing(crop_size=224, resize_size=256, mean=(0.4
 OURS = {
     "default": {},
     "2 workers x 1 thread": {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "CLASSIFIER_THREADS_PER_WORKER": "1"},
-    "batch delay 2 ms": {"CLASSIFIER_MAX_BATCH_DELAY_MS": "2"},
+    # The layout before passes ran side by side: one pass at a time, spread over both cores.
+    "1 pass at a time x 2 threads": {"CLASSIFIER_INFERENCE_THREADS": "1"},
 }
 TORCHSERVE = [
     TorchServeConfig("default"),  # on 2 cores: 2 workers, torch's default threads, no batching

@@ -5,7 +5,7 @@ SageMaker's ``/models`` API (see :mod:`serve.multi_model`).
 ``create_app(settings, load_predictor)`` builds the app; the model loads in a background thread
 when the server starts, so the port answers at once and ``/ping`` says 503 until the model has
 loaded and served a warm-up inference (200), or for good if loading failed. Decoding runs on a
-thread pool and inference on one thread behind the batcher, so the event loop (and ``/ping``)
+thread pool and inference on the inference threads behind the batcher, so the event loop (and ``/ping``)
 never waits for either. In multi-model mode ``/ping`` is 200 as soon as the server runs: models
 come and go through ``/models``.
 """
@@ -127,16 +127,21 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         raise ValueError("single-model mode needs load_predictor")
     state = ModelState()
     metrics = Metrics()
-    decode_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="decode")
-    inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference",
-                                        initializer=torch.set_num_threads, initargs=(settings.threads_per_worker,))
+    # Preprocessing runs torch ops too: one torch thread per decode thread, so no second OpenMP
+    # team spins on the cores the forward passes need.
+    decode_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="decode",
+                                     initializer=torch.set_num_threads, initargs=(1,))
+    inference_pool = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="inference")
     fetch_s3 = S3Fetcher(settings.s3_buckets) if settings.s3_buckets else None
     single: list[Served] = []  # the one model, once loaded (single-model mode)
 
     def make_batcher(predictor: Predictor, name: str | None = None) -> Batcher:
         options = {"closed_error": lambda: ModelNotFound(f"model {name!r} is not loaded")} if name else {}
+        # A GPU runs one pass at a time anyway; on a CPU, passes side by side use the cores best.
+        parallel = 1 if predictor.device.type == "cuda" else settings.inference_threads
         return Batcher(predictor.infer, inference_pool, max_batch_size=settings.max_batch_size,
                        max_delay_s=settings.max_batch_delay_ms / 1000, max_queue=settings.max_queue,
+                       parallel=parallel, threads=settings.threads_per_worker,
                        on_batch=metrics.batch_size.observe, **options)
 
     registry = ModelRegistry(

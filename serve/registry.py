@@ -1,8 +1,8 @@
 """Multi-model mode: models loaded, listed and unloaded by name while the server runs.
 
 This is the state behind SageMaker's multi-model container API (``POST /models`` and friends).
-Each model gets its own :class:`~serve.batching.Batcher`; all of them share one inference thread
-(warm-up included), so models take turns on the cores instead of fighting over them.
+Each model gets its own :class:`~serve.batching.Batcher`; all of them share the inference threads
+(warm-ups included), so models take turns on the cores instead of fighting over them.
 
 Memory policy. Before a load, the model's need is estimated from its weights file; it is loaded
 only if that fits both the free memory measured right now (the container's cgroup or the host,
@@ -88,7 +88,7 @@ class ModelRegistry:
                  available: Callable[[torch.device], int | None] = memory.available_bytes) -> None:
         self._load = load
         self._make_batcher = make_batcher
-        self._executor = executor  # the inference thread: warm-ups take their turn on it
+        self._executor = executor  # the inference threads: warm-ups take their turn on them
         self._device = device
         self._budget = budget_bytes
         self._reserve = reserve_bytes

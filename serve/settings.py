@@ -67,7 +67,8 @@ class Settings:
     # With no artifact in model_dir, serve the ImageNet EfficientNet-Lite0 shipped in the image.
     default_model: bool = True
     workers: int = 1
-    threads_per_worker: int = 1
+    threads_per_worker: int = 1  # torch threads a lone forward pass may use
+    inference_threads: int = 1  # forward passes at once per worker on a CPU (each its own thread)
     top_k: int = 5
     max_body_bytes: int = 6 * MEGABYTE
     max_image_pixels: int = 40_000_000
@@ -127,6 +128,8 @@ class Settings:
             workers=workers,
             # Workers times threads should not exceed the cores, or they fight over them.
             threads_per_worker=get("CLASSIFIER_THREADS_PER_WORKER", _positive_int, max(1, cores // workers)),
+            # One pass per core: independent passes scale better than threads inside one pass.
+            inference_threads=get("CLASSIFIER_INFERENCE_THREADS", _positive_int, max(1, cores // workers)),
             top_k=get("CLASSIFIER_TOP_K", _positive_int, cls.top_k),
             max_body_bytes=int(get("CLASSIFIER_MAX_BODY_MB", _positive_float, payload_mb) * MEGABYTE),
             max_image_pixels=get("CLASSIFIER_MAX_IMAGE_PIXELS", _positive_int, cls.max_image_pixels),

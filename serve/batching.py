@@ -49,11 +49,14 @@ class Timing:
 class Batcher:
     def __init__(self, infer: Callable[[torch.Tensor], np.ndarray], executor: Executor, *, max_batch_size: int,
                  max_delay_s: float, max_queue: int, parallel: int = 1, threads: int | None = None,
+                 wide_executor: Executor | None = None,
                  on_batch: Callable[[int], None] = lambda size: None,
                  closed_error: Callable[[], Exception] = lambda: NotReady("the model is being unloaded",
                                                                            headers={"Retry-After": "1"})) -> None:
         self._infer = infer
         self._executor = executor  # needs at least ``parallel`` threads
+        # Passes that use every torch thread run here (one thread: one OpenMP team in the process).
+        self._wide_executor = wide_executor or executor
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
         self._max_queue = max_queue
@@ -153,7 +156,8 @@ class Batcher:
         batch = jobs[0].inputs if len(jobs) == 1 else torch.cat([job.inputs for job in jobs])
         self._on_batch(len(batch))
         try:
-            logits = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, batch, threads)
+            executor = self._wide_executor if threads is not None and threads == self._threads else self._executor
+            logits = await asyncio.get_running_loop().run_in_executor(executor, self._forward, batch, threads)
         except asyncio.CancelledError:
             for job in jobs:
                 if not job.future.done():

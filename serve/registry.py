@@ -1,8 +1,9 @@
 """Multi-model mode: models loaded, listed and unloaded by name while the server runs.
 
 This is the state behind SageMaker's multi-model container API (``POST /models`` and friends).
-Each model gets its own :class:`~serve.batching.Batcher`; all of them share the inference threads
-(warm-ups included), so models take turns on the cores instead of fighting over them.
+Each model gets its own :class:`~serve.batching.Batcher`; all of them share the server's
+inference threads (warm-ups included), so models take turns on the cores instead of fighting
+over them.
 
 Memory policy. Before a load, the model's need is estimated from its weights file; it is loaded
 only if that fits both the free memory measured right now (the container's cgroup or the host,
@@ -25,7 +26,6 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,12 +83,12 @@ def after_token(token: str) -> str:
 
 class ModelRegistry:
     def __init__(self, *, load: Callable[[Path], Predictor], make_batcher: Callable[[Predictor, str], Batcher],
-                 executor: Executor, device: torch.device, budget_bytes: int | None = None, reserve_bytes: int = 0,
+                 warm_up: Callable[[Predictor], None], device: torch.device, budget_bytes: int | None = None, reserve_bytes: int = 0,
                  evict: bool = True, drain_timeout_s: float = 60.0,
                  available: Callable[[torch.device], int | None] = memory.available_bytes) -> None:
         self._load = load
         self._make_batcher = make_batcher
-        self._executor = executor  # the inference threads: warm-ups take their turn on them
+        self._warm_up = warm_up  # blocking: one inference where the model's requests will run
         self._device = device
         self._budget = budget_bytes
         self._reserve = reserve_bytes
@@ -161,7 +161,7 @@ class ModelRegistry:
     async def _load_warm(self, name: str, model_dir: Path) -> Predictor:
         try:
             predictor = await asyncio.to_thread(self._load, model_dir)
-            await asyncio.get_running_loop().run_in_executor(self._executor, predictor.warm_up)
+            await asyncio.to_thread(self._warm_up, predictor)
         except (MemoryError, torch.OutOfMemoryError):
             raise InsufficientMemory(f"ran out of memory loading model {name!r}") from None
         except Exception as exc:  # a damaged or foreign artifact: the caller's problem, named

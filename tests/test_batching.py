@@ -21,6 +21,7 @@ class SlowModel:
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
         self.passes: list[tuple[int, int]] = []  # (batch size, torch threads)
+        self.thread_names: list[str] = []
         self.running = self.most_running = 0
         self.lock = threading.Lock()
 
@@ -29,6 +30,7 @@ class SlowModel:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
             self.passes.append((len(batch), torch.get_num_threads()))
+            self.thread_names.append(threading.current_thread().name)
         time.sleep(self.delay_s)
         with self.lock:
             self.running -= 1
@@ -41,9 +43,10 @@ def image(value: float) -> torch.Tensor:
 
 async def run(model: SlowModel, values: list[float], *, parallel: int, threads: int | None,
               stagger_s: float = 0.0, **options: object) -> list[float]:
-    with ThreadPoolExecutor(max_workers=parallel) as executor:
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="shared") as executor, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="wide") as wide:
         batcher = Batcher(model, executor, max_batch_size=options.pop("max_batch_size", 8), max_delay_s=0,
-                          max_queue=64, parallel=parallel, threads=threads, **options)
+                          max_queue=64, parallel=parallel, threads=threads, wide_executor=wide, **options)
         batcher.start()
 
         async def one(value: float, position: int) -> float:
@@ -77,9 +80,12 @@ def test_a_lone_pass_gets_every_thread_and_side_by_side_passes_share_them() -> N
     lone = SlowModel(0.01)
     asyncio.run(run(lone, [1.0] * 3, parallel=2, threads=2, stagger_s=0.05))  # one at a time
     assert [threads for _, threads in lone.passes] == [2, 2, 2]
+    # Every multi-threaded pass runs on the one wide thread: one OpenMP team in the process.
+    assert all(name.startswith("wide") for name in lone.thread_names)
     busy = SlowModel(0.05)
     asyncio.run(run(busy, [1.0] * 8, parallel=2, threads=2, max_batch_size=1))  # always something queued
     assert [threads for _, threads in busy.passes][1:] == [1] * 7
+    assert all(name.startswith("shared") for name in busy.thread_names[1:])
 
 
 def test_stop_fails_queued_requests_with_the_closed_error() -> None:

@@ -281,7 +281,7 @@ def test_eviction_stops_once_the_credited_memory_fits(models_dir: Path) -> None:
 
     async def scenario() -> list[str]:
         registry = ModelRegistry(load=Recorder(), make_batcher=lambda predictor, name: Batcher(
-            predictor.infer, executor, max_batch_size=4, max_delay_s=0, max_queue=16), executor=executor,
+            predictor.infer, executor, max_batch_size=4, max_delay_s=0, max_queue=16), warm_up=lambda predictor: predictor.warm_up(),
             device=torch.device("cpu"), available=FakeMemory(10 * need))
         for name in ("a", "b", "c"):
             await registry.load(name, str(models_dir / "pets" / "model"))

@@ -267,11 +267,10 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         loop = asyncio.get_running_loop()
 
         async def answer() -> Response:
-            with served.batcher.incoming():
-                started = time.perf_counter()
-                batch, inputs = await loop.run_in_executor(decode_pool, prepare, predictor, body, content_type)
-                decoded = time.perf_counter()
-                logits, timing = await served.batcher.submit(batch)
+            started = time.perf_counter()
+            batch, inputs = await loop.run_in_executor(decode_pool, prepare, predictor, body, content_type)
+            decoded = time.perf_counter()
+            logits, timing = await served.batcher.submit(batch)
             payload = codec.encode(logits, predictor.class_names, inputs=inputs, options=options,
                                    response_type=response_type)
             metrics.images.inc(len(inputs))

@@ -9,9 +9,8 @@ Each model has its own batcher, so one forward pass never mixes two models' inpu
 Up to ``parallel`` passes run at once, each on its own thread of the executor. On a CPU that
 beats one pass spread over every core: small convolutions scale poorly across threads, while
 independent passes scale almost perfectly (PyTorch releases the GIL inside its kernels). A pass
-that starts alone, with nothing else running, queued or being decoded, may use all ``threads``
-torch threads, so a lone request is as fast as the cores allow, and nothing starts beside it
-(its threads would wait for each other at every parallel region); passes side by side
+that starts alone, with nothing else running or queued, may use all ``threads`` torch threads, so
+a lone request is as fast as the cores allow, and nothing starts beside it; passes side by side
 get an equal share each, and each takes at most its share of what is queued.
 """
 
@@ -19,11 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -74,7 +72,6 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._passes: set[asyncio.Task[None]] = set()  # forward passes running now
         self._wide_running = False  # the running pass uses every torch thread
-        self._incoming = 0  # requests between the start of their decoding and their answer
         self._closed = False
 
     def start(self) -> None:
@@ -103,16 +100,6 @@ class Batcher:
                 break
             await asyncio.sleep(0.005)
         await self.stop()
-
-    @contextlib.contextmanager
-    def incoming(self) -> Iterator[None]:
-        """Around a request's decoding and :meth:`submit`: a pass starts wide only if no other
-        request is on its way, so under load passes stay side by side."""
-        self._incoming += 1
-        try:
-            yield
-        finally:
-            self._incoming -= 1
 
     async def submit(self, inputs: torch.Tensor) -> tuple[np.ndarray, Timing]:
         """Logits for ``inputs`` (one request's images), computed in some batch."""
@@ -155,7 +142,7 @@ class Batcher:
             jobs = self._take_batch()
             if not jobs:
                 continue
-            alone = not self._passes and not self._queue and self._incoming <= len(jobs)
+            alone = not self._passes and not self._queue
             threads = self._threads if alone or self._threads is None else max(1, self._threads // self._parallel)
             wide = threads is not None and threads == self._threads and self._parallel > 1
             task = asyncio.get_running_loop().create_task(self._run_pass(jobs, threads))

@@ -141,20 +141,3 @@ def test_nothing_runs_beside_a_pass_that_uses_every_thread_and_queues_are_shared
     assert sum(size for size, _ in model.passes) == 5
     assert max(size for size, threads in model.passes if threads == 1) == 2
     assert model.most_running == 2
-
-
-def test_a_request_still_being_decoded_keeps_a_pass_single_threaded() -> None:
-    async def scenario() -> list[tuple[int, int]]:
-        model = SlowModel(0.01)
-        with ThreadPoolExecutor(max_workers=2) as shared, ThreadPoolExecutor(max_workers=1) as wide:
-            batcher = Batcher(model, shared, wide_executor=wide, max_batch_size=8, max_delay_s=0, max_queue=64,
-                              parallel=2, threads=2)
-            batcher.start()
-            with batcher.incoming():  # this one is answered alone: every thread
-                await batcher.submit(image(1.0))
-            with batcher.incoming(), batcher.incoming():  # another request is on its way
-                await batcher.submit(image(1.0))
-            await batcher.stop()
-        return model.passes
-
-    assert asyncio.run(scenario()) == [(1, 2), (1, 1)]

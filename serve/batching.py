@@ -10,8 +10,7 @@ Up to ``parallel`` passes run at once, each on its own thread of the executor. O
 beats one pass spread over every core: small convolutions scale poorly across threads, while
 independent passes scale almost perfectly (PyTorch releases the GIL inside its kernels). A pass
 that starts alone, with nothing else running or queued, may use all ``threads`` torch threads, so
-a lone request is as fast as the cores allow, and nothing starts beside it; passes side by side
-get an equal share each, and each takes at most its share of what is queued.
+a lone request is as fast as the cores allow; passes side by side get an equal share each.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -71,7 +69,6 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._passes: set[asyncio.Task[None]] = set()  # forward passes running now
-        self._wide_running = False  # the running pass uses every torch thread
         self._closed = False
 
     def start(self) -> None:
@@ -116,11 +113,8 @@ class Batcher:
         return logits, Timing(job.started_at - job.queued_at, done - job.started_at, batch_size)
 
     def _take_batch(self) -> list[_Job]:
-        # With passes side by side, leave the others their share of the queue: smaller batches
-        # start sooner, and no core idles while one pass works through everything queued.
-        limit = min(self._max_batch_size, math.ceil(self._queued_images / self._parallel))
         jobs, size = [], 0
-        while self._queue and (not jobs or size + len(self._queue[0].inputs) <= limit):
+        while self._queue and (not jobs or size + len(self._queue[0].inputs) <= self._max_batch_size):
             job = self._queue.popleft()
             self._queued_images -= len(job.inputs)
             if job.future.cancelled():  # its request timed out or went away while queued
@@ -131,9 +125,7 @@ class Batcher:
 
     async def _run(self) -> None:
         while True:
-            # A pass using every thread has the cores to itself: nothing starts beside it, or
-            # its threads would wait for each other at every parallel region.
-            if not self._queue or len(self._passes) >= self._parallel or self._wide_running:
+            if not self._queue or len(self._passes) >= self._parallel:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -144,16 +136,12 @@ class Batcher:
                 continue
             alone = not self._passes and not self._queue
             threads = self._threads if alone or self._threads is None else max(1, self._threads // self._parallel)
-            wide = threads is not None and threads == self._threads and self._parallel > 1
             task = asyncio.get_running_loop().create_task(self._run_pass(jobs, threads))
             self._passes.add(task)
-            self._wide_running = wide
             task.add_done_callback(self._pass_done)
 
     def _pass_done(self, task: asyncio.Task[None]) -> None:
         self._passes.discard(task)
-        if not self._passes:
-            self._wide_running = False
         self._wakeup.set()  # a pass can start
 
     def _forward(self, batch: torch.Tensor, threads: int | None) -> np.ndarray:

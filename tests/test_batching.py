@@ -22,7 +22,6 @@ class SlowModel:
         self.delay_s = delay_s
         self.passes: list[tuple[int, int]] = []  # (batch size, torch threads)
         self.thread_names: list[str] = []
-        self.spans: list[tuple[float, float, int]] = []  # (start, end, torch threads)
         self.running = self.most_running = 0
         self.lock = threading.Lock()
 
@@ -32,11 +31,9 @@ class SlowModel:
             self.most_running = max(self.most_running, self.running)
             self.passes.append((len(batch), torch.get_num_threads()))
             self.thread_names.append(threading.current_thread().name)
-        started = time.monotonic()
         time.sleep(self.delay_s)
         with self.lock:
             self.running -= 1
-            self.spans.append((started, time.monotonic(), torch.get_num_threads()))
         return batch[:, :1].numpy()
 
 
@@ -125,19 +122,3 @@ def test_drain_answers_what_is_queued_then_refuses() -> None:
     answers, took = asyncio.run(scenario())
     assert [float(logits[0, 0]) for logits, _ in answers] == [0.0, 1.0, 2.0, 3.0]
     assert took < 5
-
-
-def test_nothing_runs_beside_a_pass_that_uses_every_thread_and_queues_are_shared() -> None:
-    model = SlowModel(0.1)
-    # One request alone (a wide pass), then four more while it runs.
-    asyncio.run(run(model, [1.0] + [2.0] * 4, parallel=2, threads=2, stagger_s=0.005))
-    assert model.passes[0] == (1, 2)
-    for wide in (span for span in model.spans if span[2] == 2):
-        for other in model.spans:
-            if other is not wide:
-                assert other[0] >= wide[1] or other[1] <= wide[0], "a pass overlapped one using every thread"
-    # The four that queued meanwhile went out single-threaded, no pass taking more than its share
-    # (half of what was queued), two side by side.
-    assert sum(size for size, _ in model.passes) == 5
-    assert max(size for size, threads in model.passes if threads == 1) == 2
-    assert model.most_running == 2

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,17 @@ from classifier.artifact import Manifest, Preprocessing
 from classifier.models import create_model
 
 TINY_CLASSES = ("circle", "square", "triangle")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Code under test may configure logging (the entry points do); put it back after each test,
+    so no handler outlives the captured stream it writes to."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -353,7 +353,8 @@ def no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_missing_credentials_are_said_once(no_credentials: None, tmp_path: Path, capsys) -> None:
     paths = write_images(tmp_path, "a.png", "b.png", "c.png")
-    runtime = boto3.client("sagemaker-runtime", region_name="us-east-1")
+    # A session of its own: boto3's default session may hold credentials another test resolved.
+    runtime = boto3.session.Session(region_name="us-east-1").client("sagemaker-runtime")
     assert run("--endpoint", "shapes", *paths, runtime_client=runtime) == 1
     assert capsys.readouterr().err == (
         "classifier-predict: error: no AWS credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID and "

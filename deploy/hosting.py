@@ -20,7 +20,6 @@ from sagemaker.serverless import ServerlessInferenceConfig
 from sagemaker.session import Session
 
 from deploy.predict import GENERIC_IMAGE, content_type
-from deploy.predict import find_images as find_images  # still importable from here, where it lived
 from deploy.sdk import is_local
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +54,6 @@ class LoadedModel:
     predictor: Predictor
     batcher: Batcher
     footprint_bytes: int
-    loaded_at: float = field(default_factory=time.time)
 
     def describe(self) -> dict[str, object]:
         """The entry SageMaker's List/Get Model APIs expect, plus what this server knows."""
@@ -99,22 +98,20 @@ class ModelRegistry:
         self._loading: set[str] = set()
         self._lock = asyncio.Lock()  # one load or unload at a time
 
-    def __len__(self) -> int:
-        return len(self._models)
-
-    def get(self, name: str) -> LoadedModel:
-        """The loaded model called ``name``, marked as just used."""
+    def _find(self, name: str) -> LoadedModel:
         model = self._models.get(name)
         if model is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
+        return model
+
+    def get(self, name: str) -> LoadedModel:
+        """The loaded model called ``name``, marked as just used."""
+        model = self._find(name)
         self._models.move_to_end(name)
         return model
 
     def describe(self, name: str) -> dict[str, object]:
-        model = self._models.get(name)
-        if model is None:
-            raise ModelNotFound(f"model {name!r} is not loaded")
-        return model.describe()
+        return self._find(name).describe()
 
     def page(self, token: str | None, size: int) -> tuple[list[dict[str, object]], str | None]:
         """One page of loaded models in name order, and the token of the next page (None at the end)."""

@@ -22,7 +22,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from deploy import hosting, training
+from deploy import hosting, predict, training
 from deploy.cli import main
 
 REGION = "us-east-1"
@@ -311,13 +311,13 @@ def test_predict_finds_images_by_file_folder_and_glob_and_prints_a_table(tmp_pat
     (tmp_path / "a").mkdir()
     for name in ("a/1.png", "a/2.JPG", "a/notes.txt", "b.jpeg", "c.bin"):
         (tmp_path / name).write_bytes(b"x")
-    found = hosting.find_images([str(tmp_path / "a"), str(tmp_path / "*.jpeg"), str(tmp_path / "c.bin"),
+    found = predict.find_images([str(tmp_path / "a"), str(tmp_path / "*.jpeg"), str(tmp_path / "c.bin"),
                                  str(tmp_path / "a" / "1.png")])
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/1.png", "a/2.JPG", "b.jpeg", "c.bin"]
-    assert [hosting.content_type(p) for p in found] == ["image/png", "image/jpeg", "image/jpeg",
+    assert [predict.content_type(p) for p in found] == ["image/png", "image/jpeg", "image/jpeg",
                                                           "application/x-image"]
     with pytest.raises(FileNotFoundError):
-        hosting.find_images([str(tmp_path / "missing*.png")])
+        predict.find_images([str(tmp_path / "missing*.png")])
 
     table = hosting.format_table([hosting.Prediction(Path("a/1.png"), "circle", 0.98765),
                                   hosting.Prediction(Path("c.bin"), error="invalid_image")])

@@ -5,6 +5,10 @@ seconds are not counted; after that, every request answered within the next ``du
 counts, and its latency is kept. No new request starts after the window closes, and the ones in
 flight are let finish (uncounted), so the server is idle again when the next measurement starts.
 Traffic goes to the URL given, which the caller keeps on 127.0.0.1.
+
+The client is aiohttp: the load generator shares the machine's cores with the server under test,
+and aiohttp spends a third of the CPU time per request that httpx does (0.37 against 1.15 ms at
+concurrency 8 here), so less of the measurement is the client's own cost.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 # "decode;dur=1.23, queue;dur=4.56, inference;dur=7.89;desc="batch of 8"" (our server's header)
 SERVER_TIMING = re.compile(r'(\w+);dur=([0-9.]+)(?:;desc="batch of (\d+)")?')
@@ -55,8 +59,8 @@ async def closed_loop(url: str, bodies: Sequence[bytes], *, concurrency: int, wa
     """Run ``concurrency`` clients against ``url`` for ``warmup_s + duration_s`` seconds (bounded count)."""
     result = LoadResult(concurrency, duration_s)
     sequence = itertools.count()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
         window_opens = time.perf_counter() + warmup_s
         window_closes = window_opens + duration_s
 
@@ -66,13 +70,14 @@ async def closed_loop(url: str, bodies: Sequence[bytes], *, concurrency: int, wa
                 if number >= max_requests:
                     return
                 started = time.perf_counter()
+                server_timing = None
                 try:
-                    response = await client.post(url, content=bodies[number % len(bodies)],
-                                                 headers={"Content-Type": content_type})
-                    status, text = response.status_code, response.text
-                except httpx.HTTPError as exc:
+                    async with client.post(url, data=bodies[number % len(bodies)],
+                                           headers={"Content-Type": content_type}) as response:
+                        status, text = response.status, await response.text()
+                        server_timing = response.headers.get("Server-Timing")
+                except (aiohttp.ClientError, TimeoutError) as exc:
                     status, text = 0, f"{type(exc).__name__}: {exc}"
-                    response = None
                 finished = time.perf_counter()
                 if not window_opens <= finished <= window_closes:
                     continue
@@ -81,9 +86,8 @@ async def closed_loop(url: str, bodies: Sequence[bytes], *, concurrency: int, wa
                     result.error_example = result.error_example or f"{status} {text[:200]}"
                     continue
                 result.latencies_s.append(finished - started)
-                if response is not None and "server-timing" in response.headers:
-                    timing = parse_server_timing(response.headers["server-timing"])
-                    result.timings.append(timing | {"total": (finished - started) * 1000})
+                if server_timing is not None:
+                    result.timings.append(parse_server_timing(server_timing) | {"total": (finished - started) * 1000})
 
         await asyncio.wait_for(asyncio.gather(*(client_loop() for _ in range(concurrency))),
                                timeout=warmup_s + duration_s + timeout_s + 5)

@@ -12,9 +12,10 @@ artifact format) it starts every system at once and keeps them all loaded:
 
 - ours: the container (``docker run IMAGE serve``) in its default settings and tuned ones;
 - TorchServe (its own venv, ``bench/.venv-torchserve``) with its image-classifier handler serving
-  the same network and weights, in its default settings and tuned ones;
-- raw: the server's own decode, preprocessing and model in plain processes, no HTTP, at several
-  batch sizes and process x thread layouts.
+  the same network and weights, in its default settings and tuned ones, one of them serving the
+  network traced and frozen with TorchScript exactly as our server runs it on a CPU;
+- raw: the server's own decode, preprocessing and (frozen) model in plain processes, no HTTP, at
+  several batch sizes and process x thread layouts.
 
 Then, round after round, it measures each system in turn (the order reversed every other round,
 so slow drift on a shared machine hits all alike): a closed-loop load of 1 and of 8 concurrent
@@ -67,6 +68,7 @@ from classifier import artifact  # noqa: E402
 from classifier.artifact import Manifest, Preprocessing  # noqa: E402
 from classifier.models import create_model  # noqa: E402
 from classifier.pretrained import default_model, imagenet_categories  # noqa: E402
+from serve.predictor import Predictor  # noqa: E402
 
 from containers import direct_url, docker, serving  # noqa: E402
 from imagedata import encode  # noqa: E402
@@ -83,12 +85,12 @@ RESNET50_PREPROCESSING = Preprocessing(crop_size=224, resize_size=256, mean=(0.4
 OURS = {
     "default": {},
     "2 workers x 1 thread": {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "CLASSIFIER_THREADS_PER_WORKER": "1"},
-    # The layout before passes ran side by side: one pass at a time, spread over both cores.
-    "1 pass at a time x 2 threads": {"CLASSIFIER_INFERENCE_THREADS": "1"},
 }
 TORCHSERVE = [
     TorchServeConfig("default"),  # on 2 cores: 2 workers, torch's default threads, no batching
     TorchServeConfig("2 workers x 1 thread", workers=2, threads=1),
+    # The network traced and frozen with TorchScript, as our server runs it on a CPU.
+    TorchServeConfig("2 workers x 1 thread, TorchScript", workers=2, threads=1, torchscript=True),
     TorchServeConfig("2 workers x 1 thread, batch 8 / 10 ms", workers=2, threads=1, batch_size=8, max_batch_delay_ms=10),
     TorchServeConfig("1 worker x 2 threads, batch 8 / 10 ms", workers=1, threads=2, batch_size=8, max_batch_delay_ms=10),
 ]
@@ -129,7 +131,7 @@ def make_plan(quick: bool) -> Plan:
     if quick:
         return Plan(rounds=1, warmup_s={1: 0.5, 8: 1.0}, duration_s={1: 1.5, 8: 2.0}, raw_warmup_s=1.0,
                     raw_duration_s=1.5, ours={name: OURS[name] for name in ("default", "2 workers x 1 thread")},
-                    torchserve=[TORCHSERVE[0], TORCHSERVE[2]], raw=[RawConfig(1, 1, 1), RawConfig(2, 1, 8)])
+                    torchserve=[TORCHSERVE[2], TORCHSERVE[3]], raw=[RawConfig(1, 1, 1), RawConfig(2, 1, 8)])
     return Plan(rounds=2, warmup_s={1: 1.0, 8: 2.0}, duration_s={1: 4.0, 8: 7.0}, raw_warmup_s=2.0,
                 raw_duration_s=6.0, ours=OURS, torchserve=TORCHSERVE, raw=RAW)
 
@@ -166,6 +168,7 @@ class Prepared:
     name: str
     artifact_dir: Path | None
     store: Path
+    torchscript_store: Path  # the same network frozen with TorchScript, for TorchServe
     manifest: Manifest
 
 
@@ -179,13 +182,19 @@ def prepare_model(name: str, scratch: Path, torchserve_python: Path) -> Prepared
         model = create_model(name, 1000)
         manifest = Manifest(architecture=name, class_names=imagenet_categories(), preprocessing=RESNET50_PREPROCESSING)
         artifact_dir = artifact.save(scratch / f"{name}-artifact", model, manifest)
-    store = scratch / f"{name}-store"
-    store.mkdir()
-    weights = scratch / f"{name}.pt"
+    store, torchscript_store = scratch / f"{name}-store", scratch / f"{name}-store-torchscript"
+    weights, frozen_file = scratch / f"{name}.pt", scratch / f"{name}-frozen.pt"
     torch.save({f"net.{key}": value for key, value in model.state_dict().items()}, weights)
-    build_archive(torchserve_python, name=name, architecture=name, state_dict_file=weights,
-                  preprocessing=asdict(manifest.preprocessing), class_names=list(manifest.class_names), store=store)
-    return Prepared(name, artifact_dir, store, manifest)
+    frozen = Predictor(model, manifest, torch.device("cpu")).model  # frozen exactly as our server does
+    if not isinstance(frozen, torch.jit.ScriptModule):
+        raise RuntimeError(f"{name} could not be frozen with TorchScript")
+    torch.jit.save(frozen, frozen_file)
+    for folder, architecture, serialized in ((store, name, weights), (torchscript_store, None, frozen_file)):
+        folder.mkdir()
+        build_archive(torchserve_python, name=name, architecture=architecture, serialized_file=serialized,
+                      preprocessing=asdict(manifest.preprocessing), class_names=list(manifest.class_names),
+                      store=folder)
+    return Prepared(name, artifact_dir, store, torchscript_store, manifest)
 
 
 @dataclass
@@ -219,7 +228,8 @@ def start_systems(stack: contextlib.ExitStack, prepared: Prepared, plan: Plan, i
     """Start every configuration of every system for one model, and wait until all are ready."""
     instances = []
     for number, config in enumerate(plan.torchserve):
-        instance = TorchServe(torchserve_python, config, prepared.name, prepared.store,
+        store = prepared.torchscript_store if config.torchscript else prepared.store
+        instance = TorchServe(torchserve_python, config, prepared.name, store,
                               scratch / f"torchserve-{prepared.name}-{number}")
         stack.callback(instance.stop)
         instances.append(instance)

@@ -52,17 +52,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def build_archive(torchserve_python: Path, *, name: str, architecture: str, state_dict_file: Path,
+def build_archive(torchserve_python: Path, *, name: str, architecture: str | None, serialized_file: Path,
                   preprocessing: dict[str, object], class_names: list[str], store: Path) -> Path:
-    """``store/<name>.mar``: the network's eager model file, its weights, our handler, labels."""
+    """``store/<name>.mar``: the network's eager model file and its weights (``architecture`` given),
+    or a frozen TorchScript file (``architecture`` None); our handler; labels."""
     extras = store / f"{name}-extra"
     extras.mkdir(parents=True, exist_ok=True)
     (extras / "index_to_name.json").write_text(json.dumps({str(i): label for i, label in enumerate(class_names)}))
-    (extras / "preprocessing.json").write_text(json.dumps(preprocessing))
+    (extras / "preprocessing.json").write_text(json.dumps(preprocessing | {"torchscript": architecture is None}))
     archiver = torchserve_python.parent / "torch-model-archiver"
-    subprocess.run([str(archiver), "--model-name", name, "--version", "1.0",
-                    "--model-file", str(TORCHSERVE_FILES / f"{architecture}.py"),
-                    "--serialized-file", str(state_dict_file),
+    model_file = ["--model-file", str(TORCHSERVE_FILES / f"{architecture}.py")] if architecture else []
+    subprocess.run([str(archiver), "--model-name", name, "--version", "1.0", *model_file,
+                    "--serialized-file", str(serialized_file),
                     "--handler", str(TORCHSERVE_FILES / "handler.py"),
                     "--extra-files", f"{extras / 'index_to_name.json'},{extras / 'preprocessing.json'}",
                     "--export-path", str(store), "--force"], check=True, timeout=300)
@@ -78,6 +79,7 @@ class TorchServeConfig:
     threads: int | None = None  # OMP_NUM_THREADS for the workers
     batch_size: int = 1
     max_batch_delay_ms: int = 100  # TorchServe's default; only matters with batch_size > 1
+    torchscript: bool = False  # serve the network traced and frozen, as our server does on a CPU
 
     def properties(self, model: str, store: Path, ports: tuple[int, ...]) -> str:
         lines = [f"inference_address=http://127.0.0.1:{ports[0]}",

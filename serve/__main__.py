@@ -27,14 +27,15 @@ def load_predictor(settings: Settings):
     from serve.predictor import Predictor
 
     return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device,
-                          half=settings.half)
+                          half=settings.half, jit=settings.jit)
 
 
 def load_model(settings: Settings, model_dir: Path):
     """A model named by ``POST /models`` (multi-model mode): an artifact, never the default model."""
     from serve.predictor import Predictor
 
-    return Predictor.load(model_dir, allow_default=False, device=settings.device, half=settings.half)
+    return Predictor.load(model_dir, allow_default=False, device=settings.device, half=settings.half,
+                          jit=settings.jit)
 
 
 def build(settings: Settings) -> FastAPI:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import os
 import threading
@@ -54,6 +55,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
+# A single image up to this size is decoded by the CPU forward pass that classifies it (see
+# serve.batching): a few milliseconds of decoding. Larger ones, every other body type and every
+# body for a GPU are decoded beforehand on the decode pool, so no slow decode holds up a batch or
+# leaves the GPU idle.
+DECODE_IN_PASS_MAX_BYTES = 256 * 1024
+ONE_IMAGE = codec.Inputs(single=True)
 REQUEST_BODY_DOC = {
     "requestBody": {
         "required": True,
@@ -245,6 +252,11 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def prepare_image(predictor: Predictor, body: bytes) -> torch.Tensor:
+        image = codec.decode_image(body, max_pixels=settings.max_image_pixels,
+                                   min_side=predictor.resize_size if settings.fast_decode else None)
+        return predictor.preprocess(image)[None]
+
     def prepare(predictor: Predictor, body: bytes, content_type: str | None) -> tuple[torch.Tensor, codec.Inputs]:
         inputs = codec.decode(body, content_type, max_pixels=settings.max_image_pixels,
                               max_instances=settings.max_instances, fetch_s3=fetch_s3,
@@ -267,14 +279,21 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         loop = asyncio.get_running_loop()
 
         async def answer() -> Response:
-            started = time.perf_counter()
-            batch, inputs = await loop.run_in_executor(decode_pool, prepare, predictor, body, content_type)
-            decoded = time.perf_counter()
-            logits, timing = await served.batcher.submit(batch)
+            if (predictor.device.type == "cpu" and codec.is_one_image(content_type)
+                    and len(body) <= DECODE_IN_PASS_MAX_BYTES):
+                inputs = ONE_IMAGE
+                logits, timing = await served.batcher.submit(functools.partial(prepare_image, predictor, body))
+                decode_s = timing.prepare_s
+            else:
+                started = time.perf_counter()
+                with served.batcher.incoming():
+                    batch, inputs = await loop.run_in_executor(decode_pool, prepare, predictor, body, content_type)
+                decode_s = time.perf_counter() - started
+                logits, timing = await served.batcher.submit(batch)
             payload = codec.encode(logits, predictor.class_names, inputs=inputs, options=options,
                                    response_type=response_type)
-            metrics.images.inc(len(inputs))
-            server_timing = (f"decode;dur={(decoded - started) * 1000:.2f}, queue;dur={timing.queue_s * 1000:.2f}, "
+            metrics.images.inc(len(logits))
+            server_timing = (f"decode;dur={decode_s * 1000:.2f}, queue;dur={timing.queue_s * 1000:.2f}, "
                              f"inference;dur={timing.inference_s * 1000:.2f};desc=\"batch of {timing.batch_size}\"")
             return Response(payload, media_type=response_type, headers={"Server-Timing": server_timing})
 

@@ -193,6 +193,11 @@ def _decode_tensor(body: bytes, max_instances: int) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def is_one_image(content_type: str | None) -> bool:
+    """Whether a body of this type is one encoded image (a missing type means one)."""
+    return (media_type(content_type) or "application/x-image") in IMAGE_TYPES
+
+
 def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instances: int,
            fetch_s3: Callable[[str], bytes] | None = None, min_side: int | None = None) -> Inputs:
     """Decode a request body of any supported type (``min_side``: see :func:`decode_image`)."""

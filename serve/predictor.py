@@ -2,11 +2,19 @@
 
 ``preprocess`` turns one image into the network's input (run in parallel, off the event loop);
 ``infer`` runs one forward pass over a stacked batch (run on one inference thread).
+
+On a CPU the network is traced and frozen with TorchScript by default: freezing folds batch norm
+into the convolutions and drops the Python dispatch between layers, which made a single-threaded
+EfficientNet-Lite0 pass 1.4x faster here (14 ms instead of 20 per image) and a ResNet-50 pass about
+10% faster. The traced network is checked against the original on a batch of another size and
+thrown away, with a warning, if it differs or tracing fails: the server then runs the network as
+it is. Inputs are channels-last on both devices (faster for convolutions on CPU and GPU alike).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +27,7 @@ from classifier import artifact
 from classifier.artifact import ArtifactError, Manifest
 from classifier.pretrained import default_model
 from serve import codec
+from serve.memory import model_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -29,25 +38,53 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def freeze(model: nn.Module, input_shape: tuple[int, ...], device: torch.device,
+           dtype: torch.dtype) -> torch.jit.ScriptModule | None:
+    """``model`` traced and frozen, or None if tracing fails or the result differs from ``model``."""
+    def example(size: int) -> torch.Tensor:
+        return torch.randn(size, *input_shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is in maintenance, not gone
+            frozen = torch.jit.freeze(torch.jit.trace(model, example(2), check_trace=False).eval())
+            check = example(3)  # another batch size: the trace must not have fixed it
+            expected, got = model(check).float(), frozen(check).float()
+    except Exception as exc:  # noqa: BLE001 - any failure means: run the network as it is
+        logger.warning("running the network without TorchScript: tracing failed (%s: %s)", type(exc).__name__, exc)
+        return None
+    tolerance = 1e-3 * max(1.0, expected.abs().max().item())
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=0, atol=tolerance):
+        logger.warning("running the network without TorchScript: the traced network's outputs differ")
+        return None
+    return frozen
+
+
 class Predictor:
-    def __init__(self, model: nn.Module, manifest: Manifest, device: torch.device, *, half: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, manifest: Manifest, device: torch.device, *, half: bool | None = None,
+                 jit: bool | None = None) -> None:
         self.device = device
         self.half = device.type == "cuda" if half is None else half and device.type == "cuda"
-        self.channels_last = device.type == "cuda"
         model = model.to(device).eval()
         if self.half:
             model = model.half()
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        model = model.to(memory_format=torch.channels_last)
         self.manifest = manifest
         self.preprocessing = manifest.preprocessing.eval_preset()
         crop = manifest.preprocessing.crop_size
         self.input_shape = (3, crop, crop)
         self.resize_size = manifest.preprocessing.resize_size  # the short side preprocessing resizes to
+        self.weight_bytes = model_bytes(model)  # what the model holds in memory, frozen or not
+        frozen = None
+        if device.type == "cpu" if jit is None else jit:
+            frozen = freeze(model, self.input_shape, device, torch.float16 if self.half else torch.float32)
+        self.jit = frozen is not None
+        # The network that runs: frozen when it could be (the original is then let go).
+        self.model: nn.Module | torch.jit.ScriptModule = frozen if frozen is not None else model
 
     @classmethod
-    def load(cls, model_dir: Path, *, allow_default: bool, device: str = "auto", half: bool | None = None) -> Predictor:
+    def load(cls, model_dir: Path, *, allow_default: bool, device: str = "auto", half: bool | None = None,
+             jit: bool | None = None) -> Predictor:
         """The artifact in ``model_dir``, else (if allowed) the built-in ImageNet model."""
         target = select_device(device)
         if artifact.is_artifact(model_dir):
@@ -58,7 +95,7 @@ class Predictor:
             logger.info("no artifact in %s; serving the built-in ImageNet %s", model_dir, manifest.architecture)
         else:
             raise ArtifactError(f"no model artifact in {model_dir} and the default model is disabled")
-        return cls(model, manifest, target, half=half)
+        return cls(model, manifest, target, half=half, jit=jit)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -74,9 +111,11 @@ class Predictor:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         if self.half:
             batch = batch.half()
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return self.model(batch).float().cpu().numpy()
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        # The profiling executor would re-optimise a frozen graph for each new batch size (a
+        # first pass twice as slow); freezing already did the optimising that counts here.
+        with torch.jit.optimized_execution(False):
+            return self.model(batch).float().cpu().numpy()
 
     def predict(self, images: Sequence[Image.Image], top_k: int) -> list[list[codec.Prediction]]:
         """Ranked predictions for ``images`` in one pass (for in-process use and tests)."""

@@ -136,7 +136,7 @@ class ModelRegistry:
                 predictor = await self._load_warm(name, model_dir)
                 batcher = self._make_batcher(predictor, name)
                 batcher.start()
-                loaded = LoadedModel(name, url, predictor, batcher, memory.model_bytes(predictor.model))
+                loaded = LoadedModel(name, url, predictor, batcher, predictor.weight_bytes)
                 self._models[name] = loaded
         finally:
             self._loading.discard(name)

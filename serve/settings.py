@@ -80,6 +80,7 @@ class Settings:
     request_timeout_s: float = REALTIME_TIMEOUT_S
     device: str = "auto"
     half: bool | None = None  # None: half precision on CUDA, float32 on CPU
+    jit: bool | None = None  # trace and freeze the network with TorchScript; None: on a CPU only
     batch_transform: bool = False
     batch_strategy: str = "MULTI_RECORD"
     max_concurrent_transforms: int = 1
@@ -120,6 +121,7 @@ class Settings:
             raise ConfigError(f"environment variable SAGEMAKER_BATCH_STRATEGY={strategy!r} is invalid: "
                               "expected SINGLE_RECORD or MULTI_RECORD")
         half = environ.get("CLASSIFIER_HALF", "auto").strip().lower()
+        jit = environ.get("CLASSIFIER_JIT", "auto").strip().lower()
         return cls(
             host=environ.get("CLASSIFIER_HOST") or cls.host,
             port=get("SAGEMAKER_BIND_TO_PORT", _positive_int, DEFAULT_PORT),
@@ -141,6 +143,7 @@ class Settings:
             request_timeout_s=timeout,
             device=environ.get("CLASSIFIER_DEVICE") or cls.device,
             half=None if half == "auto" else get("CLASSIFIER_HALF", parse_bool, False),
+            jit=None if jit == "auto" else get("CLASSIFIER_JIT", parse_bool, False),
             batch_transform=batch,
             batch_strategy=strategy,
             max_concurrent_transforms=get("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", _positive_int, workers),

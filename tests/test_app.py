@@ -126,7 +126,7 @@ def test_prediction_errors_are_500_json_without_internals(settings: Settings) ->
             raise RuntimeError("secret internal detail")
 
     def loader() -> Predictor:
-        good = Predictor.load(settings.model_dir, allow_default=False, device="cpu")
+        good = Predictor.load(settings.model_dir, allow_default=False, device="cpu", jit=False)
         broken = Broken(good.model, good.manifest, good.device)
         broken.warm_up = lambda: None  # type: ignore[method-assign]
         return broken
@@ -234,7 +234,7 @@ def test_a_request_that_cannot_finish_in_its_budget_gets_504(settings: Settings)
             return super().infer(batch)
 
     def loader() -> Predictor:
-        good = Predictor.load(settings.model_dir, allow_default=False, device="cpu")
+        good = Predictor.load(settings.model_dir, allow_default=False, device="cpu", jit=False)
         slow = Slow(good.model, good.manifest, good.device)
         slow.warm_up = lambda: None  # type: ignore[method-assign]
         return slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from serve.batching import Batcher
-from serve.errors import ModelNotFound, NotReady
+from serve.errors import InvalidImage, ModelNotFound, NotReady
 
 
 class SlowModel:
@@ -86,6 +87,96 @@ def test_a_lone_pass_gets_every_thread_and_side_by_side_passes_share_them() -> N
     asyncio.run(run(busy, [1.0] * 8, parallel=2, threads=2, max_batch_size=1))  # always something queued
     assert [threads for _, threads in busy.passes][1:] == [1] * 7
     assert all(name.startswith("shared") for name in busy.thread_names[1:])
+
+
+def test_no_pass_starts_wide_while_a_request_is_on_its_way() -> None:
+    async def scenario(model: SlowModel) -> None:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shared") as executor, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="wide") as wide:
+            batcher = Batcher(model, executor, max_batch_size=8, max_delay_s=0, max_queue=64, parallel=2,
+                              threads=2, wide_executor=wide)
+            batcher.start()
+            with batcher.incoming():  # a second request is being decoded while the first is submitted
+                first = asyncio.ensure_future(batcher.submit(image(1.0)))
+                await asyncio.sleep(0.02)
+            second = await batcher.submit(image(2.0))
+            await first
+            third = await batcher.submit(image(3.0))  # nothing else in sight now
+            assert [float(logits[0, 0]) for logits, _ in (second, third)] == [2.0, 3.0]
+            await batcher.stop()
+
+    model = SlowModel(0.05)
+    asyncio.run(scenario(model))
+    assert [threads for _, threads in model.passes] == [1, 1, 2]
+    assert model.thread_names[-1].startswith("wide")
+
+
+def test_a_pass_beside_another_takes_its_fair_share_of_the_queue() -> None:
+    async def scenario(model: SlowModel) -> None:
+        with ThreadPoolExecutor(max_workers=2) as executor:
+            batcher = Batcher(model, executor, max_batch_size=16, max_delay_s=0, max_queue=64, parallel=2)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit(image(0.0)))
+            await asyncio.sleep(0.02)  # running alone: the next seven arrive together beside it
+            await asyncio.gather(first, *(batcher.submit(image(float(n))) for n in range(1, 8)))
+            await batcher.stop()
+
+    model = SlowModel(0.1)
+    asyncio.run(scenario(model))
+    # Eight images in the batcher, two passes: at most four in the pass beside the running one.
+    assert [size for size, _ in model.passes][:2] == [1, 4]
+    assert sum(size for size, _ in model.passes) == 8
+
+
+def test_inputs_made_by_the_pass_and_a_failure_stays_with_its_request() -> None:
+    def made(value: float) -> Callable[[], torch.Tensor]:
+        def make() -> torch.Tensor:
+            time.sleep(0.005)
+            if value < 0:
+                raise InvalidImage(f"image {value} is damaged")
+            made_on.append(threading.current_thread().name)
+            return image(value)
+        return make
+
+    async def scenario() -> list[object]:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shared") as executor:
+            batcher = Batcher(model, executor, max_batch_size=8, max_delay_s=0, max_queue=64)
+            batcher.start()
+            blocker = asyncio.ensure_future(batcher.submit(image(0.0)))  # the next three queue behind it
+            await asyncio.sleep(0.01)
+            outcomes = await asyncio.gather(*(batcher.submit(made(value)) for value in (1.0, -1.0, 2.0)),
+                                            return_exceptions=True)
+            await blocker
+            await batcher.stop()
+            return outcomes
+
+    model, made_on = SlowModel(0.05), []
+    first, failed, second = asyncio.run(scenario())
+    assert isinstance(failed, InvalidImage) and "-1.0" in str(failed)
+    assert [float(logits[0, 0]) for logits, _ in (first, second)] == [1.0, 2.0]  # type: ignore[index]
+    timing = first[1]  # type: ignore[index]
+    assert timing.batch_size == 2 and timing.prepare_s >= 0.005
+    assert model.passes[-1][0] == 2  # one pass for the two good ones
+    assert all(name.startswith("shared") for name in made_on)  # made on the pass's own thread
+
+
+def test_after_a_burst_passes_go_wide_again_once_requests_come_one_at_a_time() -> None:
+    async def scenario(model: SlowModel) -> None:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shared") as executor, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="wide") as wide:
+            batcher = Batcher(model, executor, max_batch_size=1, max_delay_s=0, max_queue=64, parallel=2,
+                              threads=2, wide_executor=wide)
+            batcher.start()
+            await asyncio.gather(*(batcher.submit(image(1.0)) for _ in range(8)))
+            for _ in range(12):  # one at a time
+                await batcher.submit(image(1.0))
+            await batcher.stop()
+
+    model = SlowModel(0.005)
+    asyncio.run(scenario(model))
+    lone = [threads for _, threads in model.passes[8:]]
+    assert lone[0] == 1  # the burst is still in recent memory: no wide pass that others may join
+    assert lone[-1] == 2 and lone == sorted(lone)
 
 
 def test_stop_fails_queued_requests_with_the_closed_error() -> None:

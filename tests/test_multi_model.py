@@ -230,10 +230,14 @@ def test_measured_free_memory_decides_too(models_dir: Path) -> None:
 
 
 def test_a_model_is_charged_its_tensors(models_dir: Path) -> None:
-    predictor = Predictor.load(models_dir / "pets" / "model", allow_default=False, device="cpu")
-    expected = sum(t.numel() * t.element_size() for t in [*predictor.model.parameters(), *predictor.model.buffers()])
-    assert model_bytes(predictor.model) == expected
+    network, _ = artifact.load(models_dir / "pets" / "model")
+    expected = sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()])
+    assert model_bytes(network) == expected
     assert (models_dir / "pets" / "model" / artifact.WEIGHTS_FILE).stat().st_size == pytest.approx(expected, rel=0.01)
+    # Frozen, the network's tensors are constants rather than parameters: the charge is taken before.
+    predictor = Predictor.load(models_dir / "pets" / "model", allow_default=False, device="cpu")
+    assert predictor.jit
+    assert predictor.weight_bytes == expected
 
 
 def test_a_model_larger_than_the_budget_is_refused_without_unloading_others(models_dir: Path) -> None:

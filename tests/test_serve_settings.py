@@ -45,10 +45,16 @@ def test_multi_model_mode_runs_one_process_with_its_memory_policy(key: str) -> N
 @pytest.mark.parametrize(("key", "value"), [
     ("SAGEMAKER_MODEL_SERVER_WORKERS", "0"), ("SAGEMAKER_BATCH_STRATEGY", "ALL"), ("CLASSIFIER_MAX_BATCH_SIZE", "x"),
     ("CLASSIFIER_MODEL_MEMORY_MB", "-5"), ("CLASSIFIER_MULTI_MODEL", "maybe"), ("CLASSIFIER_ACCESS_LOG", "loud"),
+    ("CLASSIFIER_JIT", "sometimes"),
 ])
 def test_bad_values_name_the_variable(key: str, value: str) -> None:
     with pytest.raises(ConfigError, match=key):
         Settings.from_env({key: value})
+
+
+@pytest.mark.parametrize(("value", "jit"), [(None, None), ("auto", None), ("false", False), ("true", True)])
+def test_torchscript_is_left_to_the_device_unless_chosen(value: str | None, jit: bool | None) -> None:
+    assert Settings.from_env({} if value is None else {"CLASSIFIER_JIT": value}).jit is jit
 
 
 def test_eviction_is_left_to_sagemaker_on_its_multi_model_endpoints() -> None:

@@ -5,6 +5,10 @@ with the ImageNet mean and std: exactly ResNet-50's preprocessing. EfficientNet-
 with a bicubic resize and mean = std = 0.5, so ``preprocessing.json`` (packed into the archive from
 the same manifest our server reads) sets the transform; everything else (decoding, batching,
 top-5 postprocessing) is the stock handler's.
+
+An archive made from a frozen TorchScript file (``"torchscript": true`` in ``preprocessing.json``;
+the stock handler loads it with ``torch.jit.load``) gets its inputs in channels-last order and
+runs without the profiling executor's re-optimisation, as our server runs the same frozen network.
 """
 
 import json
@@ -29,5 +33,12 @@ class ManifestImageClassifier(ImageClassifier):
             transforms.ToTensor(),
             transforms.Normalize(mean=prep["mean"], std=prep["std"]),
         ])
+        self.torchscript = prep.get("torchscript", False)
         # The benchmark checks this line to confirm the thread setting reached the worker.
         logger.info("bench handler ready: torch threads=%d", torch.get_num_threads())
+
+    def inference(self, data, *args, **kwargs):
+        if not self.torchscript:
+            return super().inference(data, *args, **kwargs)
+        with torch.inference_mode(), torch.jit.optimized_execution(False):
+            return self.model(data.contiguous(memory_format=torch.channels_last), *args, **kwargs)

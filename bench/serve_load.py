@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,7 +189,9 @@ def prepare_model(name: str, scratch: Path, torchserve_python: Path) -> Prepared
     frozen = Predictor(model, manifest, torch.device("cpu")).model  # frozen exactly as our server does
     if not isinstance(frozen, torch.jit.ScriptModule):
         raise RuntimeError(f"{name} could not be frozen with TorchScript")
-    torch.jit.save(frozen, frozen_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is in maintenance, not gone
+        torch.jit.save(frozen, frozen_file)
     for folder, architecture, serialized in ((store, name, weights), (torchscript_store, None, frozen_file)):
         folder.mkdir()
         build_archive(torchserve_python, name=name, architecture=architecture, serialized_file=serialized,

@@ -41,8 +41,11 @@ def select_device(name: str) -> torch.device:
 def freeze(model: nn.Module, input_shape: tuple[int, ...], device: torch.device,
            dtype: torch.dtype) -> torch.jit.ScriptModule | None:
     """``model`` traced and frozen, or None if tracing fails or the result differs from ``model``."""
+    generator = torch.Generator().manual_seed(0)  # leaves the global random state alone
+
     def example(size: int) -> torch.Tensor:
-        return torch.randn(size, *input_shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        inputs = torch.randn(size, *input_shape, generator=generator)
+        return inputs.to(device, dtype).contiguous(memory_format=torch.channels_last)
 
     try:
         with warnings.catch_warnings(), torch.inference_mode():

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -89,13 +90,23 @@ def test_a_lone_pass_gets_every_thread_and_side_by_side_passes_share_them() -> N
     assert all(name.startswith("shared") for name in busy.thread_names[1:])
 
 
+@contextlib.asynccontextmanager
+async def two_cores(model: SlowModel, *, max_batch_size: int) -> AsyncIterator[Batcher]:
+    """A started batcher for two cores: two single-threaded passes side by side, or one with two threads."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shared") as executor, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="wide") as wide:
+        batcher = Batcher(model, executor, max_batch_size=max_batch_size, max_delay_s=0, max_queue=64, parallel=2,
+                          threads=2, wide_executor=wide)
+        batcher.start()
+        try:
+            yield batcher
+        finally:
+            await batcher.stop()
+
+
 def test_no_pass_starts_wide_while_a_request_is_on_its_way() -> None:
     async def scenario(model: SlowModel) -> None:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shared") as executor, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="wide") as wide:
-            batcher = Batcher(model, executor, max_batch_size=8, max_delay_s=0, max_queue=64, parallel=2,
-                              threads=2, wide_executor=wide)
-            batcher.start()
+        async with two_cores(model, max_batch_size=8) as batcher:
             with batcher.incoming():  # a second request is being decoded while the first is submitted
                 first = asyncio.ensure_future(batcher.submit(image(1.0)))
                 await asyncio.sleep(0.02)
@@ -103,7 +114,6 @@ def test_no_pass_starts_wide_while_a_request_is_on_its_way() -> None:
             await first
             third = await batcher.submit(image(3.0))  # nothing else in sight now
             assert [float(logits[0, 0]) for logits, _ in (second, third)] == [2.0, 3.0]
-            await batcher.stop()
 
     model = SlowModel(0.05)
     asyncio.run(scenario(model))
@@ -162,15 +172,10 @@ def test_inputs_made_by_the_pass_and_a_failure_stays_with_its_request() -> None:
 
 def test_after_a_burst_passes_go_wide_again_once_requests_come_one_at_a_time() -> None:
     async def scenario(model: SlowModel) -> None:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shared") as executor, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="wide") as wide:
-            batcher = Batcher(model, executor, max_batch_size=1, max_delay_s=0, max_queue=64, parallel=2,
-                              threads=2, wide_executor=wide)
-            batcher.start()
+        async with two_cores(model, max_batch_size=1) as batcher:
             await asyncio.gather(*(batcher.submit(image(1.0)) for _ in range(8)))
             for _ in range(12):  # one at a time
                 await batcher.submit(image(1.0))
-            await batcher.stop()
 
     model = SlowModel(0.005)
     asyncio.run(scenario(model))

@@ -58,7 +58,8 @@ DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
 # A single image up to this size is decoded by the CPU forward pass that classifies it (see
 # serve.batching): a few milliseconds of decoding. Larger ones, every other body type and every
 # body for a GPU are decoded beforehand on the decode pool, so no slow decode holds up a batch or
-# leaves the GPU idle.
+# leaves the GPU idle; so is everything when one multi-threaded pass at a time has the cores
+# (CLASSIFIER_INFERENCE_THREADS=1 on several), which would leave all but one idle while it decodes.
 DECODE_IN_PASS_MAX_BYTES = 256 * 1024
 ONE_IMAGE = codec.Inputs(single=True)
 REQUEST_BODY_DOC = {
@@ -252,6 +253,10 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def decode_in_pass(predictor: Predictor) -> bool:
+        """Whether this model's passes decode their own small images (see DECODE_IN_PASS_MAX_BYTES)."""
+        return predictor.device.type == "cpu" and (settings.inference_threads > 1 or settings.threads_per_worker == 1)
+
     def prepare_image(predictor: Predictor, body: bytes) -> torch.Tensor:
         image = codec.decode_image(body, max_pixels=settings.max_image_pixels,
                                    min_side=predictor.resize_size if settings.fast_decode else None)
@@ -279,8 +284,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         loop = asyncio.get_running_loop()
 
         async def answer() -> Response:
-            if (predictor.device.type == "cpu" and codec.is_one_image(content_type)
-                    and len(body) <= DECODE_IN_PASS_MAX_BYTES):
+            if decode_in_pass(predictor) and codec.is_one_image(content_type) and len(body) <= DECODE_IN_PASS_MAX_BYTES:
                 inputs = ONE_IMAGE
                 logits, timing = await served.batcher.submit(functools.partial(prepare_image, predictor, body))
                 decode_s = timing.prepare_s

@@ -272,3 +272,33 @@ def test_s3_references_only_from_allowed_buckets(settings: Settings) -> None:
             assert denied.status_code == 403 and denied.json()["error"]["code"] == "forbidden"
             assert post("s3://allowed-images/missing.png").status_code == 400
             assert post("https://allowed-images.s3.amazonaws.com/cat.png").status_code == 400
+
+
+@pytest.mark.parametrize(("inference_threads", "threads_per_worker", "body_bytes", "decoded_on"), [
+    (2, 1, 0, "inference"),  # passes side by side: a small image is decoded by its pass
+    (2, 1, 300_000, "decode"),  # a large one beforehand, so it never holds up a batch
+    (1, 2, 0, "decode"),  # one pass with both cores: decoding in it would idle the other core
+    (1, 1, 0, "inference"),  # one core
+])
+def test_where_an_image_is_decoded(settings: Settings, monkeypatch: pytest.MonkeyPatch, inference_threads: int,
+                                   threads_per_worker: int, body_bytes: int, decoded_on: str) -> None:
+    from serve import codec
+
+    threads: list[str] = []
+    original = codec.decode_image
+
+    def decode_image(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode_image", decode_image)
+    settings = Settings(model_dir=settings.model_dir, default_model=False, max_body_bytes=1_000_000,
+                        inference_threads=inference_threads, threads_per_worker=threads_per_worker)
+    body = png()
+    body += b"\0" * (body_bytes - len(body))  # bytes after the image's end: still a valid PNG
+    loader = lambda: Predictor.load(settings.model_dir, allow_default=False, device="cpu")
+    with client_for(settings, loader) as client:
+        wait_for_ping(client, 200)
+        response = client.post("/invocations", content=body, headers={"Content-Type": "image/png"})
+    assert response.status_code == 200, response.text
+    assert len(threads) == 1 and threads[0].startswith(decoded_on)

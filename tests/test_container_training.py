@@ -117,3 +117,42 @@ def test_docker_stop_checkpoints_and_a_restart_resumes_to_the_same_weights(datas
     actual = safetensors.torch.load_file(str(base / "model" / artifact.WEIGHTS_FILE))
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+# Docker's defaults, as `docker run` and SageMaker's local mode give them: 64 MB of /dev/shm.
+# Default settings otherwise (224-pixel inputs, batches of 64, one loader worker per core), with
+# the hyperparameters a user sets arriving as strings.
+USER_HYPERPARAMETERS = {"epochs": "1", "batch_size": "64", "learning_rate": "0.01"}
+
+
+@pytest.fixture(scope="module")
+def default_sized_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough images for several default-sized batches in flight at once."""
+    root = tmp_path_factory.mktemp("shapes-224")
+    write_image_folder(root / "training", 70, seed=31)
+    write_image_folder(root / "validation", 4, seed=32)
+    return root
+
+
+def test_trains_with_dockers_default_shared_memory_and_default_settings(default_sized_dataset: Path,
+                                                                        tmp_path: Path) -> None:
+    base = opt_ml(tmp_path / "ml", default_sized_dataset, USER_HYPERPARAMETERS)
+    run = docker("run", "--rm", "-v", f"{base}:/opt/ml", image_for("cpu"), "train", check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "pass batches through pipes: /dev/shm has 64 MB free" in run.stderr
+    assert artifact.is_artifact(base / "model")
+
+
+def test_two_hosts_train_with_dockers_default_shared_memory(default_sized_dataset: Path, tmp_path: Path,
+                                                            network) -> None:
+    net, containers = network
+    started = {
+        host: start_host(image_for("cpu"), net, host,
+                         opt_ml(tmp_path / host, default_sized_dataset, USER_HYPERPARAMETERS,
+                                current_host=host, hosts=HOSTS), containers)
+        for host in HOSTS
+    }
+    codes = {host: wait_exit(container, 900) for host, container in started.items()}
+    logs = {host: docker("logs", container).stderr[-3000:] for host, container in started.items()}
+    assert codes == {"algo-1": 0, "algo-2": 0}, logs
+    assert artifact.is_artifact(tmp_path / "algo-1" / "model")

@@ -9,11 +9,13 @@ uninterrupted run would have, and each data-parallel process sees its own shard.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -24,6 +26,9 @@ from classifier.presets import TrainPreset
 from train.settings import Hyperparameters, Paths, SettingsError
 
 logger = logging.getLogger(__name__)
+SHARED_MEMORY = Path("/dev/shm")
+PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker prepares ahead
+MEGABYTE = 1024 * 1024
 
 
 class DataError(SettingsError):
@@ -153,25 +158,101 @@ class ShardSampler(Sampler[tuple[int, int]]):
             yield mine[position], (base + mine[position]) % (2**63)
 
 
-def train_loader(dataset: Dataset, sampler: ShardSampler, hp: Hyperparameters, *, pin_memory: bool) -> DataLoader:
-    return DataLoader(
-        SeededDataset(dataset),
-        batch_size=hp.batch_size,
+def shared_memory_free(folder: Path = SHARED_MEMORY) -> int | None:
+    """Free bytes in the shared-memory file system, or None when there is none to measure."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How loader workers hand batches to the training process.
+
+    PyTorch's loader workers put every batch in shared memory (``/dev/shm``). Docker gives a
+    container 64 MB of it unless told otherwise, and SageMaker's local mode asks for no more, so
+    default-sized batches of 224-pixel images (38 MB each, a few in flight per worker) do not fit
+    and the job dies in its first epoch. When they would not fit, workers send batches as NumPy
+    arrays through their pipes instead: one more copy per batch, and no shared memory at all.
+    """
+
+    workers: int
+    through_pipes: bool
+
+    @classmethod
+    def choose(cls, *, workers: int, batch_bytes: int, shared_free: int | None) -> Transport:
+        in_flight = (workers * PREFETCH_FACTOR + 1) * batch_bytes
+        # Half the free space at most: evaluation loaders and a second process may need some too.
+        through_pipes = workers > 0 and shared_free is not None and in_flight > shared_free // 2
+        return cls(workers=workers, through_pipes=through_pipes)
+
+    def describe(self, batch_bytes: int, shared_free: int | None) -> str:
+        if self.workers == 0:
+            return "images are loaded in the training process (workers=0)"
+        room = "unknown" if shared_free is None else f"{shared_free / MEGABYTE:.0f} MB"
+        if not self.through_pipes:
+            return f"{self.workers} loader worker(s) pass batches in shared memory (/dev/shm free: {room})"
+        return (f"{self.workers} loader worker(s) pass batches through pipes: /dev/shm has {room} free and "
+                f"{self.workers * PREFETCH_FACTOR + 1} batches of {batch_bytes / MEGABYTE:.0f} MB would be in flight "
+                "(a larger --shm-size lets them use shared memory)")
+
+
+def collate_arrays(samples: Sequence[tuple[object, ...]]) -> tuple[np.ndarray, ...]:
+    """A batch as NumPy arrays, which cross process boundaries as bytes, not shared memory."""
+    return tuple(
+        np.stack([np.asarray(field) for field in fields]) for fields in zip(*samples)
+    )
+
+
+class ArrayBatches:
+    """Iterates a loader of NumPy batches as tensors (pinned for a GPU when asked)."""
+
+    def __init__(self, loader: DataLoader, *, pin_memory: bool) -> None:
+        self.loader = loader
+        self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for arrays in self.loader:
+            tensors = tuple(torch.from_numpy(array) for array in arrays)
+            yield tuple(t.pin_memory() for t in tensors) if self.pin_memory else tensors
+
+
+def _batch_bytes(hp: Hyperparameters) -> int:
+    return hp.batch_size * 3 * hp.image_size * hp.image_size * 4  # float32 images dominate
+
+
+def make_loader(dataset: Dataset, hp: Hyperparameters, *, pin_memory: bool,
+                **options: object) -> DataLoader | ArrayBatches:
+    """A DataLoader over ``dataset`` whose workers fit the shared memory this machine has."""
+    batch_bytes = _batch_bytes(hp)
+    shared_free = shared_memory_free()
+    transport = Transport.choose(workers=hp.workers, batch_bytes=batch_bytes, shared_free=shared_free)
+    logger.info("data loading: %s", transport.describe(batch_bytes, shared_free))
+    if transport.through_pipes:
+        loader = DataLoader(dataset, batch_size=hp.batch_size, num_workers=transport.workers,
+                            collate_fn=collate_arrays, pin_memory=False, **options)  # type: ignore[arg-type]
+        return ArrayBatches(loader, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=hp.batch_size, num_workers=transport.workers,
+                      pin_memory=pin_memory, **options)  # type: ignore[arg-type]
+
+
+def train_loader(dataset: Dataset, sampler: ShardSampler, hp: Hyperparameters, *,
+                 pin_memory: bool) -> DataLoader | ArrayBatches:
+    return make_loader(
+        SeededDataset(dataset), hp, pin_memory=pin_memory,
         sampler=sampler,
-        num_workers=hp.workers,
-        pin_memory=pin_memory,
         persistent_workers=False,  # the sampler changes between epochs
         drop_last=False,
     )
 
 
-def eval_loader(dataset: Dataset, hp: Hyperparameters, *, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
+def eval_loader(dataset: Dataset, hp: Hyperparameters, *, rank: int, world_size: int,
+                pin_memory: bool) -> DataLoader | ArrayBatches:
     """Evaluation is sharded without padding, so summed metrics count every image once."""
     indices: Sequence[int] = range(rank, len(dataset), world_size)  # type: ignore[arg-type]
-    return DataLoader(
-        torch.utils.data.Subset(dataset, list(indices)),
-        batch_size=hp.batch_size,
-        shuffle=False,
-        num_workers=hp.workers,
-        pin_memory=pin_memory,
-    )
+    return make_loader(torch.utils.data.Subset(dataset, list(indices)), hp, pin_memory=pin_memory, shuffle=False)

@@ -129,6 +129,29 @@ def is_artifact(directory: str | os.PathLike[str]) -> bool:
     return (Path(directory) / MANIFEST_FILE).is_file()
 
 
+def visible_entries(directory: str | os.PathLike[str]) -> list[Path]:
+    """What ``directory`` holds, leaving out hidden files (``.DS_Store``, ``._x`` from macOS tars)."""
+    try:
+        return sorted(entry for entry in Path(directory).iterdir() if not entry.name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def not_an_artifact(directory: str | os.PathLike[str], *, shown: int = 8) -> str:
+    """Why the files in ``directory`` are not an artifact, naming what is there (by relative name)."""
+    entries = visible_entries(directory)
+    names = [entry.name + ("/" if entry.is_dir() else "") for entry in entries]
+    found = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    reason = f"the model folder holds no model artifact ({MANIFEST_FILE} + {WEIGHTS_FILE}); it holds: {found}"
+    nested = [entry for entry in entries if entry.is_dir() and is_artifact(entry)]
+    if nested:
+        return (f"{reason}. The artifact is one folder down, in {nested[0].name}/: pack model.tar.gz with its "
+                f"files at the root (tar -czf model.tar.gz -C {nested[0].name} .)")
+    if any(entry.suffix in (".pth", ".pt", ".onnx", ".bin", ".ckpt") for entry in entries):
+        return f"{reason}. A bare weights file says nothing of its architecture, classes or preprocessing"
+    return reason
+
+
 def save(directory: str | os.PathLike[str], model: nn.Module, manifest: Manifest) -> Path:
     """Write ``model``'s weights and ``manifest`` into ``directory`` (created if needed)."""
     directory = Path(directory)

@@ -88,14 +88,19 @@ class Predictor:
     @classmethod
     def load(cls, model_dir: Path, *, allow_default: bool, device: str = "auto", half: bool | None = None,
              jit: bool | None = None) -> Predictor:
-        """The artifact in ``model_dir``, else (if allowed) the built-in ImageNet model."""
+        """The artifact in ``model_dir``; for an empty (or missing) folder, if allowed, the built-in
+        ImageNet model. A folder holding anything else is refused with what it holds."""
         target = select_device(device)
         if artifact.is_artifact(model_dir):
             model, manifest = artifact.load(model_dir, device=target)
             logger.info("loaded %s with %d classes from %s", manifest.architecture, manifest.num_classes, model_dir)
+        elif artifact.visible_entries(model_dir):
+            # Never answer with ImageNet labels for a model that was meant to be served.
+            raise ArtifactError(artifact.not_an_artifact(model_dir))
         elif allow_default:
             model, manifest = default_model()
-            logger.info("no artifact in %s; serving the built-in ImageNet %s", model_dir, manifest.architecture)
+            logger.info("the model folder %s is empty; serving the built-in ImageNet %s", model_dir,
+                        manifest.architecture)
         else:
             raise ArtifactError(f"no model artifact in {model_dir} and the default model is disabled")
         return cls(model, manifest, target, half=half, jit=jit)

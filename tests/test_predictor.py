@@ -85,3 +85,37 @@ def test_the_served_artifact_is_frozen_and_charged_its_weights(tiny_artifact) ->
     assert torch.allclose(torch.from_numpy(predictor.infer(batch)), logits(network, batch), atol=1e-4)
     assert predictor.weight_bytes == sum(t.numel() * t.element_size() for t in [*network.parameters(),
                                                                                  *network.buffers()])
+
+
+def test_an_empty_or_missing_model_folder_serves_the_built_in_model(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"")  # hidden files do not count
+    for folder in (tmp_path / "empty", tmp_path / "absent"):
+        predictor = Predictor.load(folder, allow_default=True, device="cpu", jit=False)
+        assert len(predictor.class_names) == 1000
+
+
+def test_a_model_packed_one_folder_too_deep_is_refused_with_the_fix(tiny_artifact, tmp_path) -> None:
+    """A model.tar.gz with a top-level folder: the artifact lands in /opt/ml/model/<folder>/."""
+    model_dir = tiny_artifact.parent
+    with pytest.raises(artifact.ArtifactError) as refused:
+        Predictor.load(model_dir, allow_default=True, device="cpu")
+    assert "holds no model artifact" in str(refused.value)
+    assert "it holds: model/" in str(refused.value)
+    assert "one folder down, in model/" in str(refused.value)
+    assert str(tmp_path) not in str(refused.value)  # names what it found, not where the folder is
+
+
+def test_a_bare_weights_file_is_not_served_as_imagenet(tmp_path) -> None:
+    torch.save(Small().state_dict(), tmp_path / "model.pth")
+    (tmp_path / "code").mkdir()
+    with pytest.raises(artifact.ArtifactError) as refused:
+        Predictor.load(tmp_path, allow_default=True, device="cpu")
+    assert "it holds: code/, model.pth" in str(refused.value)
+    assert "bare weights file" in str(refused.value)
+
+
+def test_an_empty_manifest_is_a_load_failure_not_the_built_in_model(tmp_path) -> None:
+    (tmp_path / artifact.MANIFEST_FILE).write_text("")
+    with pytest.raises(artifact.ArtifactError, match="not valid JSON"):
+        Predictor.load(tmp_path, allow_default=True, device="cpu")

@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve import codec
+from serve.admission import MemoryGate
 from serve.batching import Batcher
 from serve.errors import (
     BadRequest,
@@ -55,12 +56,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
-# A single image up to this size is decoded by the CPU forward pass that classifies it (see
-# serve.batching): a few milliseconds of decoding. Larger ones, every other body type and every
-# body for a GPU are decoded beforehand on the decode pool, so no slow decode holds up a batch or
-# leaves the GPU idle; so is everything when one multi-threaded pass at a time has the cores
-# (CLASSIFIER_INFERENCE_THREADS=1 on several), which would leave all but one idle while it decodes.
+# A single image up to this size, decoding to no more than this many pixels, is decoded by the CPU
+# forward pass that classifies it (see serve.batching): a few milliseconds of decoding. Larger ones
+# (by body or by pixels: a few kilobytes of PNG can hold tens of megapixels), every other body type
+# and every body for a GPU are decoded beforehand on the decode pool, under the memory gate, so no
+# slow decode holds up a batch or leaves the GPU idle; so is everything when one multi-threaded
+# pass at a time has the cores (CLASSIFIER_INFERENCE_THREADS=1 on several), which would leave all
+# but one idle while it decodes.
 DECODE_IN_PASS_MAX_BYTES = 256 * 1024
+DECODE_IN_PASS_MAX_PIXELS = 2_000_000
 ONE_IMAGE = codec.Inputs(single=True)
 REQUEST_BODY_DOC = {
     "requestBody": {
@@ -145,6 +149,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     wide_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     shared_pool = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="inference-shared")
     fetch_s3 = S3Fetcher(settings.s3_buckets) if settings.s3_buckets else None
+    decode_gate = MemoryGate(settings.decode_memory_bytes)
     single: list[Served] = []  # the one model, once loaded (single-model mode)
 
     def make_batcher(predictor: Predictor, name: str | None = None) -> Batcher:
@@ -265,12 +270,21 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     def prepare(predictor: Predictor, body: bytes, content_type: str | None) -> tuple[torch.Tensor, codec.Inputs]:
         inputs = codec.decode(body, content_type, max_pixels=settings.max_image_pixels,
                               max_instances=settings.max_instances, fetch_s3=fetch_s3,
-                              min_side=predictor.resize_size if settings.fast_decode else None)
+                              min_side=predictor.resize_size if settings.fast_decode else None,
+                              max_request_pixels=settings.max_request_pixels, gate=decode_gate,
+                              prepare=predictor.preprocess)
         if inputs.tensor is not None:
             if tuple(inputs.tensor.shape[1:]) != predictor.input_shape:
                 raise InvalidTensor(f"expected images of shape {predictor.input_shape}, got {inputs.tensor.shape[1:]}")
             return torch.from_numpy(inputs.tensor), inputs
-        return torch.stack([predictor.preprocess(image) for image in inputs.images]), inputs
+        return torch.stack(inputs.images), inputs
+
+    def small_enough_for_the_pass(predictor: Predictor, body: bytes, content_type: str | None) -> bool:
+        if not (decode_in_pass(predictor) and codec.is_one_image(content_type) and len(body) <= DECODE_IN_PASS_MAX_BYTES):
+            return False
+        pixels = codec.decoded_pixels(body, max_pixels=settings.max_image_pixels,
+                                      min_side=predictor.resize_size if settings.fast_decode else None)
+        return pixels is not None and pixels <= DECODE_IN_PASS_MAX_PIXELS
 
     async def classify(request: Request, served: Served | LoadedModel) -> Response:
         """Decode the request, run it through the model's batcher and encode the answer."""
@@ -284,7 +298,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         loop = asyncio.get_running_loop()
 
         async def answer() -> Response:
-            if decode_in_pass(predictor) and codec.is_one_image(content_type) and len(body) <= DECODE_IN_PASS_MAX_BYTES:
+            if small_enough_for_the_pass(predictor, body, content_type):
                 inputs = ONE_IMAGE
                 logits, timing = await served.batcher.submit(functools.partial(prepare_image, predictor, body))
                 decode_s = timing.prepare_s

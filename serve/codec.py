@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import csv
 import io
 import json
@@ -31,9 +32,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from serve.admission import BYTES_PER_DECODED_PIXEL, MemoryGate
 from serve.errors import (
     BadRequest,
     BatchTooLarge,
+    ImagesTooLarge,
     InvalidBase64,
     InvalidImage,
     InvalidJson,
@@ -98,9 +101,10 @@ def parse_options(header: str | None, *, default_top_k: int) -> Options:
 
 @dataclass(frozen=True)
 class Inputs:
-    """A decoded request: images (to preprocess) or a ready tensor, and how it was framed."""
+    """A decoded request: images (or what ``decode``'s ``prepare`` made of them) or a ready tensor,
+    and how it was framed."""
 
-    images: tuple[Image.Image, ...] = ()
+    images: tuple[Any, ...] = ()
     tensor: np.ndarray | None = None
     single: bool = True  # a bare image or one-instance body: answer with one prediction list
     lines: bool = False  # JSON Lines in: one output record per input line
@@ -109,13 +113,13 @@ class Inputs:
         return len(self.images) if self.tensor is None else len(self.tensor)
 
 
-def decode_image(body: bytes, *, max_pixels: int, min_side: int | None = None) -> Image.Image:
-    """Decode one image into an upright RGB image; refuse oversized ones before decoding.
+def _open(body: bytes, *, max_pixels: int, min_side: int | None) -> Image.Image:
+    """Read the image's header only; for a large JPEG, choose a reduced decoding scale.
 
     With ``min_side`` (the model's resize size), a JPEG much larger than needed is decoded at a
     reduced scale straight from its DCT coefficients (1/2, 1/4 or 1/8), never below ``min_side``
     on its short side: a 12-megapixel photo decodes several times faster, and the resize that
-    follows sees nearly the same pixels."""
+    follows sees nearly the same pixels. ``image.size`` is then the size that will be decoded."""
     if not body:
         raise InvalidImage("the image is empty")
     try:
@@ -128,20 +132,56 @@ def decode_image(body: bytes, *, max_pixels: int, min_side: int | None = None) -
             if min_side and image.format == "JPEG" and min(width, height) >= 2 * min_side:
                 scale = min_side / min(width, height)
                 image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit greyscale: scale to 8 bits instead of clipping to white.
-                array = np.asarray(image, dtype=np.float64)
-                peak = array.max() or 1.0
-                image = Image.fromarray(np.rint(array * (255.0 / peak)).clip(0, 255).astype(np.uint8))
-            return image.convert("RGB")
+            return image
     except InvalidImage:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidImage("the body is not an image this server can decode") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"the image could not be decoded: {exc}") from None
+
+
+def decoded_pixels(body: bytes, *, max_pixels: int, min_side: int | None = None) -> int | None:
+    """How many pixels decoding ``body`` as one image would produce (None if it is no image)."""
+    try:
+        image = _open(body, max_pixels=max_pixels, min_side=min_side)
+    except InvalidImage:
+        return None
+    return image.size[0] * image.size[1]
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16/32-bit greyscale: scale to 8 bits instead of clipping to white.
+            array = np.asarray(image, dtype=np.float32)
+            array *= 255.0 / (float(array.max()) or 1.0)
+            image = Image.fromarray(np.rint(array, out=array).astype(np.uint8))
+            del array
+        return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidImage("the body is not an image this server can decode") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImage(f"the image could not be decoded: {exc}") from None
+
+
+def _finish(image: Image.Image, gate: MemoryGate | None, prepare: Callable[[Image.Image], Any] | None = None) -> Any:
+    """Decode an opened image into an upright RGB image and pass it through ``prepare``, holding
+    the memory this takes from ``gate`` until only the prepared result is left."""
+    cost = image.size[0] * image.size[1] * BYTES_PER_DECODED_PIXEL
+    with gate.hold(cost) if gate is not None else contextlib.nullcontext():
+        decoded = _to_rgb(image)
+        return prepare(decoded) if prepare is not None else decoded
+
+
+def decode_image(body: bytes, *, max_pixels: int, min_side: int | None = None,
+                 gate: MemoryGate | None = None) -> Image.Image:
+    """Decode one image into an upright RGB image; refuse oversized ones before decoding
+    (``min_side``: see :func:`_open`; ``gate``: see :mod:`serve.admission`)."""
+    image: Image.Image = _finish(_open(body, max_pixels=max_pixels, min_side=min_side), gate)
+    return image
 
 
 def _instance_bytes(instance: Any, position: int, fetch_s3: Callable[[str], bytes] | None) -> bytes:
@@ -161,20 +201,32 @@ def _instance_bytes(instance: Any, position: int, fetch_s3: Callable[[str], byte
         raise InvalidBase64(f"instance {position}: not valid base64") from None
 
 
-def _decode_instances(instances: Sequence[Any], *, max_pixels: int, max_instances: int,
-                      fetch_s3: Callable[[str], bytes] | None, min_side: int | None) -> tuple[Image.Image, ...]:
+def _decode_instances(instances: Sequence[Any], *, limits: Limits, fetch_s3: Callable[[str], bytes] | None,
+                      prepare: Callable[[Image.Image], Any] | None) -> tuple[Any, ...]:
     if not instances:
         raise BadRequest("the request holds no instances")
-    if len(instances) > max_instances:
-        raise BatchTooLarge(f"the request holds {len(instances)} instances; the limit is {max_instances}")
-    images = []
+    if len(instances) > limits.max_instances:
+        raise BatchTooLarge(f"the request holds {len(instances)} instances; the limit is {limits.max_instances}")
+    opened: list[Image.Image] = []
     for position, instance in enumerate(instances):
         try:
-            images.append(decode_image(_instance_bytes(instance, position, fetch_s3), max_pixels=max_pixels,
-                                       min_side=min_side))
+            opened.append(_open(_instance_bytes(instance, position, fetch_s3), max_pixels=limits.max_pixels,
+                                min_side=limits.min_side))
         except InvalidImage as exc:
             raise InvalidImage(f"instance {position}: {exc.message}") from None
-    return tuple(images)
+    pixels = sum(image.size[0] * image.size[1] for image in opened)
+    if limits.max_request_pixels is not None and pixels > limits.max_request_pixels:
+        raise ImagesTooLarge(f"the request's {len(opened)} images decode to {pixels} pixels; the limit for one "
+                             f"request is {limits.max_request_pixels} pixels")
+    prepared = []
+    opened.reverse()
+    while opened:  # each full-size image is let go as soon as it is prepared
+        position = len(prepared)
+        try:
+            prepared.append(_finish(opened.pop(), limits.gate, prepare))
+        except InvalidImage as exc:
+            raise InvalidImage(f"instance {position}: {exc.message}") from None
+    return tuple(prepared)
 
 
 def _decode_tensor(body: bytes, max_instances: int) -> np.ndarray:
@@ -198,12 +250,32 @@ def is_one_image(content_type: str | None) -> bool:
     return (media_type(content_type) or "application/x-image") in IMAGE_TYPES
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost to decode."""
+
+    max_pixels: int  # in one image
+    max_instances: int  # images in one request
+    max_request_pixels: int | None = None  # decoded pixels of all the request's images together
+    min_side: int | None = None  # decode large JPEGs at a reduced scale down to this (see _open)
+    gate: MemoryGate | None = None  # memory admission for full-size decodes (see serve.admission)
+
+
 def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instances: int,
-           fetch_s3: Callable[[str], bytes] | None = None, min_side: int | None = None) -> Inputs:
-    """Decode a request body of any supported type (``min_side``: see :func:`decode_image`)."""
+           fetch_s3: Callable[[str], bytes] | None = None, min_side: int | None = None,
+           max_request_pixels: int | None = None, gate: MemoryGate | None = None,
+           prepare: Callable[[Image.Image], Any] | None = None) -> Inputs:
+    """Decode a request body of any supported type.
+
+    Each image is passed through ``prepare`` (e.g. the model's preprocessing) as soon as it is
+    decoded, so that ``Inputs.images`` holds what ``prepare`` returns and no more than one
+    full-size image exists at a time. The pixels of all images are counted from their headers,
+    and refused above ``max_request_pixels``, before any is decoded."""
+    limits = Limits(max_pixels=max_pixels, max_instances=max_instances, max_request_pixels=max_request_pixels,
+                    min_side=min_side, gate=gate)
     kind = media_type(content_type) or "application/x-image"
     if kind in IMAGE_TYPES:
-        return Inputs(images=(decode_image(body, max_pixels=max_pixels, min_side=min_side),))
+        return Inputs(images=(_finish(_open(body, max_pixels=max_pixels, min_side=min_side), gate, prepare),))
     if kind == NPY:
         return Inputs(tensor=_decode_tensor(body, max_instances), single=False)
     if kind == JSON:
@@ -214,11 +286,11 @@ def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instan
         if isinstance(document, dict) and "instances" in document:
             if not isinstance(document["instances"], list):
                 raise BadRequest('"instances" must be a list')
-            images = _decode_instances(document["instances"], max_pixels=max_pixels,
-                                       max_instances=max_instances, fetch_s3=fetch_s3, min_side=min_side)
+            images = _decode_instances(document["instances"], limits=limits, fetch_s3=fetch_s3, prepare=prepare)
             return Inputs(images=images, single=False)
-        return Inputs(images=_decode_instances([document], max_pixels=max_pixels, max_instances=1, fetch_s3=fetch_s3,
-                                               min_side=min_side))
+        one = Limits(max_pixels=max_pixels, max_instances=1, max_request_pixels=max_request_pixels,
+                     min_side=min_side, gate=gate)
+        return Inputs(images=_decode_instances([document], limits=one, fetch_s3=fetch_s3, prepare=prepare))
     if kind in JSON_LINES_ALIASES:
         records = []
         for number, line in enumerate(body.splitlines(), start=1):
@@ -227,8 +299,7 @@ def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instan
                     records.append(json.loads(line))
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise InvalidJson(f"line {number} is not valid JSON: {exc}") from None
-        images = _decode_instances(records, max_pixels=max_pixels, max_instances=max_instances, fetch_s3=fetch_s3,
-                                   min_side=min_side)
+        images = _decode_instances(records, limits=limits, fetch_s3=fetch_s3, prepare=prepare)
         return Inputs(images=images, single=False, lines=True)
     raise UnsupportedMediaType(
         f"content type {kind!r} is not supported; send one of: {', '.join(sorted(REQUEST_TYPES))}"

@@ -54,6 +54,12 @@ class PayloadTooLarge(ServingError):
     code = "payload_too_large"
 
 
+class ImagesTooLarge(PayloadTooLarge):
+    """The request's images would decode to more pixels than one request may use."""
+
+    code = "images_too_large"
+
+
 class UnsupportedMediaType(ServingError):
     status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
     code = "unsupported_media_type"

@@ -72,6 +72,10 @@ class Settings:
     top_k: int = 5
     max_body_bytes: int = 6 * MEGABYTE
     max_image_pixels: int = 40_000_000
+    # Decoded pixels of one request's images together (headers are read before any is decoded).
+    max_request_pixels: int = 160_000_000
+    # Full-size decoded images held at once across all requests (see serve.admission).
+    decode_memory_bytes: int = 512 * MEGABYTE
     fast_decode: bool = True  # decode large JPEGs at a reduced scale (never below the model's resize size)
     max_batch_size: int = 16  # images per forward pass
     max_batch_delay_ms: float = 0.0  # extra wait for more requests; 0 = batch what is queued
@@ -135,6 +139,8 @@ class Settings:
             top_k=get("CLASSIFIER_TOP_K", _positive_int, cls.top_k),
             max_body_bytes=int(get("CLASSIFIER_MAX_BODY_MB", _positive_float, payload_mb) * MEGABYTE),
             max_image_pixels=get("CLASSIFIER_MAX_IMAGE_PIXELS", _positive_int, cls.max_image_pixels),
+            max_request_pixels=get("CLASSIFIER_MAX_REQUEST_PIXELS", _positive_int, cls.max_request_pixels),
+            decode_memory_bytes=int(get("CLASSIFIER_DECODE_MEMORY_MB", _positive_float, 512.0) * MEGABYTE),
             fast_decode=get("CLASSIFIER_FAST_DECODE", parse_bool, cls.fast_decode),
             max_batch_size=get("CLASSIFIER_MAX_BATCH_SIZE", _positive_int, cls.max_batch_size),
             max_batch_delay_ms=get("CLASSIFIER_MAX_BATCH_DELAY_MS", _non_negative_float, cls.max_batch_delay_ms),

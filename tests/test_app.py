@@ -274,27 +274,29 @@ def test_s3_references_only_from_allowed_buckets(settings: Settings) -> None:
             assert post("https://allowed-images.s3.amazonaws.com/cat.png").status_code == 400
 
 
-@pytest.mark.parametrize(("inference_threads", "threads_per_worker", "body_bytes", "decoded_on"), [
-    (2, 1, 0, "inference"),  # passes side by side: a small image is decoded by its pass
-    (2, 1, 300_000, "decode"),  # a large one beforehand, so it never holds up a batch
-    (1, 2, 0, "decode"),  # one pass with both cores: decoding in it would idle the other core
-    (1, 1, 0, "inference"),  # one core
+@pytest.mark.parametrize(("inference_threads", "threads_per_worker", "body_bytes", "side", "decoded_on"), [
+    (2, 1, 0, 40, "inference"),  # passes side by side: a small image is decoded by its pass
+    (2, 1, 300_000, 40, "decode"),  # a large one beforehand, so it never holds up a batch
+    (2, 1, 0, 2000, "decode"),  # so is a small body of many pixels (4 megapixels in a few kilobytes)
+    (1, 2, 0, 40, "decode"),  # one pass with both cores: decoding in it would idle the other core
+    (1, 1, 0, 40, "inference"),  # one core
 ])
 def test_where_an_image_is_decoded(settings: Settings, monkeypatch: pytest.MonkeyPatch, inference_threads: int,
-                                   threads_per_worker: int, body_bytes: int, decoded_on: str) -> None:
+                                   threads_per_worker: int, body_bytes: int, side: int, decoded_on: str) -> None:
     from serve import codec
 
     threads: list[str] = []
-    original = codec.decode_image
+    original = codec._to_rgb
 
-    def decode_image(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def to_rgb(*args, **kwargs):  # type: ignore[no-untyped-def]
         threads.append(threading.current_thread().name)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(codec, "decode_image", decode_image)
+    monkeypatch.setattr(codec, "_to_rgb", to_rgb)
     settings = Settings(model_dir=settings.model_dir, default_model=False, max_body_bytes=1_000_000,
                         inference_threads=inference_threads, threads_per_worker=threads_per_worker)
-    body = png()
+    body = png((side, side))
+    assert len(body) < 100_000
     body += b"\0" * (body_bytes - len(body))  # bytes after the image's end: still a valid PNG
     loader = lambda: Predictor.load(settings.model_dir, allow_default=False, device="cpu")
     with client_for(settings, loader) as client:
@@ -302,3 +304,17 @@ def test_where_an_image_is_decoded(settings: Settings, monkeypatch: pytest.Monke
         response = client.post("/invocations", content=body, headers={"Content-Type": "image/png"})
     assert response.status_code == 200, response.text
     assert len(threads) == 1 and threads[0].startswith(decoded_on)
+
+
+def test_a_request_decoding_to_too_many_pixels_gets_413_before_decoding(client: TestClient) -> None:
+    """A few kilobytes of one-bit PNG per instance, 40 megapixels each once decoded."""
+    import base64
+    import json
+
+    bitmap = base64.b64encode(encode(Image.new("1", (6000, 6000)), "PNG")).decode()
+    body = json.dumps({"instances": [{"b64": bitmap}] * 8}).encode()
+    assert len(body) < 50_000
+    response = client.post("/invocations", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "images_too_large"
+    assert client.get("/ping").status_code == 200

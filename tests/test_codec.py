@@ -12,10 +12,12 @@ import pytest
 from PIL import Image
 
 from serve import codec
+from serve.admission import BYTES_PER_DECODED_PIXEL, MemoryGate
 from serve.codec import Inputs, Options, choose_response_type, decode, decode_image, parse_options
 from serve.errors import (
     BadRequest,
     BatchTooLarge,
+    ImagesTooLarge,
     InvalidBase64,
     InvalidImage,
     InvalidJson,
@@ -243,3 +245,57 @@ def test_encodings() -> None:
     single = json.loads(codec.encode(LOGITS[:1], NAMES, inputs=Inputs(images=(Image.new("RGB", (1, 1)),)),
                                      options=Options(3), response_type=codec.JSON))
     assert [p["label"] for p in single["predictions"]] == ["b, with comma", "c", "a"]
+
+
+def test_a_requests_pixels_are_counted_from_headers_and_refused_before_any_decoding(monkeypatch) -> None:
+    """A few kilobytes of one-bit PNG decode to 40 megapixels: the body size says nothing."""
+    bitmap = encode(Image.new("1", (5000, 8000)), "PNG")
+    assert len(bitmap) < 10_000
+    finished = []
+    monkeypatch.setattr(codec, "_finish", lambda image, *rest: finished.append(image) or image)
+    body = json.dumps({"instances": [{"b64": b64(bitmap)}] * 32}).encode()
+    with pytest.raises(ImagesTooLarge) as refused:
+        decode(body, "application/json", max_pixels=40_000_000, max_instances=64, max_request_pixels=160_000_000)
+    assert refused.value.status == 413
+    assert "32 images decode to 1280000000 pixels" in refused.value.message
+    assert finished == []
+
+
+def test_a_large_jpeg_counts_the_pixels_it_decodes_to_at_reduced_scale() -> None:
+    photo = encode(Image.new("RGB", (4000, 3000), "green"), "JPEG")
+    assert codec.decoded_pixels(photo, max_pixels=LIMIT * 2) == 4000 * 3000
+    assert codec.decoded_pixels(photo, max_pixels=LIMIT * 2, min_side=256) == 500 * 375
+    assert codec.decoded_pixels(b"not an image", max_pixels=LIMIT) is None
+
+
+def test_each_image_is_prepared_as_soon_as_it_is_decoded() -> None:
+    """Only one full-size image exists at a time: the next is decoded after the last is prepared."""
+    events = []
+
+    class Gate(MemoryGate):
+        def hold(self, nbytes):
+            events.append("decode")
+            return super().hold(nbytes)
+
+    def prepare(image):
+        events.append("prepare")
+        return image.size
+
+    body = json.dumps({"instances": [b64(encode(Image.new("L", (30 + i, 20)), "PNG")) for i in range(3)]}).encode()
+    inputs = decode(body, "application/json", max_pixels=LIMIT, max_instances=8, gate=Gate(10**9), prepare=prepare)
+    assert inputs.images == ((30, 20), (31, 20), (32, 20))
+    assert events == ["decode", "prepare"] * 3
+
+
+def test_decoding_holds_its_estimated_memory_from_the_gate() -> None:
+    held = []
+
+    class Gate(MemoryGate):
+        def hold(self, nbytes):
+            held.append(nbytes)
+            return super().hold(nbytes)
+
+    gate = Gate(1 << 30)
+    decode_image(encode(Image.new("I;16", (100, 50)), "PNG"), max_pixels=LIMIT, gate=gate)
+    assert held == [100 * 50 * BYTES_PER_DECODED_PIXEL]
+    assert gate.held == 0

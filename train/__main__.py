@@ -5,6 +5,10 @@ paths and hyperparameters as flags, e.g.::
 
     python -m train --train data/ --model-dir model/ --epochs 5 --batch-size 32
 
+When the job names a script of the user's own (``sagemaker_program``, as the SageMaker SDK's
+``PyTorch(entry_point=...)`` sends it), that script runs instead (see ``train.script``); flags
+given here are passed on to it after the hyperparameters.
+
 With several GPUs (or ``--processes-per-host N``) this process starts one worker per GPU and
 forwards SIGTERM to them; with several hosts (``resourceconfig.json``) the workers of all hosts
 form one data-parallel job.
@@ -26,9 +30,10 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from classifier.logs import setup_logging
+from train import script
 from train.distributed import Topology, discover
 from train.job import Outcome, run, select_device
-from train.settings import Settings, SettingsError, failure_file, resolve
+from train.settings import Settings, SettingsError, base_dir_from, failure_file, resolve
 
 logger = logging.getLogger("train")
 FAILURE_LIMIT = 1024  # SageMaker keeps this many characters of the failure file
@@ -36,7 +41,7 @@ EXIT_STOPPED = 128 + signal.SIGTERM
 
 
 def describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, SettingsError):
+    if isinstance(exc, SettingsError | script.ScriptError):
         return str(exc)  # already phrased for the user
     return f"{type(exc).__name__}: {exc}"
 
@@ -92,6 +97,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     setup_logging(log[0], json_format=log[1])
     failure = failure_file(argv, environ)
     failure.unlink(missing_ok=True)
+    try:
+        base_dir, script_args = base_dir_from(argv, environ)
+        job = script.read_job(base_dir, environ)
+        if job is not None:
+            return script.run(job, script_args)
+    except (Exception, KeyboardInterrupt) as exc:
+        logger.exception("the user's script could not be run")
+        write_failure(failure, describe_failure(exc))
+        return 1
     try:
         settings = resolve(argv, environ)
         hp = settings.hyperparameters

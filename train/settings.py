@@ -356,13 +356,24 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     return Settings(hyperparameters=Hyperparameters(**merged), paths=paths)
 
 
+def base_dir_from(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Path, list[str]]:
+    """The base folder (``--base-dir``, else ``SAGEMAKER_BASE_DIR``, else /opt/ml) and the other flags."""
+    base = environ.get("SAGEMAKER_BASE_DIR") or str(DEFAULT_BASE_DIR)
+    args, rest = list(argv), []
+    index = 0
+    while index < len(args):
+        if args[index] == "--base-dir" and index + 1 < len(args):
+            base, index = args[index + 1], index + 2
+            continue
+        if args[index].startswith("--base-dir="):
+            base = args[index].split("=", 1)[1]
+        else:
+            rest.append(args[index])
+        index += 1
+    return Path(base), rest
+
+
 def failure_file(argv: Sequence[str], environ: Mapping[str, str]) -> Path:
     """Where to report a failure, even when the settings themselves could not be resolved."""
-    base = environ.get("SAGEMAKER_BASE_DIR") or str(DEFAULT_BASE_DIR)
-    args = list(argv)
-    for index, arg in enumerate(args):
-        if arg == "--base-dir" and index + 1 < len(args):
-            base = args[index + 1]
-        elif arg.startswith("--base-dir="):
-            base = arg.split("=", 1)[1]
-    return Path(environ.get("SM_OUTPUT_DIR") or Path(base) / "output") / "failure"
+    base, _ = base_dir_from(argv, environ)
+    return Path(environ.get("SM_OUTPUT_DIR") or base / "output") / "failure"

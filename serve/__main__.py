@@ -24,8 +24,13 @@ GRACEFUL_SHUTDOWN_S = 25
 
 
 def load_predictor(settings: Settings):
+    """The model: through its own inference.py when it has one (handler mode), else an artifact."""
+    from serve.handlers import HandlerModel, has_handlers
     from serve.predictor import Predictor
 
+    if has_handlers(settings.model_dir, settings.program, settings.submit_directory):
+        return HandlerModel.load(settings.model_dir, program=settings.program,
+                                 submit_directory=settings.submit_directory, default_accept=settings.default_accept)
     return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device,
                           half=settings.half, jit=settings.jit)
 

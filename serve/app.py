@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -40,10 +40,12 @@ from serve.errors import (
     InvalidTensor,
     ModelNotFound,
     NotReady,
+    Overloaded,
     PayloadTooLarge,
     ServingError,
     Timeout,
 )
+from serve.handlers import HandlerModel
 from serve.multi_model import TARGET_MODEL_HEADER, models_router
 from serve.observe import Metrics, Observe
 from serve.predictor import select_device
@@ -115,6 +117,27 @@ class ModelState:
         logger.info("model ready")
 
 
+class Load:
+    """Requests admitted to a pool of threads, refused with 503 beyond ``limit``. Used on the event
+    loop only. A request counts until its work has finished, even if it was answered 504 before."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def run(self, executor: ThreadPoolExecutor, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        if self.in_flight >= self.limit:
+            raise Overloaded(f"{self.in_flight} requests are in progress; try again shortly",
+                             headers={"Retry-After": "1"})
+        future = asyncio.get_running_loop().run_in_executor(executor, function, *args)
+        self.in_flight += 1
+        future.add_done_callback(self._release)
+        return future
+
+    def _release(self, future: asyncio.Future[Any]) -> None:
+        self.in_flight -= 1
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
     declared = request.headers.get("content-length")
@@ -149,6 +172,11 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     wide_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     shared_pool = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="inference-shared")
     fetch_s3 = S3Fetcher(settings.s3_buckets) if settings.s3_buckets else None
+    # Handler mode: user code runs here, off the event loop, at most handler_threads at a time.
+    handler_pool = ThreadPoolExecutor(max_workers=settings.handler_threads, thread_name_prefix="handler",
+                                      initializer=torch.set_num_threads,
+                                      initargs=(max(1, settings.threads_per_worker // settings.handler_threads),))
+    handler_load = Load(limit=settings.handler_threads + settings.max_queue)
     decode_gate = MemoryGate(settings.decode_memory_bytes)
     single: list[Served] = []  # the one model, once loaded (single-model mode)
 
@@ -161,8 +189,12 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                        parallel=parallel, threads=settings.threads_per_worker,
                        on_batch=metrics.batch_size.observe, **options)
 
-    def warm_up(predictor: Predictor) -> None:
-        """One pass where lone requests will run: on the "inference" thread with every torch thread."""
+    def warm_up(predictor: Predictor | HandlerModel) -> None:
+        """One pass where lone requests will run: on the "inference" thread with every torch thread.
+        A model served through its own handlers is ready once its model_fn has returned."""
+        if isinstance(predictor, HandlerModel):
+            return
+
         def run() -> None:
             torch.set_num_threads(settings.threads_per_worker)
             predictor.warm_up()
@@ -203,7 +235,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                 await served.batcher.stop()
             if registry is not None:
                 await registry.close()
-            for pool in (decode_pool, wide_pool, shared_pool):
+            for pool in (decode_pool, wide_pool, shared_pool, handler_pool):
                 pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Image classifier", version="1", lifespan=lifespan,
@@ -321,6 +353,20 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         except TimeoutError:
             raise Timeout(f"the request did not finish within {settings.request_timeout_s:g} s") from None
 
+    async def through_handlers(request: Request, model: HandlerModel) -> Response:
+        """One request through the user's inference.py, on the handler threads, within the timeout."""
+        body = await read_body(request, settings.max_body_bytes)
+        content_type = request.headers.get("content-type") or "application/octet-stream"
+        headers = {key.lower(): value for key, value in request.headers.items()}
+        future = handler_load.run(handler_pool, model.invoke, body, content_type, request.headers.get("accept"),
+                                  headers)
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                payload, answer_type = await asyncio.shield(future)
+        except TimeoutError:
+            raise Timeout(f"the request did not finish within {settings.request_timeout_s:g} s") from None
+        return Response(payload, media_type=answer_type)
+
     def single_model() -> Served:
         if not single:
             predictor = state.predictor
@@ -341,6 +387,8 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
 
     @app.post("/invocations", summary="Classify images", openapi_extra=REQUEST_BODY_DOC)
     async def invocations(request: Request) -> Response:
+        if not settings.multi_model and isinstance(state.predictor, HandlerModel):
+            return await through_handlers(request, state.predictor)
         return await classify(request, target_model(request) if settings.multi_model else single_model())
 
     if registry is not None:

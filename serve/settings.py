@@ -2,6 +2,7 @@
 
 SageMaker's own variables are honoured where they exist (``SAGEMAKER_BIND_TO_PORT``,
 ``SAGEMAKER_MODEL_SERVER_WORKERS``, ``SAGEMAKER_MODEL_SERVER_TIMEOUT``, ``SAGEMAKER_BATCH``,
+``SAGEMAKER_PROGRAM``, ``SAGEMAKER_SUBMIT_DIRECTORY``, ``SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT``,
 ``SAGEMAKER_MAX_PAYLOAD_IN_MB``, ``SAGEMAKER_BATCH_STRATEGY``,
 ``SAGEMAKER_MAX_CONCURRENT_TRANSFORMS``, and ``SAGEMAKER_MULTI_MODEL`` as AWS's toolkits read it);
 everything else is ``CLASSIFIER_*``.
@@ -96,6 +97,11 @@ class Settings:
     model_memory_budget_bytes: int | None = None  # for all loaded models together; None: free memory decides
     memory_reserve_bytes: int = 256 * MEGABYTE  # left free for requests when loading a model
     evict_models: bool = True  # unload least recently used models to make room (else 507); off under SageMaker MME
+    # Handler mode (the model's code/inference.py, as SageMaker's PyTorch container serves it).
+    program: str | None = None  # SAGEMAKER_PROGRAM: the handler module; set by PyTorchModel(entry_point=...)
+    submit_directory: str | None = None  # SAGEMAKER_SUBMIT_DIRECTORY: where it is, when not in <model>/code
+    default_accept: str = "application/json"  # SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT
+    handler_threads: int = 1  # requests through the handlers at once (each with cores / handler_threads torch threads)
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -162,6 +168,10 @@ class Settings:
             # SageMaker keeps its own list of loaded models and unloads some when a load answers
             # 507; a model dropped behind its back would answer 404. Elsewhere, evict (LRU).
             evict_models=get("CLASSIFIER_EVICT_MODELS", parse_bool, not on_sagemaker_mme),
+            program=environ.get("SAGEMAKER_PROGRAM") or None,
+            submit_directory=environ.get("SAGEMAKER_SUBMIT_DIRECTORY") or None,
+            default_accept=environ.get("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT") or cls.default_accept,
+            handler_threads=get("CLASSIFIER_HANDLER_THREADS", _positive_int, cls.handler_threads),
             log_level=(environ.get("LOG_LEVEL") or cls.log_level).upper(),
             log_json=get("LOG_FORMAT", lambda v: v.lower() == "json", cls.log_json),
         )

@@ -1,0 +1,223 @@
+"""Handler mode in-process: a model served through its own ``code/inference.py``.
+
+The handlers are written the way SageMaker PyTorch users write them; the app is the real one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from serve import handlers
+from serve.app import create_app
+from serve.handlers import HandlerModel
+from serve.settings import Settings
+
+# A linear model whose answer is known: y = 2x summed over the features.
+INFERENCE_PY = textwrap.dedent('''
+    import json, os, threading, time
+    import numpy as np
+    import torch
+
+    STARTED, RELEASE = threading.Event(), threading.Event()
+
+    def model_fn(model_dir):
+        model = torch.nn.Linear(3, 1, bias=False)
+        model.load_state_dict(torch.load(os.path.join(model_dir, "model.pth"), weights_only=True))
+        return model.eval()
+
+    def input_fn(body, content_type):
+        if content_type != "application/json":
+            raise ValueError(f"expected JSON, got {content_type}")
+        data = json.loads(body)  # a str for application/json, as in SageMaker's container
+        if data.get("wait"):
+            STARTED.set()
+            RELEASE.wait(30)
+        if data.get("explode"):
+            return "explode"
+        return torch.tensor(data["inputs"], dtype=torch.float32)
+
+    def predict_fn(data, model):
+        if isinstance(data, str):
+            raise RuntimeError("the model exploded")
+        with torch.no_grad():
+            return model(data)
+''')
+
+
+def model_folder(root: Path, inference_py: str = INFERENCE_PY, **files: str) -> Path:
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), root / "model.pth")
+    (root / "code").mkdir()
+    (root / "code" / "inference.py").write_text(inference_py)
+    for name, text in files.items():
+        (root / "code" / name).write_text(text)
+    return root
+
+
+def wait_for(client: TestClient, status: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (body := client.get("/ping").json())["status"] != status:
+        assert body["status"] == "loading" and time.monotonic() < deadline, body
+        time.sleep(0.02)
+    return body
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[TestClient, HandlerModel]]:
+    model_dir = model_folder(tmp_path / "model")
+    settings = Settings(model_dir=model_dir, request_timeout_s=2.0, max_queue=0)
+    loaded: list[HandlerModel] = []
+
+    def load() -> HandlerModel:
+        loaded.append(HandlerModel.load(model_dir, module_name=f"inference_{id(settings)}"))
+        return loaded[0]
+
+    with TestClient(create_app(settings, load), raise_server_exceptions=False) as client:
+        wait_for(client, "ready")
+        yield client, loaded[0]
+
+
+def post(client: TestClient, payload: object, content_type: str = "application/json", **headers: str):
+    return client.post("/invocations", content=json.dumps(payload).encode(),
+                       headers={"Content-Type": content_type, **headers})
+
+
+def test_the_users_functions_answer_with_the_default_output_fn(served) -> None:
+    client, _ = served
+    response = post(client, {"inputs": [[1, 2, 3], [0, 0, 1]]})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == [[12.0], [2.0]]
+    npy = post(client, {"inputs": [[1, 1, 1]]}, Accept="application/x-npy")
+    assert npy.headers["content-type"] == "application/x-npy"
+    np.testing.assert_array_equal(np.load(io.BytesIO(npy.content)), [[6.0]])
+    csv = post(client, {"inputs": [[1, 1, 1], [1, 0, 0]]}, Accept="text/csv")
+    assert csv.text.splitlines() == ["6.0", "2.0"]
+
+
+def test_input_fn_refusing_the_body_is_a_400_naming_its_message(served) -> None:
+    client, _ = served
+    response = post(client, {"inputs": [1]}, "text/plain")
+    assert response.status_code == 400
+    assert response.json()["error"] == {"code": "invalid_input",
+                                         "message": "input_fn: ValueError: expected JSON, got text/plain"}
+    assert post(client, {"no_inputs": 1}).status_code == 400  # a KeyError in input_fn: the body's fault
+
+
+def test_predict_fn_failing_is_a_500_with_a_request_id_and_the_server_stays_healthy(served, caplog) -> None:
+    client, _ = served
+    response = post(client, {"explode": True})
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "handler_error"
+    assert "RuntimeError: the model exploded" in response.json()["error"]["message"]
+    assert response.headers["x-request-id"]
+    assert "Traceback" in caplog.text and "the model exploded" in caplog.text
+    assert client.get("/ping").status_code == 200
+    assert post(client, {"inputs": [[1, 1, 1]]}).json() == [[6.0]]
+
+
+def test_a_handler_past_the_timeout_is_a_504_and_one_beyond_the_queue_a_503(served) -> None:
+    """One handler thread and no queue: a request arriving while a stuck one runs is refused."""
+    client, loaded = served
+    started, release = (loaded.functions["input_fn"].__globals__[name] for name in ("STARTED", "RELEASE"))
+    answers: list = []
+    stuck = threading.Thread(target=lambda: answers.append(post(client, {"wait": True})))
+    stuck.start()
+    try:
+        assert started.wait(10)
+        refused = post(client, {"inputs": [[1, 1, 1]]})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+        assert refused.headers["retry-after"] == "1"
+        assert client.get("/ping").status_code == 200  # /ping never waits for user code
+        stuck.join(30)
+        assert answers[0].status_code == 504 and answers[0].json()["error"]["code"] == "timeout"
+        # The stuck call still holds the only thread until it returns: still refused, not queued.
+        assert post(client, {"inputs": [[1, 1, 1]]}).status_code == 503
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while (response := post(client, {"inputs": [[1, 1, 1]]})).status_code == 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert response.json() == [[6.0]]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_default_handlers_serve_a_torchscript_model(tmp_path: Path) -> None:
+    model = torch.jit.script(torch.nn.Linear(2, 1, bias=False).eval())
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "inference.py").write_text("# no functions: every default\n")
+    model.save(str(tmp_path / "model.pt"))
+    settings = Settings(model_dir=tmp_path)
+    loader = lambda: HandlerModel.load(tmp_path, module_name="inference_defaults")
+    with TestClient(create_app(settings, loader), raise_server_exceptions=False) as client:
+        wait_for(client, "ready")
+        assert post(client, [[1.0, 2.0]]).json() == [[3.0]]
+        csv = client.post("/invocations", content=b"1,2\n3,4\n", headers={"Content-Type": "text/csv"})
+        assert csv.json() == [[3.0], [7.0]]
+        unsupported = client.post("/invocations", content=b"x", headers={"Content-Type": "image/png"})
+        assert unsupported.status_code == 415
+        refused = post(client, [[1.0, 2.0]], Accept="image/png")
+        assert refused.status_code == 406
+
+
+def test_transform_fn_with_context_sees_the_request_headers(tmp_path: Path) -> None:
+    model_dir = model_folder(tmp_path / "model", textwrap.dedent('''
+        def model_fn(model_dir, context):
+            return {"dir": context.system_properties["model_dir"]}
+
+        def transform_fn(model, body, content_type, accept, context):
+            attributes = context.get_request_header(0, "X-Amzn-SageMaker-Custom-Attributes")
+            return f"{type(body).__name__} {content_type} {attributes}", "text/plain"
+    '''))
+    loader = lambda: HandlerModel.load(model_dir, module_name="inference_transform")
+    with TestClient(create_app(Settings(model_dir=model_dir), loader), raise_server_exceptions=False) as client:
+        wait_for(client, "ready")
+        response = client.post("/invocations", content=b"\x00\x01", headers={
+            "Content-Type": "application/octet-stream", "X-Amzn-SageMaker-Custom-Attributes": "trace=1"})
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        assert response.text == "bytes application/octet-stream trace=1"
+
+
+@pytest.mark.parametrize(("inference_py", "requirements", "reason"), [
+    ("def transform_fn(m, b, c, a): pass\ndef input_fn(b, c): pass\n", None, "defines transform_fn and also"),
+    ("def model_fn(model_dir):\n    raise OSError('weights missing')\n", None, "OSError: weights missing"),
+    ("def input_fn(a, b, c, d): pass\n", None, "input_fn takes 4 arguments; expected 2, or 3 with context"),
+    ("", "this is ::: not a requirement\n", "pip could not install code/requirements.txt"),
+])
+def test_a_model_that_cannot_load_keeps_ping_503_with_the_reason(tmp_path: Path, inference_py: str,
+                                                                  requirements: str | None, reason: str) -> None:
+    files = {"requirements.txt": requirements} if requirements else {}
+    model_dir = model_folder(tmp_path / "model", inference_py, **files)
+    loader = lambda: HandlerModel.load(model_dir, module_name=f"inference_broken_{len(reason)}")
+    with TestClient(create_app(Settings(model_dir=model_dir), loader), raise_server_exceptions=False) as client:
+        body = wait_for(client, "failed")
+        assert reason in body["reason"]
+
+
+def test_handler_mode_is_chosen_by_the_code_or_sagemaker_program(tmp_path: Path) -> None:
+    assert not handlers.has_handlers(tmp_path, None)
+    assert handlers.has_handlers(tmp_path, "serve.py")
+    model_folder(tmp_path / "model")
+    assert handlers.has_handlers(tmp_path / "model", None)
+    submitted = tmp_path / "submitted"
+    submitted.mkdir()
+    (submitted / "handler.py").write_text("")
+    assert handlers.code_folder(tmp_path, "handler.py", f"file://{submitted}") == submitted

@@ -3,7 +3,8 @@
 Layout of an artifact directory (the root of ``model.tar.gz``)::
 
     manifest.json       architecture, class names, preprocessing, training settings, versions
-    model.safetensors   the network's state dict
+    model.safetensors   the network's state dict (an architecture :mod:`classifier.models` builds)
+    model.pt            or, for architecture "torchscript", the whole network as TorchScript
 
 The manifest is written last, so a directory with a manifest is a complete artifact.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +32,8 @@ from classifier.presets import EvalPreset
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
+TORCHSCRIPT = "torchscript"  # the architecture of an artifact that carries its network as TorchScript
+TORCHSCRIPT_FILE = "model.pt"
 
 
 class ArtifactError(ValueError):
@@ -166,6 +170,23 @@ def save(directory: str | os.PathLike[str], model: nn.Module, manifest: Manifest
     return directory
 
 
+def save_torchscript(directory: str | os.PathLike[str], network: torch.jit.ScriptModule, manifest: Manifest) -> Path:
+    """Write a TorchScript network and its manifest (architecture "torchscript") into ``directory``."""
+    if manifest.architecture != TORCHSCRIPT:
+        raise ArtifactError(f"a TorchScript artifact's architecture is {TORCHSCRIPT!r}, not {manifest.architecture!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomically(directory / TORCHSCRIPT_FILE, lambda path: network.save(str(path)))
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
+    _write_atomically(directory / MANIFEST_FILE, lambda path: path.write_text(text))
+    return directory
+
+
+def weights_file(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """The file holding the network of the artifact in ``directory``."""
+    return Path(directory) / (TORCHSCRIPT_FILE if manifest.architecture == TORCHSCRIPT else WEIGHTS_FILE)
+
+
 def _write_atomically(target: Path, write: Any) -> None:
     temporary = target.with_name(f".{target.name}.tmp")
     write(temporary)
@@ -186,9 +207,14 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
 def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
     """Rebuild the network described by the artifact in ``directory``, in eval mode."""
     manifest = load_manifest(directory)
-    weights = Path(directory) / WEIGHTS_FILE
+    weights = weights_file(directory, manifest)
     if not weights.is_file():
-        raise ArtifactError(f"no {WEIGHTS_FILE} in {directory}")
+        raise ArtifactError(f"no {weights.name} in {directory}")
+    if manifest.architecture == TORCHSCRIPT:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is in maintenance, not gone
+            network = torch.jit.load(str(weights), map_location=device)
+        return network.eval(), manifest
     model = create_model(manifest.architecture, manifest.num_classes)
     state = safetensors.torch.load_file(str(weights), device=str(device))
     try:

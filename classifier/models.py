@@ -10,6 +10,7 @@ from torch import nn
 # padding and batch-norm epsilon, which the shipped ImageNet weights were trained with.
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 _TIMM_NAMES = {EFFICIENTNET_LITE0: "tf_efficientnet_lite0"}
+TIMM_PREFIX = "timm/"  # any timm model by name: "timm/convnext_tiny"
 
 
 class UnknownArchitectureError(ValueError):
@@ -17,7 +18,7 @@ class UnknownArchitectureError(ValueError):
 
 
 def available_architectures() -> list[str]:
-    """Names accepted by :func:`create_model`."""
+    """Names accepted by :func:`create_model` (besides ``timm/<any timm model>``)."""
     return sorted({*_TIMM_NAMES, *torchvision.models.list_models(module=torchvision.models)})
 
 
@@ -27,6 +28,11 @@ def create_model(architecture: str, num_classes: int) -> nn.Module:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     if architecture in _TIMM_NAMES:
         return timm.create_model(_TIMM_NAMES[architecture], pretrained=False, num_classes=num_classes)
+    if architecture.startswith(TIMM_PREFIX):
+        name = architecture.removeprefix(TIMM_PREFIX)
+        if name not in timm.list_models():
+            raise UnknownArchitectureError(f"unknown timm architecture {name!r} (timm.list_models() names them)")
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
     if architecture not in torchvision.models.list_models(module=torchvision.models):
         raise UnknownArchitectureError(
             f"unknown architecture {architecture!r}; choose one of: "

@@ -12,6 +12,7 @@ Examples (``--help`` on each subcommand lists every flag)::
     python -m deploy transform --image-uri $IMAGE --role $ROLE --training-job JOB \\
         --data s3://bucket/unlabelled/ --output-path s3://bucket/predictions/
     python -m deploy delete --endpoint-name shapes
+    python -m deploy package --architecture resnet50 --weights dogs.pth --classes classes.txt --output model/
 
 Everything also runs in the SDK's local mode (Docker on this machine, no AWS account needed, a
 region still is), with ``file://`` data and outputs::
@@ -39,7 +40,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from deploy import batch, check, hosting, sdk, training
+from deploy import batch, check, hosting, package, sdk, training
 from deploy.predict import find_images
 
 ROLE_ENV = "SAGEMAKER_ROLE"
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "and models; whatever is already gone is skipped.")
     delete.add_argument("--endpoint-name", required=True)
     check.add_parser(commands)
+    package.add_parser(commands)
     return parser
 
 
@@ -369,7 +371,7 @@ def cmd_delete(args: argparse.Namespace, session: Any, environ: Mapping[str, str
 
 
 COMMANDS = {"train": cmd_train, "tune": cmd_tune, "deploy": cmd_deploy, "transform": cmd_transform,
-            "predict": cmd_predict, "delete": cmd_delete, "check": check.cmd_check}
+            "predict": cmd_predict, "delete": cmd_delete, "check": check.cmd_check, "package": package.cmd_package}
 
 
 def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] = os.environ,
@@ -382,8 +384,8 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] = os.e
     # The SDK's config loader logs each config file it does (not) find at INFO on its own handler.
     logging.getLogger("sagemaker.config").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
-        # check needs Docker only: no AWS session (and no region) for it.
-        session = None if args.command == "check" else make_session(args, boto_session)
+        # check needs Docker only, package only this machine: no AWS session (and no region) for them.
+        session = None if args.command in ("check", "package") else make_session(args, boto_session)
         return COMMANDS[args.command](args, session, environ)
     except UsageError as error:
         parser.error(f"{args.command}: {error}")  # exits 2

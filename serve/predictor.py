@@ -50,7 +50,9 @@ def freeze(model: nn.Module, input_shape: tuple[int, ...], device: torch.device,
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is in maintenance, not gone
-            frozen = torch.jit.freeze(torch.jit.trace(model, example(2), check_trace=False).eval())
+            scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.trace(
+                model, example(2), check_trace=False)
+            frozen = torch.jit.freeze(scripted.eval())
             check = example(3)  # another batch size: the trace must not have fixed it
             expected, got = model(check).float(), frozen(check).float()
     except Exception as exc:  # noqa: BLE001 - any failure means: run the network as it is

@@ -64,7 +64,8 @@ class LoadedModel:
 
 def estimate_bytes(model_dir: Path) -> int:
     """What loading the artifact in ``model_dir`` is expected to take."""
-    weights = model_dir / artifact.WEIGHTS_FILE
+    weights = max((model_dir / name for name in (artifact.WEIGHTS_FILE, artifact.TORCHSCRIPT_FILE)),
+                  key=lambda path: path.stat().st_size if path.is_file() else -1)
     return int(weights.stat().st_size * LOAD_OVERHEAD) + LOAD_EXTRA_BYTES
 
 
@@ -125,7 +126,10 @@ class ModelRegistry:
         if name in self._models or name in self._loading:
             raise ModelAlreadyLoaded(f"model {name!r} is already loaded or loading")
         model_dir = Path(url)
-        missing = [file for file in (artifact.MANIFEST_FILE, artifact.WEIGHTS_FILE) if not (model_dir / file).is_file()]
+        weights = [model_dir / name for name in (artifact.WEIGHTS_FILE, artifact.TORCHSCRIPT_FILE)]
+        missing = [name for name, present in ((artifact.MANIFEST_FILE, (model_dir / artifact.MANIFEST_FILE).is_file()),
+                                              (artifact.WEIGHTS_FILE, any(path.is_file() for path in weights)))
+                   if not present]
         if missing:
             raise InvalidModel(f"{url!r} holds no model artifact (missing {' and '.join(missing)})")
         self._loading.add(name)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,3 +37,29 @@ def tiny_artifact(tmp_path: Path) -> Path:
         preprocessing=Preprocessing(crop_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3),
     )
     return artifact.save(tmp_path / "model", create_model("resnet18", len(TINY_CLASSES)), manifest)
+
+
+@pytest.fixture
+def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A region and nothing else: no keys, no profiles, no instance metadata probing."""
+    from sdk_local import REGION
+
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def container_root(tmp_path: Path) -> Iterator[Path]:
+    """Where SDK local mode writes its compose files; containers it leaves behind are removed."""
+    from containers import docker
+    from sdk_local import compose_containers
+
+    root = tmp_path / "sagemaker-local"
+    yield root
+    leftovers = compose_containers(root)
+    if leftovers:  # local mode stops its containers but never removes them
+        docker("rm", "-f", *leftovers, check=False)

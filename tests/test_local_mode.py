@@ -17,7 +17,6 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from deploy.cli import main
 from containers import docker, image_for
 from imagedata import CLASSES, write_image_folder
 from ports import free_port
+from sdk_local import compose_containers, running
 
 pytestmark = [
     pytest.mark.container,
@@ -36,7 +36,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:unclosed file:ResourceWarning"),
 ]
 REPO = Path(__file__).resolve().parents[1]
-REGION = "us-east-1"
 # efficientnet_lite0 from the shipped ImageNet weights learns the shapes in a few epochs.
 # Loader workers as a user gets them by default (one per core), in the 64 MB of /dev/shm that
 # local mode gives its containers.
@@ -46,50 +45,11 @@ TWO_HOSTS = {"epochs": "2", "architecture": "resnet18", "pretrained": "false", "
 
 
 @pytest.fixture
-def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A region and nothing else: no keys, no profiles, no instance metadata probing."""
-    for name in [name for name in os.environ if name.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
-@pytest.fixture
 def image() -> str:
     image = image_for("cpu")
     # Compose pulls an image it cannot find, from Docker Hub: fail here with a clearer reason.
     docker("image", "inspect", image)
     return image
-
-
-def compose_containers(root: Path) -> list[str]:
-    """IDs of the containers local mode started from compose files under ``root``."""
-    listing = docker("ps", "-a", "--format", '{{.ID}} {{.Label "com.docker.compose.project.working_dir"}}').stdout
-    ids = []
-    for line in listing.splitlines():
-        container, _, working_dir = line.partition(" ")
-        if working_dir.startswith(f"{root}{os.sep}"):
-            ids.append(container)
-    return ids
-
-
-def running(containers: list[str]) -> list[str]:
-    if not containers:
-        return []
-    states = docker("inspect", "--format", "{{.State.Running}}", *containers, check=False).stdout.split()
-    return [container for container, state in zip(containers, states, strict=False) if state == "true"]
-
-
-@pytest.fixture
-def container_root(tmp_path: Path) -> Iterator[Path]:
-    root = tmp_path / "sagemaker-local"
-    yield root
-    leftovers = compose_containers(root)
-    if leftovers:  # local mode stops its containers but never removes them
-        docker("rm", "-f", *leftovers, check=False)
-
 
 
 def train_argv(image: str, data: Path, output: Path, root: Path, hyperparameters: dict[str, str],

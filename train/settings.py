@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from classifier.models import available_architectures
+from classifier.models import TIMM_PREFIX, available_architectures
 from classifier.parsing import parse_bool
 
 DEFAULT_BASE_DIR = Path("/opt/ml")
@@ -102,7 +102,7 @@ class Hyperparameters:
         for name, ok, rule in checks:
             if not ok:
                 raise SettingsError(f"hyperparameter {name}={getattr(self, name)!r} {rule}")
-        if self.architecture not in available_architectures():
+        if self.architecture not in available_architectures() and not self.architecture.startswith(TIMM_PREFIX):
             close = difflib.get_close_matches(self.architecture, available_architectures(), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise SettingsError(

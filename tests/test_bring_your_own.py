@@ -1,0 +1,158 @@
+"""The user's own code in the real image, through the SageMaker Python SDK's local mode.
+
+What a SageMaker PyTorch user already has, unchanged (``tests/user_code/shapes``): a training
+script (argparse, ``SM_*`` defaults, ``torch.save(model.state_dict(), .../model.pth)``, an import
+from its ``requirements.txt``) and an ``inference.py`` with ``model_fn`` / ``input_fn`` /
+``predict_fn`` and no ``output_fn``. Only ``image_uri`` says which container runs them:
+
+    PyTorch(entry_point="train.py", source_dir=..., image_uri=IMAGE, ...).fit(...)
+    PyTorchModel(model_data, entry_point="inference.py", source_dir=..., image_uri=IMAGE, ...).deploy(...)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from PIL import Image
+from sagemaker.deserializers import JSONDeserializer
+from sagemaker.predictor import Predictor as EndpointPredictor
+from sagemaker.pytorch import PyTorch, PyTorchModel
+from sagemaker.serializers import IdentitySerializer
+
+from classifier.models import create_model
+from deploy import sdk
+from deploy.cli import main as deploy_main
+from serve.predictor import Predictor
+
+from containers import classify, docker, image_for, serving, write_training_config
+from imagedata import CLASSES, encode, write_image_folder
+from ports import free_port
+from sdk_local import REGION, compose_containers, running
+
+pytestmark = [
+    pytest.mark.container,
+    pytest.mark.filterwarnings("ignore:unclosed file:ResourceWarning"),
+]
+USER_CODE = Path(__file__).parent / "user_code" / "shapes"
+
+
+@pytest.fixture
+def session(no_credentials: None, container_root: Path):
+    port = free_port()
+    return sdk.local_session(boto3.Session(region_name=REGION), port=port, container_root=str(container_root))
+
+
+def estimator(session, output: Path, instance_count: int = 1, **options) -> PyTorch:
+    return PyTorch(entry_point="train.py", source_dir=str(USER_CODE), image_uri=image_for("cpu"),
+                   role=sdk.LOCAL_ROLE, instance_type="local", instance_count=instance_count,
+                   output_path=f"file://{output}", sagemaker_session=session, **options)
+
+
+def model_files(output: Path) -> set[str]:
+    with tarfile.open(output / "model.tar.gz") as archive:
+        return {name.removeprefix("./") for name in archive.getnames()} - {"", "."}
+
+
+def test_a_users_script_trains_and_its_inference_py_serves_the_result(session, tmp_path: Path,
+                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    data = write_image_folder(tmp_path / "train", 30, seed=1)
+    held_out = write_image_folder(tmp_path / "held-out", 6, seed=3)
+    output = tmp_path / "output"
+
+    job = estimator(session, output, hyperparameters={"epochs": 8, "batch-size": 16, "lr": 0.01})
+    job.fit({"training": f"file://{data}"})
+    log = capfd.readouterr().out
+    assert "rank 0 of 1" in log, log[-4000:]
+    assert {"model.pth", "classes.json"} <= model_files(output)
+    with tarfile.open(output / "output.tar.gz") as archive:
+        summary = archive.extractfile("data/summary.txt")
+        assert summary is not None and summary.read().decode() == "trained on 720 images\n"
+
+    # code_location: with no AWS credentials, SDK v2 cannot look up a default bucket (local mode uploads nothing).
+    model = PyTorchModel(model_data=job.model_data, entry_point="inference.py", source_dir=str(USER_CODE),
+                         image_uri=image_for("cpu"), role=sdk.LOCAL_ROLE, sagemaker_session=session,
+                         code_location="s3://unused-in-local-mode/code")
+    model.deploy(initial_instance_count=1, instance_type="local", endpoint_name="shapes-byo")
+    predictor = EndpointPredictor("shapes-byo", sagemaker_session=session, serializer=IdentitySerializer("image/jpeg"),
+                          deserializer=JSONDeserializer())
+    try:
+        answers = {path: predictor.predict(encode(Image.open(path).convert("RGB"), "JPEG"))
+                   for path in sorted(held_out.rglob("*.png"))}
+    finally:
+        predictor.delete_endpoint()
+    assert all(set(answer) == {"label", "probability"} for answer in answers.values()), answers
+    correct = sum(answer["label"] == path.parent.name for path, answer in answers.items())
+    assert correct >= 0.8 * len(answers), answers  # chance is 1/3
+    assert running(compose_containers(Path(session.config["local"]["container_root"]))) == []
+
+
+def test_a_users_script_trains_on_two_instances_with_torch_distributed(session, tmp_path: Path,
+                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    data = write_image_folder(tmp_path / "train", 12, seed=5)
+    output = tmp_path / "output"
+    job = estimator(session, output, instance_count=2, hyperparameters={"epochs": 2, "batch-size": 8},
+                    distribution={"torch_distributed": {"enabled": True}})
+    job.fit({"training": f"file://{data}"})
+    log = capfd.readouterr().out
+    hosts = set(re.findall(r"rank [01] of 2 on (algo-\d-[a-z0-9]{5})", log))
+    assert len(hosts) == 2, log[-6000:]
+    assert {"model.pth", "classes.json"} <= model_files(output)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("shapes") / "training", 4, seed=9)
+
+
+def script_job(base: Path, data: Path, hyperparameters: dict[str, str]) -> Path:
+    """/opt/ml as SageMaker lays it out for a script-mode job, the source already in /opt/ml/code."""
+    write_training_config(base, {**hyperparameters, "sagemaker_program": '"train.py"',
+                                 "sagemaker_submit_directory": '"/opt/ml/code"'}, ["training"])
+    shutil.copytree(data, base / "input" / "data" / "training")
+    shutil.copytree(USER_CODE, base / "code")
+    return base
+
+
+@pytest.mark.parametrize(("hyperparameters", "exit_code", "reason"), [
+    ({"epochs": "1", "exit-code": "3"}, 3, "ExitCode 3"),
+    ({"epochz": "1"}, 2, "unrecognized arguments: --epochz 1"),
+])
+def test_a_failing_script_fails_the_job_with_its_reason(shapes: Path, tmp_path: Path, hyperparameters: dict[str, str],
+                                                       exit_code: int, reason: str) -> None:
+    base = script_job(tmp_path / "ml", shapes, hyperparameters)
+    run = docker("run", "--rm", "-v", f"{base}:/opt/ml", image_for("cpu"), "train", check=False, timeout=300)
+    assert run.returncode == exit_code, run.stderr[-3000:]
+    failure = (base / "output" / "failure").read_text()
+    assert failure.startswith("ExecuteUserScriptError:") and reason in failure, failure
+    assert json.loads((base / "input" / "config" / "hyperparameters.json").read_text())["sagemaker_program"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript"])
+def test_a_packaged_model_is_served_by_the_container(kind: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet18", len(CLASSES)).eval()
+    if kind == "state_dict":
+        torch.save(model.state_dict(), tmp_path / "weights.pth")
+        source = ["--architecture", "resnet18", "--weights", str(tmp_path / "weights.pth")]
+    else:
+        torch.jit.script(model).save(str(tmp_path / "scripted.pt"))
+        source = ["--torchscript", str(tmp_path / "scripted.pt")]
+    assert deploy_main(["package", *source, "--classes", ",".join(CLASSES), "--image-size", "64",
+                        "--output", str(tmp_path / "model")], environ={}) == 0, capsys.readouterr().err
+    photo = encode(Image.new("RGB", (80, 60), (200, 40, 40)), "PNG")
+    expected = Predictor.load(tmp_path / "model", allow_default=False, device="cpu").predict(
+        [Image.open(io.BytesIO(photo)).convert("RGB")], top_k=3)[0]
+    with serving(image_for("cpu"), "-v", f"{tmp_path / 'model'}:/opt/ml/model:ro") as served:
+        answer = classify(served.url, photo)
+    assert [p["label"] for p in answer[:3]] == [p.label for p in expected]
+    assert answer[0]["probability"] == pytest.approx(expected[0].probability, abs=1e-3)

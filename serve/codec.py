@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ def parse_options(header: str | None, *, default_top_k: int) -> Options:
             values[key.strip().lower()] = value.strip()
     top_k, raw = default_top_k, False
     if "top_k" in values:
-        if not values["top_k"].isdigit() or int(values["top_k"]) < 1:
+        if not re.fullmatch(r"[0-9]{1,9}", values["top_k"]) or int(values["top_k"]) < 1:
             raise BadRequest(f"custom attribute top_k={values['top_k']!r} must be a positive integer")
         top_k = int(values["top_k"])
     if "raw" in values:
@@ -232,7 +233,7 @@ def _decode_instances(instances: Sequence[Any], *, limits: Limits, fetch_s3: Cal
 def _decode_tensor(body: bytes, max_instances: int) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a crafted header fails in many ways (even tokenize's); all are the body's fault
         raise InvalidTensor(f"the body is not a .npy array: {exc}") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
         raise InvalidTensor("the .npy array must hold numbers")
@@ -281,7 +282,7 @@ def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instan
     if kind == JSON:
         try:
             document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidJson(f"the body is not valid JSON: {exc}") from None
         if isinstance(document, dict) and "instances" in document:
             if not isinstance(document["instances"], list):
@@ -297,7 +298,7 @@ def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instan
             if line.strip():
                 try:
                     records.append(json.loads(line))
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
                     raise InvalidJson(f"line {number} is not valid JSON: {exc}") from None
         images = _decode_instances(records, limits=limits, fetch_s3=fetch_s3, prepare=prepare)
         return Inputs(images=images, single=False, lines=True)
@@ -322,11 +323,17 @@ def choose_response_type(accept: str | None, *, lines: bool = False) -> str:
     raise NotAcceptable(f"cannot answer with {accept!r}; this server produces {', '.join(RESPONSE_TYPES)}")
 
 
+def _finite(value: float) -> float | None:
+    """A number for JSON: rounded, and null for NaN or infinity (which JSON cannot carry)."""
+    number = float(value)
+    return round(number, 6) if math.isfinite(number) else None
+
+
 @dataclass(frozen=True)
 class Prediction:
     label: str
     index: int
-    probability: float
+    probability: float | None
 
     def to_dict(self) -> dict[str, object]:
         return {"label": self.label, "index": self.index, "probability": self.probability}
@@ -347,7 +354,7 @@ def top_k(logits: np.ndarray, class_names: Sequence[str], k: int) -> list[list[P
     for row, chosen in zip(probabilities, candidates):
         # Highest probability first; equal ones by class index, as a stable sort would order them.
         order = sorted(chosen.tolist(), key=lambda i: (-row[i], i))
-        ranked.append([Prediction(class_names[i], i, round(float(row[i]), 6)) for i in order])
+        ranked.append([Prediction(class_names[i], i, _finite(row[i])) for i in order])
     return ranked
 
 
@@ -369,7 +376,7 @@ def encode(logits: np.ndarray, class_names: Sequence[str], *, inputs: Inputs, op
     for row, predictions in zip(logits, ranked):
         record: dict[str, Any] = {"predictions": [p.to_dict() for p in predictions]}
         if options.raw:
-            record["logits"] = [round(float(v), 6) for v in row]
+            record["logits"] = [_finite(v) for v in row]
         records.append(record)
     if response_type == JSON_LINES:
         return "".join(json.dumps(record) + "\n" for record in records).encode()

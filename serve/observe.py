@@ -7,6 +7,7 @@ header and to note the status, and records the request once the response is comp
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -90,6 +91,8 @@ class Observe:
         self.metrics.requests.labels(label, str(status)).inc()
         self.metrics.latency.labels(label).observe(elapsed)
         if self.access_log and label != "/ping":
-            access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000,
+            # The path as JSON escapes it: a percent-encoded newline cannot forge a log line.
+            access_logger.info("%s %s %d %.1f ms", scope["method"], json.dumps(scope["path"])[1:-1], status,
+                               elapsed * 1000,
                                extra={"request_id": request_id, "status": status,
                                       "duration_ms": round(elapsed * 1000, 3)})

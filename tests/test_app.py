@@ -318,3 +318,16 @@ def test_a_request_decoding_to_too_many_pixels_gets_413_before_decoding(client: 
     assert response.status_code == 413, response.text
     assert response.json()["error"]["code"] == "images_too_large"
     assert client.get("/ping").status_code == 200
+
+
+def test_a_path_cannot_forge_access_log_lines(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="serve.access"):
+        client.get("/nothing%0AGET%20/invocations%20200%201.0%20ms")
+    [record] = [r for r in caplog.records if "nothing" in r.getMessage()]
+    assert "\n" not in record.getMessage() and "/nothing\\nGET /invocations" in record.getMessage()
+
+
+def test_a_malformed_top_k_is_a_400(client: TestClient) -> None:
+    response = client.post("/invocations", content=png(), headers={
+        "Content-Type": "image/png", "X-Amzn-SageMaker-Custom-Attributes": b"top_k=\xb2"})
+    assert response.status_code == 400 and "top_k" in response.json()["error"]["message"]

@@ -218,7 +218,8 @@ def test_custom_attributes(header: str | None, expected: Options) -> None:
     assert parse_options(header, default_top_k=5) == expected
 
 
-@pytest.mark.parametrize("header", ["top_k=0", "top_k=x", "raw=maybe"])
+@pytest.mark.parametrize("header", ["top_k=0", "top_k=x", "raw=maybe", "top_k=\u00b2", "top_k=\u0663",
+                                    "top_k=" + "9" * 30])
 def test_bad_custom_attributes(header: str) -> None:
     with pytest.raises(BadRequest, match="custom attribute"):
         parse_options(header, default_top_k=5)
@@ -299,3 +300,37 @@ def test_decoding_holds_its_estimated_memory_from_the_gate() -> None:
     decode_image(encode(Image.new("I;16", (100, 50)), "PNG"), max_pixels=LIMIT, gate=gate)
     assert held == [100 * 50 * BYTES_PER_DECODED_PIXEL]
     assert gate.held == 0
+
+
+def npy_with_header(header: str) -> bytes:
+    text = header.encode("latin1")
+    text += b" " * (-(len(text) + 11) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text
+
+
+@pytest.mark.parametrize("header", [
+    "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 3, -5, 2), }",
+    "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 3, 99999999, 2), }",
+    "{'descr': __import__('os').getcwd(), 'fortran_order': False, 'shape': (1,), }",
+    "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 3, 2, 2)",
+    "{'descr': 17, 'fortran_order': False, 'shape': (1, 3, 2, 2), }",
+])
+def test_crafted_npy_headers_are_invalid_tensors(header: str) -> None:
+    with pytest.raises(InvalidTensor):
+        decoded(npy_with_header(header), "application/x-npy")
+
+
+def test_deeply_nested_json_is_invalid_json_not_a_crash() -> None:
+    deep = b"[" * 200_000 + b"]" * 200_000
+    for content_type in ("application/json", "application/jsonlines"):
+        with pytest.raises(InvalidJson):
+            decoded(deep, content_type)
+
+
+def test_non_finite_logits_still_give_valid_json() -> None:
+    logits = np.array([[np.nan, 1.0, np.inf]], dtype=np.float32)
+    body = codec.encode(logits, ("a", "b", "c"), inputs=Inputs(images=(Image.new("RGB", (1, 1)),)),
+                        options=Options(3, raw=True), response_type=codec.JSON)
+    document = json.loads(body, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert document["logits"] == [None, 1.0, None]
+    assert all(p["probability"] is None for p in document["predictions"])

@@ -89,3 +89,45 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path: Path) -> None:
     assert [p.name for p in sorted(tmp_path.glob("checkpoint-*.pt"))] == [
         "checkpoint-0000000004.pt", "checkpoint-0000000005.pt"]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+class Payload:
+    """What a tampered checkpoint could carry: unpickling it would run code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path: Path, caplog) -> None:
+    checkpoint.save(tmp_path, {"epoch": 1, "step_in_epoch": 2, "rng": checkpoint.rng_state()}, global_step=2)
+    marker = tmp_path / "marker"
+    torch.save({"epoch": 9, "step_in_epoch": 0, "payload": Payload(marker)}, tmp_path / "checkpoint-0000000099.pt")
+    state = checkpoint.load_latest(tmp_path)
+    assert state is not None and state["epoch"] == 1  # the tampered newest one passed over
+    assert not marker.exists()
+    assert "ignoring unreadable checkpoint" in caplog.text
+    checkpoint.restore_rng_state(state["rng"])  # the RNG state is plain data and tensors
+
+
+def test_a_full_disk_during_a_checkpoint_fails_loudly_and_leaves_no_partial_file(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    def fill_disk(state, file) -> None:
+        file.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fill_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint.save(tmp_path, {"epoch": 1, "step_in_epoch": 2}, global_step=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_travels_between_ranks_as_safe_bytes() -> None:
+    state = {"epoch": 3, "model": {"w": torch.ones(2)}, "rng": checkpoint.rng_state(), "history": [{"a": 1.0}]}
+    copy = checkpoint.from_bytes(checkpoint.to_bytes(state))
+    assert copy["epoch"] == 3 and copy["history"] == [{"a": 1.0}]
+    torch.testing.assert_close(copy["model"]["w"], torch.ones(2))
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch calls it, a payload is not loaded
+        checkpoint.from_bytes(checkpoint.to_bytes({"payload": Payload(Path("/nonexistent/marker"))}))

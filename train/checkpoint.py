@@ -1,12 +1,17 @@
 """Full training state on disk, so a stopped or interrupted (spot) job resumes where it was.
 
 Checkpoints go to ``/opt/ml/checkpoints``, which SageMaker syncs with S3 when a checkpoint
-configuration is set. Each is written to a temporary name and renamed, so a checkpoint that
-exists is complete; loading still falls back to an older one if the newest cannot be read.
+configuration is set. Each is written to a temporary name, flushed to disk and renamed, so a
+checkpoint that exists is complete; loading still falls back to an older one if the newest cannot
+be read.
+
+A checkpoint holds tensors and plain data only (numbers, strings, lists, dicts), and is read with
+``weights_only=True``: whoever can write to the checkpoint prefix cannot make the job run code.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -22,15 +27,19 @@ KEEP = 2
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss]  # tensors, not arrays
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -41,8 +50,15 @@ def save(directory: Path, state: dict[str, Any], global_step: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"checkpoint-{global_step:010d}.pt"
     temporary = directory / f".{target.name}.tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, target)
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        raise
     for old in sorted(directory.glob(PATTERN))[:-KEEP]:
         old.unlink(missing_ok=True)
     logger.info("checkpoint written: %s (epoch %d, step %d)", target, state["epoch"], state["step_in_epoch"])
@@ -53,11 +69,21 @@ def load_latest(directory: Path) -> dict[str, Any] | None:
     """The newest readable checkpoint in ``directory``, or None when there is none."""
     for path in sorted(directory.glob(PATTERN), reverse=True):
         try:
-            # Our own files, written by this program; they hold optimizer and RNG state objects.
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             logger.warning("ignoring unreadable checkpoint %s: %s", path, exc)
             continue
         logger.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["step_in_epoch"])
         return state
     return None
+
+
+def to_bytes(state: dict[str, Any]) -> bytes:
+    """A checkpoint as bytes, to hand to other processes (read back with :func:`from_bytes`)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

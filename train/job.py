@@ -238,13 +238,22 @@ def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
     checkpoint.restore_rng_state(state["rng"])
 
 
-def _broadcast(value: Any) -> Any:
-    """Rank 0's value on every process (checkpoints live on rank 0's host)."""
+def _share_checkpoint(state: dict[str, Any] | None, rank: int, device: torch.device) -> dict[str, Any] | None:
+    """Rank 0's checkpoint on every process (checkpoints live on rank 0's host). It travels as the
+    bytes of its file and is read back with ``weights_only=True``: no pickles between ranks."""
     if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return state
+    data = checkpoint.to_bytes(state) if rank == 0 and state is not None else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    if size.item() == 0:
+        return None
+    if rank == 0:
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    else:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(payload, src=0)
+    return state if rank == 0 else checkpoint.from_bytes(payload.cpu().numpy().tobytes())
 
 
 def run(settings: Settings, topology: Topology | None = None, local_rank: int = 0) -> Outcome:
@@ -300,7 +309,7 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
 
     progress: dict[str, Any] = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "history": [],
                                 "best_accuracy": -1.0, "best_epoch": 0, "best_state": None, "stale_epochs": 0}
-    state = _broadcast(checkpoint.load_latest(paths.checkpoint_dir) if rank == 0 else None)
+    state = _share_checkpoint(checkpoint.load_latest(paths.checkpoint_dir) if rank == 0 else None, rank, device)
     if state is not None:
         _restore(state, model, optimizer, scheduler, precision, splits.class_names, hp.architecture)
         progress.update({k: state[k] for k in progress})

@@ -30,7 +30,7 @@ def create_model(architecture: str, num_classes: int) -> nn.Module:
         return timm.create_model(_TIMM_NAMES[architecture], pretrained=False, num_classes=num_classes)
     if architecture.startswith(TIMM_PREFIX):
         name = architecture.removeprefix(TIMM_PREFIX)
-        if name not in timm.list_models():
+        if not timm.is_model(name):
             raise UnknownArchitectureError(f"unknown timm architecture {name!r} (timm.list_models() names them)")
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
     if architecture not in torchvision.models.list_models(module=torchvision.models):

@@ -126,6 +126,7 @@ def check(directory: Path, sample: Image.Image) -> Checked:
 
     try:
         predictor = Predictor.load(directory, allow_default=False, device="cpu")
+        predictor.warm_up()  # also checks one score per class name
         [predictions] = predictor.predict([sample], top_k=3)
     except Exception as exc:  # noqa: BLE001
         raise PackageError(f"the packaged model does not run: {type(exc).__name__}: {exc}") from None

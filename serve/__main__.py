@@ -7,32 +7,56 @@ loading the model and building the app through :func:`create`.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
-from fastapi import FastAPI
 
 from classifier.logs import setup_logging
-from serve.app import create_app
+from serve import user_code
 from serve.settings import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+logger = logging.getLogger("serve")
 
 # SageMaker sends SIGKILL 30 s after SIGTERM: leave time for in-flight requests, then exit.
 GRACEFUL_SHUTDOWN_S = 25
 
 
-def load_predictor(settings: Settings):
+def load_predictor(settings: Settings, startup_error: str | None = None):
     """The model: through its own inference.py when it has one (handler mode), else an artifact."""
-    from serve.handlers import HandlerModel, has_handlers
+    from serve.handlers import HandlerModel
     from serve.predictor import Predictor
 
-    if has_handlers(settings.model_dir, settings.program, settings.submit_directory):
+    if startup_error:
+        raise RuntimeError(startup_error)
+    if user_code.has_handlers(settings.model_dir, settings.program, settings.submit_directory):
         return HandlerModel.load(settings.model_dir, program=settings.program,
-                                 submit_directory=settings.submit_directory, default_accept=settings.default_accept)
+                                 submit_directory=settings.submit_directory, default_accept=settings.default_accept,
+                                 install=False)  # main() installed the requirements before any import
     return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device,
                           half=settings.half, jit=settings.jit)
+
+
+def install_requirements(settings: Settings) -> str | None:
+    """Install the model code's requirements.txt once, before the server imports torch or numpy (a
+    pin of either then takes effect); the reason it failed, or None."""
+    if settings.multi_model or not user_code.has_handlers(settings.model_dir, settings.program,
+                                                          settings.submit_directory):
+        return None
+    try:
+        user_code.install_requirements(user_code.code_folder(settings.model_dir, settings.program,
+                                                             settings.submit_directory))
+    except RuntimeError as exc:
+        logger.error("%s", exc)
+        return str(exc)
+    return None
 
 
 def load_model(settings: Settings, model_dir: Path):
@@ -43,10 +67,12 @@ def load_model(settings: Settings, model_dir: Path):
                           jit=settings.jit)
 
 
-def build(settings: Settings) -> FastAPI:
+def build(settings: Settings, startup_error: str | None = None) -> FastAPI:
+    from serve.app import create_app
+
     if settings.multi_model:
         return create_app(settings, load_model=functools.partial(load_model, settings))
-    return create_app(settings, functools.partial(load_predictor, settings))
+    return create_app(settings, functools.partial(load_predictor, settings, startup_error))
 
 
 def create() -> FastAPI:
@@ -67,6 +93,7 @@ def main() -> int:
         print(f"serve: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, json_format=settings.log_json)
+    startup_error = install_requirements(settings)  # a failure keeps /ping 503 with the reason
     # uvicorn drains on SIGTERM, restores this handler, then re-raises the signal: a stop asked
     # for by the platform ends with exit code 0 instead of "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -75,7 +102,7 @@ def main() -> int:
     if settings.workers > 1:
         uvicorn.run("serve.__main__:create", factory=True, workers=settings.workers, **options)
     else:
-        uvicorn.run(build(settings), **options)
+        uvicorn.run(build(settings, startup_error), **options)
     return 0
 
 

@@ -9,6 +9,7 @@ full-size image at a time.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,13 +20,15 @@ BYTES_PER_DECODED_PIXEL = 12
 
 
 class MemoryGate:
-    """A weighted semaphore over bytes. A claim above the capacity is admitted alone."""
+    """A weighted semaphore over bytes, first come first served (a large claim is not starved by
+    small ones arriving after it). A claim above the capacity is admitted alone."""
 
     def __init__(self, capacity_bytes: int) -> None:
         if capacity_bytes < 1:
             raise ValueError("capacity_bytes must be positive")
         self.capacity = capacity_bytes
         self._held = 0
+        self._waiting: collections.deque[object] = collections.deque()
         self._changed = threading.Condition()
 
     @property
@@ -34,11 +37,15 @@ class MemoryGate:
 
     @contextmanager
     def hold(self, nbytes: int) -> Iterator[None]:
-        """Hold ``nbytes`` of the capacity for the duration of the block (blocking until free)."""
+        """Hold ``nbytes`` of the capacity for the duration of the block (blocking until its turn)."""
         claim = min(max(nbytes, 0), self.capacity)
+        ticket = object()
         with self._changed:
-            self._changed.wait_for(lambda: self._held + claim <= self.capacity)
+            self._waiting.append(ticket)
+            self._changed.wait_for(lambda: self._waiting[0] is ticket and self._held + claim <= self.capacity)
+            self._waiting.popleft()
             self._held += claim
+            self._changed.notify_all()  # the next in line may fit too
         try:
             yield
         finally:

@@ -65,6 +65,7 @@ DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
 # slow decode holds up a batch or leaves the GPU idle; so is everything when one multi-threaded
 # pass at a time has the cores (CLASSIFIER_INFERENCE_THREADS=1 on several), which would leave all
 # but one idle while it decodes.
+# Counting the pixels reads the image's header on the event loop: microseconds for a body this small.
 DECODE_IN_PASS_MAX_BYTES = 256 * 1024
 DECODE_IN_PASS_MAX_PIXELS = 2_000_000
 ONE_IMAGE = codec.Inputs(single=True)

@@ -23,7 +23,6 @@ import inspect
 import io
 import json
 import logging
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -37,9 +36,11 @@ import numpy as np
 import torch
 
 from serve.errors import BadRequest, NotAcceptable, ServingError, UnsupportedMediaType
+from serve.user_code import DEFAULT_PROGRAM, code_folder, has_handlers, install_requirements
+
+__all__ = ["HandlerModel", "code_folder", "has_handlers", "install_requirements"]
 
 logger = logging.getLogger(__name__)
-DEFAULT_PROGRAM = "inference.py"
 JSON, CSV, NPY = "application/json", "text/csv", "application/x-npy"
 TEXT_TYPES = frozenset({JSON, CSV})  # these reach input_fn as str
 HANDLER_NAMES = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")
@@ -79,34 +80,6 @@ class Context:
 
     def get_all_request_header(self, index: int) -> dict[str, str]:
         return dict(self.request_headers)
-
-
-def code_folder(model_dir: Path, program: str | None, submit_directory: str | None) -> Path:
-    """Where the handlers live: ``<model>/code`` as PyTorchModel packs it, else the submit directory."""
-    packed = model_dir / "code"
-    submitted = (submit_directory or "").removeprefix("file://")
-    if not (packed / (program or DEFAULT_PROGRAM)).is_file() and submitted and Path(submitted).is_dir():
-        return Path(submitted)
-    return packed
-
-
-def has_handlers(model_dir: Path, program: str | None, submit_directory: str | None = None) -> bool:
-    """Whether ``model_dir`` is served through user code: SAGEMAKER_PROGRAM is set, or it holds code/inference.py."""
-    return bool(program) or (code_folder(model_dir, program, submit_directory) / DEFAULT_PROGRAM).is_file()
-
-
-def install_requirements(code: Path) -> None:
-    """``pip install -r code/requirements.txt`` when there is one, as the framework container does at start."""
-    requirements = code / "requirements.txt"
-    if not requirements.is_file():
-        return
-    logger.info("installing %s", requirements)
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-input", "-r", str(requirements)],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        last = [line for line in result.stderr.splitlines() if line.strip()][-3:]
-        raise RuntimeError(f"pip could not install code/requirements.txt (exit {result.returncode}): "
-                           f"{' | '.join(last)}; is the package index reachable from the container?")
 
 
 def _import(path: Path, name: str) -> ModuleType:
@@ -200,17 +173,21 @@ class HandlerModel:
         self.takes_context = {name: _with_context(function, name) for name, function in self.functions.items()}
         self.model = self._call("model_fn", str(model_dir), context=self.context()) if "model_fn" in self.functions \
             else self._load_torchscript()
+        if "predict_fn" not in self.functions and isinstance(self.model, torch.nn.Module):
+            self.model = self.model.to(self.device)  # the default predict_fn runs it where input_fn put the data
 
     @classmethod
     def load(cls, model_dir: Path, *, program: str | None = None, submit_directory: str | None = None,
-             default_accept: str = JSON, module_name: str = "inference") -> HandlerModel:
-        """Install the code's requirements, import it and call its ``model_fn``."""
+             default_accept: str = JSON, module_name: str = "inference", install: bool = True) -> HandlerModel:
+        """Install the code's requirements (unless ``install`` is false: the entry point did already),
+        import it and call its ``model_fn``."""
         code = code_folder(model_dir, program, submit_directory)
         path = code / (program or DEFAULT_PROGRAM)
         if not path.is_file():
             raise FileNotFoundError(f"SAGEMAKER_PROGRAM names {path.name!r}, which is not in the model's code/ "
                                     f"(PyTorchModel(entry_point=...) puts it there)")
-        install_requirements(code)
+        if install:
+            install_requirements(code)
         module = _import(path, module_name)
         logger.info("serving through %s (%s)", path.name,
                     ", ".join(name for name in HANDLER_NAMES if hasattr(module, name)) or "default handlers")
@@ -238,12 +215,13 @@ class HandlerModel:
                headers: Mapping[str, str] | None = None) -> tuple[bytes, str]:
         """One request through the handlers: the response body and its content type."""
         context = self.context(headers)
+        if not accept or accept.strip() in ("*/*", ""):
+            accept = self.default_accept  # as the framework container: missing or */* means the default
         kind = content_type.split(";", 1)[0].strip().lower()
         data: str | bytes = body.decode("utf-8", errors="replace") if kind in TEXT_TYPES else body
         if "transform_fn" in self.functions:
-            result = self._user("transform_fn", self.model, data, content_type, accept or self.default_accept,
-                                context=context)
-            answer, answer_type = result if isinstance(result, tuple) else (result, accept or self.default_accept)
+            result = self._user("transform_fn", self.model, data, content_type, accept, context=context)
+            answer, answer_type = result if isinstance(result, tuple) else (result, accept)
             return _as_bytes(answer), answer_type
         if "input_fn" in self.functions:
             try:
@@ -261,9 +239,8 @@ class HandlerModel:
         else:
             prediction = self._guard("predict_fn", default_predict_fn, inputs, self.model, self.device)
         if "output_fn" in self.functions:
-            chosen = accept if accept and accept.strip() not in ("", "*/*") else self.default_accept
-            result = self._user("output_fn", prediction, chosen, context=context)
-            answer, answer_type = result if isinstance(result, tuple) else (result, chosen)
+            result = self._user("output_fn", prediction, accept, context=context)
+            answer, answer_type = result if isinstance(result, tuple) else (result, accept)
             return _as_bytes(answer), answer_type
         chosen = first_accepted(accept, self.default_accept)
         return self._guard("output_fn", default_output_fn, prediction, chosen), chosen
@@ -285,6 +262,8 @@ def _user_failure(name: str, exc: Exception) -> ServingError:
     """A ServingError for an exception from user code; one carrying its own 4xx/5xx status keeps it."""
     status = getattr(exc, "status_code", None)
     if isinstance(status, int) and status in HTTP_ERRORS:
+        if status >= 500:
+            logger.error("%s failed", name, exc_info=exc)
         error = HandlerError(f"{name}: {exc}")
         error.status = HTTP_ERRORS[status]
         return error

@@ -133,6 +133,10 @@ class Predictor:
         return codec.top_k(logits, self.class_names, top_k)
 
     def warm_up(self) -> None:
-        """One inference on a blank image, so the first request does not pay for lazy setup."""
+        """One inference on a blank image, so the first request does not pay for lazy setup; the
+        network must answer one score per class name."""
         size = self.manifest.preprocessing.resize_size
-        self.infer(self.preprocess(Image.new("RGB", (size, size)))[None])
+        logits = self.infer(self.preprocess(Image.new("RGB", (size, size)))[None])
+        if logits.shape != (1, self.manifest.num_classes):
+            raise ArtifactError(f"the network answers {logits.shape[1:]} scores per image but the manifest names "
+                                f"{self.manifest.num_classes} classes")

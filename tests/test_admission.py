@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -46,3 +47,32 @@ def test_a_failing_block_releases_its_claim() -> None:
     with pytest.raises(RuntimeError), gate.hold(80):
         raise RuntimeError("decoder failed")
     assert gate.held == 0
+
+
+def test_a_large_claim_is_not_overtaken_by_small_ones_arriving_after_it() -> None:
+    gate = MemoryGate(100)
+    order: list[str] = []
+    first = gate.hold(60)
+    first.__enter__()
+    large_waiting = threading.Event()
+
+    def claim(name: str, nbytes: int, started: threading.Event | None = None) -> None:
+        if started is not None:
+            started.set()
+        with gate.hold(nbytes):
+            order.append(name)
+
+    large = threading.Thread(target=claim, args=("large", 100, large_waiting))
+    large.start()
+    assert large_waiting.wait(10)
+    deadline = time.monotonic() + 10
+    while not gate._waiting and time.monotonic() < deadline:  # the large claim is in line
+        time.sleep(0.01)
+    small = threading.Thread(target=claim, args=("small", 10))
+    small.start()
+    small.join(0.2)
+    assert order == []  # 60 + 10 would fit, but the large claim came first
+    first.__exit__(None, None, None)
+    large.join(10)
+    small.join(10)
+    assert order == ["large", "small"]

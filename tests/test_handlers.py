@@ -221,3 +221,46 @@ def test_handler_mode_is_chosen_by_the_code_or_sagemaker_program(tmp_path: Path)
     submitted.mkdir()
     (submitted / "handler.py").write_text("")
     assert handlers.code_folder(tmp_path, "handler.py", f"file://{submitted}") == submitted
+
+
+def test_the_default_predict_fn_gets_the_model_on_the_inputs_device(tmp_path: Path, monkeypatch) -> None:
+    """model_fn may load onto the CPU; the default input_fn puts data on the GPU when there is one."""
+    model_dir = model_folder(tmp_path / "model", textwrap.dedent('''
+        import torch
+        MOVED = []
+
+        class Doubler(torch.nn.Module):
+            def forward(self, x):
+                return x * 2
+
+            def to(self, *args, **kwargs):
+                MOVED.append(args)
+                return super().to(*args, **kwargs)
+
+        def model_fn(model_dir):
+            return Doubler()
+    '''))
+    model = HandlerModel.load(model_dir, module_name="inference_device")
+    assert model.functions["model_fn"].__globals__["MOVED"] == [(model.device,)]
+    body, kind = model.invoke(b"[1, 2]", "application/json", None)
+    assert (json.loads(body), kind) == ([2.0, 4.0], "application/json")
+
+
+@pytest.mark.parametrize("accept", [None, "*/*"])
+def test_transform_fn_gets_the_default_accept_for_a_missing_or_wildcard_one(tmp_path: Path, accept) -> None:
+    model_dir = model_folder(tmp_path / "model", "def model_fn(model_dir):\n    return None\n\n"
+                                                 "def transform_fn(model, body, content_type, accept):\n"
+                                                 "    return accept\n")
+    model = HandlerModel.load(model_dir, module_name=f"inference_accept_{accept is None}", default_accept="text/csv")
+    assert model.invoke(b"x", "application/octet-stream", accept) == (b"text/csv", "text/csv")
+
+
+def test_requirements_are_installed_before_the_server_imports_torch(tmp_path: Path) -> None:
+    from serve import __main__ as entry
+
+    model_dir = model_folder(tmp_path / "model", "", **{"requirements.txt": "this is ::: not a requirement\n"})
+    reason = entry.install_requirements(Settings(model_dir=model_dir))
+    assert reason is not None and "pip could not install code/requirements.txt" in reason
+    with pytest.raises(RuntimeError, match="pip could not install"):
+        entry.load_predictor(Settings(model_dir=model_dir), reason)
+    assert entry.install_requirements(Settings(model_dir=tmp_path / "no-code")) is None

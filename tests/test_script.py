@@ -280,3 +280,49 @@ def test_torch_distributed_runs_the_script_under_torchrun(tmp_path: Path) -> Non
     assert run.returncode == 0, run.stderr[-3000:]
     assert (base / "model" / "rank-0.txt").read_text() == "2 0 3.0"
     assert (base / "model" / "rank-1.txt").read_text() == "2 1 3.0"
+
+
+def test_the_first_error_of_a_failing_torchrun_job_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.py").write_text("raise ValueError('bad epochs')\n")
+    base = job_folder(tmp_path / "ml", str(tmp_path / "src"), {},
+                      extra={"sagemaker_torch_distributed_enabled": True, "sagemaker_mpi_num_of_processes_per_host": 2})
+    run = run_job(base, timeout=180)
+    assert run.returncode != 0
+    failure = (base / "output" / "failure").read_text()
+    assert 'ErrorMessage "ValueError: bad epochs"' in failure, failure
+    assert "ChildFailedError" in run.stderr  # torchrun's own summary is still in the log
+
+
+def test_a_failure_reason_the_script_wrote_itself_is_kept(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.py").write_text(textwrap.dedent('''
+        import os, sys
+        with open(os.path.join(os.environ["SM_OUTPUT_DIR"], "failure"), "w") as f:
+            f.write("dataset has no images of class 'beagle'")
+        sys.exit(4)
+    '''))
+    base = job_folder(tmp_path / "ml", str(tmp_path / "src"), {})
+    assert run_job(base).returncode == 4
+    assert (base / "output" / "failure").read_text() == "dataset has no images of class 'beagle'"
+
+
+def test_a_shell_entry_point_runs_under_its_own_shebang(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.sh").write_text(textwrap.dedent('''\
+        #!/bin/bash
+        if [[ "$1" == "--epochs" ]]; then echo "bash got $2" > "$SM_MODEL_DIR/out.txt"; fi
+    '''))
+    base = job_folder(tmp_path / "ml", str(tmp_path / "src"), {"epochs": 2},
+                      extra={"sagemaker_program": "train.sh"})
+    run = run_job(base)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (base / "model" / "out.txt").read_text() == "bash got 2\n"
+
+
+def test_setup_py_and_requirements_txt_are_both_installed(tmp_path: Path) -> None:
+    assert script.requirements_command(tmp_path) is None
+    (tmp_path / "requirements.txt").write_text("humanize\n")
+    assert script.requirements_command(tmp_path)[3:] == ["install", "--no-input", "-r", "requirements.txt"]
+    (tmp_path / "setup.py").write_text("")
+    assert script.requirements_command(tmp_path)[3:] == ["install", "--no-input", ".", "-r", "requirements.txt"]

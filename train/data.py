@@ -226,11 +226,19 @@ def _batch_bytes(hp: Hyperparameters) -> int:
     return hp.batch_size * 3 * hp.image_size * hp.image_size * 4  # float32 images dominate
 
 
+def _processes_on_this_host(hp: Hyperparameters) -> int:
+    if hp.processes_per_host > 0:
+        return hp.processes_per_host
+    return max(1, torch.cuda.device_count()) if hp.device in ("auto", "cuda") and torch.cuda.is_available() else 1
+
+
 def make_loader(dataset: Dataset, hp: Hyperparameters, *, pin_memory: bool,
                 **options: object) -> DataLoader | ArrayBatches:
     """A DataLoader over ``dataset`` whose workers fit the shared memory this machine has."""
     batch_bytes = _batch_bytes(hp)
     shared_free = shared_memory_free()
+    if shared_free is not None:
+        shared_free //= _processes_on_this_host(hp)  # every local process's loaders share /dev/shm
     transport = Transport.choose(workers=hp.workers, batch_bytes=batch_bytes, shared_free=shared_free)
     logger.info("data loading: %s", transport.describe(batch_bytes, shared_free))
     if transport.through_pipes:

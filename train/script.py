@@ -192,7 +192,7 @@ def environment(job: Job) -> dict[str, str]:
         "output_intermediate_dir": str(job.output_dir / "intermediate"),
         "channels": list(channels), "hps": job.hyperparameters, "user_args": to_args(job.hyperparameters),
         "module_name": module_name, "module_dir": job.submit_directory or str(job.code_dir),
-        "user_entry_point": job.program, "framework_module": "train.script:main",
+        "user_entry_point": job.program, "framework_module": "train.script:run",
         "framework_params": job.framework_params, "resource_config": job.resource_config,
         "input_data_config": job.input_data_config, "current_instance_group": "homogeneousCluster",
         "current_instance_group_hosts": list(job.hosts), "instance_groups": ["homogeneousCluster"],
@@ -274,11 +274,14 @@ class Tail:
         self._thread.join(10)
 
     def last_error(self) -> str:
-        """The last line naming an exception (a traceback's last line), else the last lines."""
-        for line in reversed(self.lines):
-            if EXCEPTION_LINE.match(line.strip()):
-                return line.strip()
-        return "\n".join(line for line in list(self.lines)[-5:] if line.strip())
+        """The script's own error: the first line naming an exception after its first traceback
+        (torchrun's ChildFailedError summary comes later and says less), else the last lines."""
+        lines = [line.strip() for line in self.lines]
+        start = next((index for index, line in enumerate(lines) if line.startswith("Traceback")), 0)
+        for line in lines[start:]:
+            if EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
+                return line
+        return "\n".join(line for line in lines[-5:] if line)
 
 
 def run_logged(command: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> tuple[int, Tail]:
@@ -302,13 +305,17 @@ def run_logged(command: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> 
     return (128 - code if code < 0 else code), tail
 
 
+def requirements_command(code: Path) -> list[str] | None:
+    """pip for the source's setup.py (the package itself) and requirements.txt, or None for neither."""
+    packages = (["."] if (code / "setup.py").is_file() else []) + (
+        ["-r", "requirements.txt"] if (code / "requirements.txt").is_file() else [])
+    return [sys.executable, "-m", "pip", "install", "--no-input", *packages] if packages else None
+
+
 def install_requirements(job: Job, env: Mapping[str, str]) -> None:
     code = job.code_dir
-    if (code / "setup.py").is_file():
-        command = [sys.executable, "-m", "pip", "install", "--no-input", "."]
-    elif (code / "requirements.txt").is_file():
-        command = [sys.executable, "-m", "pip", "install", "--no-input", "-r", "requirements.txt"]
-    else:
+    command = requirements_command(code)
+    if command is None:
         return
     logger.info("installing the script's requirements: %s", shlex.join(command[2:]))
     status, tail = run_logged(command, cwd=code, env=env)
@@ -324,7 +331,8 @@ def command_for(job: Job, extra_args: Sequence[str] = ()) -> list[str]:
     """The script's command line: plain, or under torchrun for torch_distributed."""
     args = [*to_args(job.hyperparameters), *extra_args]
     if job.program.endswith(".sh"):
-        return ["/bin/sh", job.program, *args]
+        # As the training toolkit runs it: executed, so its own shebang (bash, ...) applies.
+        return ["/bin/sh", "-c", shlex.join([f"./{job.program}", *args])]
     if not job.torch_distributed:
         return [sys.executable, job.program, *args]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(job.hosts)),
@@ -354,20 +362,26 @@ def run(job: Job, extra_args: Sequence[str] = ()) -> int:
     if not (job.code_dir / job.program).is_file():
         found = ", ".join(sorted(entry.name for entry in job.code_dir.iterdir())[:10]) or "nothing"
         raise ScriptError(f"the entry point {job.program!r} is not in the source (it holds: {found})")
+    for folder in (job.base_dir / "model", job.output_dir / "data", job.output_dir / "intermediate"):
+        folder.mkdir(parents=True, exist_ok=True)  # as SageMaker provides them: scripts write there directly
     env = {**job.environ, **environment(job)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(job.code_dir), job.environ.get("PYTHONPATH")]))
     install_requirements(job, env)
     if len(job.hosts) > 1:
         _wait_for_hosts(job)
+    if job.program.endswith(".sh"):
+        script = job.code_dir / job.program
+        script.chmod(script.stat().st_mode | 0o111)
     command = command_for(job, extra_args)
     logger.info("running the user's script on %s: %s", job.current_host, shlex.join(command))
     status, tail = run_logged(command, cwd=job.code_dir, env=env)
-    job.output_dir.mkdir(parents=True, exist_ok=True)
     if status == 0:
         (job.output_dir / "success").touch()
         return 0
     reason = (f"ExecuteUserScriptError:\nExitCode {status}\nErrorMessage \"{tail.last_error()}\"\n"
               f"Command \"{shlex.join(command)}\"")
     logger.error("the user's script failed with exit code %d", status)
-    (job.output_dir / "failure").write_text(reason[:FAILURE_LIMIT])
+    failure = job.output_dir / "failure"
+    if not failure.exists():  # a reason the script wrote itself is kept
+        failure.write_text(reason[:FAILURE_LIMIT])
     return status

@@ -158,25 +158,23 @@ def not_an_artifact(directory: str | os.PathLike[str], *, shown: int = 8) -> str
 
 def save(directory: str | os.PathLike[str], model: nn.Module, manifest: Manifest) -> Path:
     """Write ``model``'s weights and ``manifest`` into ``directory`` (created if needed)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    _write_atomically(
-        directory / WEIGHTS_FILE,
-        lambda path: safetensors.torch.save_file(state, str(path), metadata={"format": "pt"}),
-    )
-    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-    _write_atomically(directory / MANIFEST_FILE, lambda path: path.write_text(text))
-    return directory
+    return _save(directory, WEIGHTS_FILE,
+                 lambda path: safetensors.torch.save_file(state, str(path), metadata={"format": "pt"}), manifest)
 
 
 def save_torchscript(directory: str | os.PathLike[str], network: torch.jit.ScriptModule, manifest: Manifest) -> Path:
     """Write a TorchScript network and its manifest (architecture "torchscript") into ``directory``."""
     if manifest.architecture != TORCHSCRIPT:
         raise ArtifactError(f"a TorchScript artifact's architecture is {TORCHSCRIPT!r}, not {manifest.architecture!r}")
+    return _save(directory, TORCHSCRIPT_FILE, lambda path: network.save(str(path)), manifest)
+
+
+def _save(directory: str | os.PathLike[str], network_file: str, write_network: Any, manifest: Manifest) -> Path:
+    """The network's file, then the manifest last: a directory with a manifest is complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / TORCHSCRIPT_FILE, lambda path: network.save(str(path)))
+    _write_atomically(directory / network_file, write_network)
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
     _write_atomically(directory / MANIFEST_FILE, lambda path: path.write_text(text))
     return directory
@@ -185,6 +183,19 @@ def save_torchscript(directory: str | os.PathLike[str], network: torch.jit.Scrip
 def weights_file(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
     """The file holding the network of the artifact in ``directory``."""
     return Path(directory) / (TORCHSCRIPT_FILE if manifest.architecture == TORCHSCRIPT else WEIGHTS_FILE)
+
+
+def any_weights_file(directory: str | os.PathLike[str]) -> Path | None:
+    """The network file of either kind in ``directory``, found without reading the manifest."""
+    return next((path for path in (Path(directory) / WEIGHTS_FILE, Path(directory) / TORCHSCRIPT_FILE)
+                 if path.is_file()), None)
+
+
+def load_torchscript(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """A TorchScript file, in eval mode (TorchScript's deprecation warning silenced: it still loads)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location=device).eval()
 
 
 def _write_atomically(target: Path, write: Any) -> None:
@@ -211,10 +222,7 @@ def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu") 
     if not weights.is_file():
         raise ArtifactError(f"no {weights.name} in {directory}")
     if manifest.architecture == TORCHSCRIPT:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is in maintenance, not gone
-            network = torch.jit.load(str(weights), map_location=device)
-        return network.eval(), manifest
+        return load_torchscript(weights, device), manifest
     model = create_model(manifest.architecture, manifest.num_classes)
     state = safetensors.torch.load_file(str(weights), device=str(device))
     try:

@@ -19,7 +19,6 @@ import json
 import shutil
 import tarfile
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,9 +104,7 @@ def network_from_state_dict(architecture: str, path: Path, num_classes: int) -> 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu").eval()
+        return artifact.load_torchscript(path)
     except Exception as exc:  # noqa: BLE001
         raise PackageError(f"{path} is not a TorchScript file: {type(exc).__name__}") from None
 
@@ -154,15 +151,13 @@ def package(args: argparse.Namespace) -> tuple[Path, Path, Checked]:
     with tempfile.TemporaryDirectory(prefix=".package-", dir=output.parent if output.parent.exists() else None) as tmp:
         staging = Path(tmp) / "model"
         if args.torchscript:
+            architecture, save = artifact.TORCHSCRIPT, artifact.save_torchscript
             network = load_torchscript(Path(args.torchscript))
-            manifest = Manifest(architecture=artifact.TORCHSCRIPT, class_names=classes, preprocessing=preprocessing,
-                                training=source)
-            artifact.save_torchscript(staging, network, manifest)
         else:
+            architecture, save = args.architecture, artifact.save
             network = network_from_state_dict(args.architecture, Path(args.weights), len(classes))
-            manifest = Manifest(architecture=args.architecture, class_names=classes, preprocessing=preprocessing,
-                                training=source)
-            artifact.save(staging, network, manifest)
+        save(staging, network, Manifest(architecture=architecture, class_names=classes, preprocessing=preprocessing,
+                                        training=source))
         checked = check(staging, sample)
         output.mkdir(parents=True, exist_ok=True)
         for path in staging.iterdir():

@@ -21,6 +21,7 @@ import base64
 import binascii
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -289,9 +290,8 @@ def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instan
                 raise BadRequest('"instances" must be a list')
             images = _decode_instances(document["instances"], limits=limits, fetch_s3=fetch_s3, prepare=prepare)
             return Inputs(images=images, single=False)
-        one = Limits(max_pixels=max_pixels, max_instances=1, max_request_pixels=max_request_pixels,
-                     min_side=min_side, gate=gate)
-        return Inputs(images=_decode_instances([document], limits=one, fetch_s3=fetch_s3, prepare=prepare))
+        return Inputs(images=_decode_instances([document], limits=dataclasses.replace(limits, max_instances=1),
+                                               fetch_s3=fetch_s3, prepare=prepare))
     if kind in JSON_LINES_ALIASES:
         records = []
         for number, line in enumerate(body.splitlines(), start=1):

@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import sys
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from classifier import artifact
 from serve.errors import BadRequest, NotAcceptable, ServingError, UnsupportedMediaType
 from serve.user_code import DEFAULT_PROGRAM, code_folder, has_handlers, install_requirements
 
@@ -203,9 +203,7 @@ class HandlerModel:
         if not path.is_file():
             raise FileNotFoundError("inference.py defines no model_fn and the model has no model.pt (TorchScript) "
                                     "for the default one to load")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is in maintenance, not gone
-            return torch.jit.load(str(path), map_location=self.device)
+        return artifact.load_torchscript(path, self.device)
 
     def _call(self, name: str, *args: Any, context: Context) -> Any:
         function = self.functions[name]

@@ -64,9 +64,8 @@ class LoadedModel:
 
 def estimate_bytes(model_dir: Path) -> int:
     """What loading the artifact in ``model_dir`` is expected to take."""
-    weights = max((model_dir / name for name in (artifact.WEIGHTS_FILE, artifact.TORCHSCRIPT_FILE)),
-                  key=lambda path: path.stat().st_size if path.is_file() else -1)
-    return int(weights.stat().st_size * LOAD_OVERHEAD) + LOAD_EXTRA_BYTES
+    weights = artifact.any_weights_file(model_dir)
+    return int((weights.stat().st_size if weights else 0) * LOAD_OVERHEAD) + LOAD_EXTRA_BYTES
 
 
 def page_token(name: str) -> str:
@@ -126,9 +125,8 @@ class ModelRegistry:
         if name in self._models or name in self._loading:
             raise ModelAlreadyLoaded(f"model {name!r} is already loaded or loading")
         model_dir = Path(url)
-        weights = [model_dir / name for name in (artifact.WEIGHTS_FILE, artifact.TORCHSCRIPT_FILE)]
-        missing = [name for name, present in ((artifact.MANIFEST_FILE, (model_dir / artifact.MANIFEST_FILE).is_file()),
-                                              (artifact.WEIGHTS_FILE, any(path.is_file() for path in weights)))
+        missing = [name for name, present in ((artifact.MANIFEST_FILE, artifact.is_artifact(model_dir)),
+                                              (artifact.WEIGHTS_FILE, artifact.any_weights_file(model_dir)))
                    if not present]
         if missing:
             raise InvalidModel(f"{url!r} holds no model artifact (missing {' and '.join(missing)})")

@@ -241,12 +241,11 @@ def make_loader(dataset: Dataset, hp: Hyperparameters, *, pin_memory: bool,
         shared_free //= _processes_on_this_host(hp)  # every local process's loaders share /dev/shm
     transport = Transport.choose(workers=hp.workers, batch_bytes=batch_bytes, shared_free=shared_free)
     logger.info("data loading: %s", transport.describe(batch_bytes, shared_free))
-    if transport.through_pipes:
-        loader = DataLoader(dataset, batch_size=hp.batch_size, num_workers=transport.workers,
-                            collate_fn=collate_arrays, pin_memory=False, **options)  # type: ignore[arg-type]
-        return ArrayBatches(loader, pin_memory=pin_memory)
-    return DataLoader(dataset, batch_size=hp.batch_size, num_workers=transport.workers,
-                      pin_memory=pin_memory, **options)  # type: ignore[arg-type]
+    pipes = transport.through_pipes
+    loader = DataLoader(dataset, batch_size=hp.batch_size, num_workers=transport.workers,
+                        collate_fn=collate_arrays if pipes else None, pin_memory=pin_memory and not pipes,
+                        **options)  # type: ignore[arg-type]
+    return ArrayBatches(loader, pin_memory=pin_memory) if pipes else loader
 
 
 def train_loader(dataset: Dataset, sampler: ShardSampler, hp: Hyperparameters, *,

@@ -94,10 +94,15 @@ def wait_for_host(name: str, timeout_s: float) -> None:
             time.sleep(1)
 
 
+def interface_exists(name: str | None) -> bool:
+    """Whether this host has the network interface ``name``: resourceconfig.json may name one that
+    does not exist (SDK v3 local mode says "ethwe"), and gloo or NCCL pinned to it would fail."""
+    return bool(name) and name in {interface for _, interface in socket.if_nameindex()}
+
+
 def init_process_group(topology: Topology, local_rank: int, *, use_cuda: bool, timeout_s: float) -> None:
     """Join the job's process group; fails on every host if a peer never shows up in time."""
-    if topology.interface and topology.interface in {name for _, name in socket.if_nameindex()}:
-        # Only when the interface exists: SDK v3 local mode names one ("ethwe") that does not.
+    if interface_exists(topology.interface):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", topology.interface)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", topology.interface)
     wait_for_host(topology.master_addr, timeout_s)

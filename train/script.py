@@ -36,6 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+
+from train.distributed import interface_exists, wait_for_host
+from train.settings import read_json
+
 logger = logging.getLogger(__name__)
 MASTER_PORT = 7777  # what SageMaker's PyTorch container uses for torchrun's rendezvous
 FAILURE_LIMIT = 1024
@@ -81,15 +86,6 @@ def to_args(hyperparameters: Mapping[str, Any]) -> list[str]:
     for key in sorted(hyperparameters):
         args += [f"-{key}" if len(key) == 1 else f"--{key}", _arg_value(hyperparameters[key])]
     return args
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ScriptError(f"{path} is not valid JSON: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -143,18 +139,16 @@ class Job:
 def read_job(base_dir: Path, environ: Mapping[str, str], num_gpus: int | None = None) -> Job | None:
     """The script-mode job configured under ``base_dir``, or None when the job names no script."""
     config = base_dir / "input" / "config"
-    raw = _read_json(config / "hyperparameters.json")
+    raw = read_json(config / "hyperparameters.json") or {}
     if not isinstance(raw, dict):
         raise ScriptError("hyperparameters.json must hold a JSON object")
     values = {key: decode(value) for key, value in raw.items()}
     program = values.get("sagemaker_program") or environ.get("SAGEMAKER_PROGRAM")
     if not program:
         return None
-    resource = _read_json(config / "resourceconfig.json") or {}
+    resource = read_json(config / "resourceconfig.json") or {}
     hosts = tuple(sorted(resource.get("hosts") or [socket.gethostname()]))
     if num_gpus is None:
-        import torch
-
         num_gpus = torch.cuda.device_count()
     return Job(
         base_dir=base_dir,
@@ -164,7 +158,7 @@ def read_job(base_dir: Path, environ: Mapping[str, str], num_gpus: int | None = 
         framework_params={key: value for key, value in values.items()
                           if key.startswith(FRAMEWORK_PREFIX) and key not in SDK_KEYS},
         resource_config=resource,
-        input_data_config=_read_json(config / "inputdataconfig.json") or {},
+        input_data_config=read_json(config / "inputdataconfig.json") or {},
         hosts=hosts,
         current_host=str(resource.get("current_host") or hosts[0]),
         num_gpus=num_gpus,
@@ -180,11 +174,10 @@ def environment(job: Job) -> dict[str, str]:
     base = job.base_dir
     channels = job.channels()
     module_name = Path(job.program).stem if job.program.endswith(".py") else job.program
-    groups = [{"instance_group_name": "homogeneousCluster", "instance_type": job.resource_config.get(
-        "current_instance_type", "local"), "hosts": list(job.hosts)}]
+    instance_type = job.resource_config.get("current_instance_type", "local")
+    group = {"instance_group_name": "homogeneousCluster", "instance_type": instance_type, "hosts": list(job.hosts)}
     properties: dict[str, Any] = {
-        "hosts": list(job.hosts), "current_host": job.current_host,
-        "current_instance_type": job.resource_config.get("current_instance_type", "local"),
+        "hosts": list(job.hosts), "current_host": job.current_host, "current_instance_type": instance_type,
         "num_gpus": job.num_gpus, "num_cpus": job.num_cpus, "num_neurons": 0, "log_level": job.log_level,
         "network_interface_name": job.interface, "model_dir": str(base / "model"), "input_dir": str(base / "input"),
         "input_config_dir": str(base / "input" / "config"), "output_dir": str(job.output_dir),
@@ -196,7 +189,7 @@ def environment(job: Job) -> dict[str, str]:
         "framework_params": job.framework_params, "resource_config": job.resource_config,
         "input_data_config": job.input_data_config, "current_instance_group": "homogeneousCluster",
         "current_instance_group_hosts": list(job.hosts), "instance_groups": ["homogeneousCluster"],
-        "instance_groups_dict": {"homogeneousCluster": groups[0]},
+        "instance_groups_dict": {"homogeneousCluster": group},
         "distribution_instance_groups": ["homogeneousCluster"] if job.torch_distributed else [],
         "is_hetero": False,
     }
@@ -213,8 +206,7 @@ def environment(job: Job) -> dict[str, str]:
     env["SM_TRAINING_ENV"] = _env_value(training_env)
     env.update({"MASTER_ADDR": job.hosts[0], "MASTER_PORT": str(MASTER_PORT), "NCCL_IB_DISABLE": "1",
                 "NCCL_DEBUG": "WARN"})
-    if job.interface in {name for _, name in socket.if_nameindex()}:
-        # Only an interface that exists: SDK v3 local mode names one ("ethwe") that does not.
+    if interface_exists(job.interface):
         env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = job.interface
     return env
 
@@ -344,8 +336,6 @@ def command_for(job: Job, extra_args: Sequence[str] = ()) -> list[str]:
 
 
 def _wait_for_hosts(job: Job, timeout_s: float = 900) -> None:
-    from train.distributed import wait_for_host
-
     for host in job.hosts:
         if host != job.current_host:
             wait_for_host(host, timeout_s)

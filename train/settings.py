@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's content; None when the file does not exist."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -274,7 +275,7 @@ def _channels(base_dir: Path, environ: Mapping[str, str], cli: Mapping[str, Any]
     data_dir = base_dir / "input" / "data"
     if data_dir.is_dir():
         channels.update({p.name: p for p in sorted(data_dir.iterdir()) if p.is_dir()})
-    config = _read_json(base_dir / "input" / "config" / "inputdataconfig.json") or {}
+    config = read_json(base_dir / "input" / "config" / "inputdataconfig.json") or {}
     for name, channel in config.items():
         if isinstance(channel, dict) and channel.get("TrainingInputMode") == "Pipe":
             raise SettingsError(
@@ -344,7 +345,7 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     """Build the settings for one training run from the command line and environment."""
     cli = vars(build_parser().parse_args(list(argv)))
     paths = _resolve_paths(cli, environ)
-    file_values = _read_json(paths.base_dir / "input" / "config" / "hyperparameters.json") or {}
+    file_values = read_json(paths.base_dir / "input" / "config" / "hyperparameters.json") or {}
     if not isinstance(file_values, dict):
         raise SettingsError("hyperparameters.json must hold a JSON object")
     merged: dict[str, Any] = {}

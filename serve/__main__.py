@@ -1,7 +1,9 @@
 """Serve a model: ``python -m serve`` or ``docker run IMAGE serve`` (port 8080 by default).
 
 With ``SAGEMAKER_MODEL_SERVER_WORKERS`` > 1, uvicorn runs that many worker processes, each
-loading the model and building the app through :func:`create`.
+loading the model and building the app through :func:`create`. The exit status is 0 when the
+server was stopped (SIGTERM, SIGINT) and 1 when the model failed to load (see
+``CLASSIFIER_FAILED_EXIT_S``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from classifier.logs import setup_logging
-from serve import user_code
+from serve import connections, user_code
 from serve.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -79,7 +83,21 @@ def create() -> FastAPI:
     """App factory for uvicorn's worker processes (settings from this process's environment)."""
     settings = Settings.from_env(os.environ)
     setup_logging(settings.log_level, json_format=settings.log_json)
+    connections.configure(connection_limits(settings))
     return build(settings)
+
+
+def connection_limits(settings: Settings) -> connections.ConnectionLimits:
+    return connections.ConnectionLimits(head_timeout_s=settings.header_timeout_s,
+                                        max_connections=settings.max_connections)
+
+
+def run_workers(config: uvicorn.Config) -> int:
+    """uvicorn's worker processes, as ``uvicorn.run`` starts them, keeping their exit statuses: a
+    worker whose model failed to load fails its startup, which stops the others; then 1."""
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return 1 if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes) else 0
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -98,12 +116,19 @@ def main() -> int:
     # for by the platform ends with exit code 0 instead of "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _exit_cleanly)
     options = {"host": settings.host, "port": settings.port, "log_config": None, "access_log": False,
-               "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S}
+               "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+               "http": connections.configure(connection_limits(settings))}
     if settings.workers > 1:
-        uvicorn.run("serve.__main__:create", factory=True, workers=settings.workers, **options)
-    else:
-        uvicorn.run(build(settings, startup_error), **options)
-    return 0
+        return run_workers(uvicorn.Config("serve.__main__:create", factory=True, workers=settings.workers, **options))
+    app = build(settings, startup_error)
+    try:
+        uvicorn.run(app, **options)
+    except SystemExit as exc:  # from _exit_cleanly, once uvicorn has drained
+        if exc.code not in (0, None):
+            raise
+    from serve.app import Health
+
+    return 1 if app.state.model.health is Health.FAILED else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Memory-weighted admission for decoding: how much decoded image memory may exist at once.
+"""Admission: how many requests may be in progress, and how much decoded image memory may exist
+at once.
+
+:class:`RequestLimit` bounds the requests that carry a body (``POST``) being served at once:
+each may hold up to the body limit in memory, so their number bounds that memory. Beyond the
+limit a request is answered 503 with ``Retry-After`` before its body is read; ``/ping`` and the
+other ``GET`` routes are never refused, so health checks stay truthful under a flood.
+:func:`read_body` then reads an admitted request's body within a size limit and a deadline.
 
 A few kilobytes of PNG can hold tens of megapixels, so the body size says nothing of what
 decoding costs. Every full-size decode first takes its estimated bytes from one shared
@@ -9,10 +16,17 @@ full-size image at a time.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from serve.errors import Overloaded, PayloadTooLarge, RequestTimeout
 
 # Peak bytes per decoded pixel: the decoder's own image (up to 4 bytes a pixel, as Pillow stores
 # RGB), a rotated copy for EXIF orientation, and the RGB image it becomes (4 bytes a pixel).
@@ -52,3 +66,48 @@ class MemoryGate:
             with self._changed:
                 self._held -= claim
                 self._changed.notify_all()
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and
+    with 408 if it has not all arrived ``timeout_s`` after the request's head."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        # The connection stays open (closing it while the client still sends could reset it before
+        # the answer is read); the server closes it if the rest of the body keeps it busy.
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s ({size} bytes came)") from None
+    return b"".join(chunks)
+
+
+class RequestLimit:
+    """Plain ASGI middleware: at most ``limit`` ``POST`` requests in progress, the rest 503."""
+
+    def __init__(self, app: Any, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_progress = 0  # read and written on the event loop only
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.limit:
+            refusal = Overloaded(f"{self.in_progress} requests are in progress, the most this server takes at once; "
+                                 "try again shortly", headers={"Retry-After": "1"})
+            await JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)(scope, receive, send)
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1

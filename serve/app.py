@@ -4,10 +4,13 @@ SageMaker's ``/models`` API (see :mod:`serve.multi_model`).
 
 ``create_app(settings, load_predictor)`` builds the app; the model loads in a background thread
 when the server starts, so the port answers at once and ``/ping`` says 503 until the model has
-loaded and served a warm-up inference (200), or for good if loading failed. Decoding runs on a
-thread pool and inference on the inference threads behind the batcher, so the event loop (and ``/ping``)
-never waits for either. In multi-model mode ``/ping`` is 200 as soon as the server runs: models
-come and go through ``/models``.
+loaded and served a warm-up inference (200), or for good if loading failed (a failure that may
+pass, such as running out of memory, is tried again first). Decoding runs on a thread pool and
+inference on the inference threads behind the batcher, so the event loop (and ``/ping``) never
+waits for either. ``/ping`` also says 503 while an inference has been running for longer than the
+request timeout: the inference path is stuck, and the platform should replace the instance. In
+multi-model mode ``/ping`` is 200 as soon as the server runs: models come and go through
+``/models``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import gc
 import logging
 import os
+import re
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,9 +37,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from serve import codec
-from serve.admission import MemoryGate
+from serve.admission import MemoryGate, RequestLimit, read_body
 from serve.batching import Batcher
 from serve.errors import (
     BadRequest,
@@ -41,7 +48,6 @@ from serve.errors import (
     ModelNotFound,
     NotReady,
     Overloaded,
-    PayloadTooLarge,
     ServingError,
     Timeout,
 )
@@ -69,6 +75,10 @@ DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
 DECODE_IN_PASS_MAX_BYTES = 256 * 1024
 DECODE_IN_PASS_MAX_PIXELS = 2_000_000
 ONE_IMAGE = codec.Inputs(single=True)
+# A load that fails in a way that may pass (memory, I/O) is tried again after each of these delays.
+LOAD_RETRY_DELAYS_S = (2.0, 5.0)
+# An absolute path in a failure's text; /ping shows only its last part (the full text is logged).
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"]+/)*([^\s/'\"]+)")
 REQUEST_BODY_DOC = {
     "requestBody": {
         "required": True,
@@ -96,6 +106,19 @@ class Served:
     batcher: Batcher
 
 
+def may_pass(exc: BaseException) -> bool:
+    """Whether a load failure may go away by itself (memory, I/O, the network), unlike a missing or
+    malformed file, which no retry mends."""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError, OSError))
+
+
+def public_reason(exc: BaseException) -> str:
+    """A failure as /ping shows it to anyone who asks: without the server's file paths."""
+    return ABSOLUTE_PATH.sub(r"\1", f"{type(exc).__name__}: {exc}")
+
+
 class ModelState:
     """Where loading the one model stands; read by /ping, written once by the loader thread."""
 
@@ -104,15 +127,26 @@ class ModelState:
         self.predictor: Predictor | None = None
         self.reason = ""
 
-    def load(self, load_predictor: Callable[[], Predictor], warm_up: Callable[[Predictor], None]) -> None:
-        try:
-            predictor = load_predictor()
-            warm_up(predictor)
-        except Exception as exc:
-            logger.exception("model failed to load")
-            self.reason = f"{type(exc).__name__}: {exc}"
-            self.health = Health.FAILED
-            return
+    def load(self, load_predictor: Callable[[], Predictor], warm_up: Callable[[Predictor], None], *,
+             retry_delays_s: tuple[float, ...] = LOAD_RETRY_DELAYS_S) -> None:
+        for attempt, delay in enumerate((*retry_delays_s, None), start=1):
+            try:
+                predictor = load_predictor()
+                warm_up(predictor)
+                break
+            except Exception as exc:
+                if delay is None or not may_pass(exc):
+                    logger.exception("model failed to load")
+                    self.reason = public_reason(exc)
+                    self.health = Health.FAILED
+                    return
+                logger.warning("model failed to load (attempt %d, %s: %s); trying again in %g s",
+                               attempt, type(exc).__name__, exc, delay)
+            predictor = None  # the next attempt must not need room for two copies
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            time.sleep(delay)
         self.predictor = predictor
         self.health = Health.READY
         logger.info("model ready")
@@ -125,32 +159,33 @@ class Load:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
+        self._running: dict[object, float] = {}  # calls running on the pool's threads, and when each began
 
     def run(self, executor: ThreadPoolExecutor, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         if self.in_flight >= self.limit:
             raise Overloaded(f"{self.in_flight} requests are in progress; try again shortly",
                              headers={"Retry-After": "1"})
-        future = asyncio.get_running_loop().run_in_executor(executor, function, *args)
+        future = asyncio.get_running_loop().run_in_executor(executor, self._timed, function, *args)
         self.in_flight += 1
         future.add_done_callback(self._release)
         return future
 
+    def _timed(self, function: Callable[..., Any], *args: Any) -> Any:
+        """On the pool's thread: ``function(*args)``, noted as running meanwhile."""
+        token = object()
+        self._running[token] = time.monotonic()
+        try:
+            return function(*args)
+        finally:
+            del self._running[token]
+
     def _release(self, future: asyncio.Future[Any]) -> None:
         self.in_flight -= 1
 
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    def longest_s(self) -> float:
+        """How long the oldest call running now has been running (0 when none is)."""
+        started = self._running.copy().values()  # copied at once: pool threads change it
+        return time.monotonic() - min(started) if started else 0.0
 
 
 def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | None = None, *,
@@ -210,13 +245,26 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     registry = ModelRegistry(
         load=load_in_one_thread, make_batcher=make_batcher, warm_up=warm_up, device=select_device(settings.device),
         budget_bytes=settings.model_memory_budget_bytes, reserve_bytes=settings.memory_reserve_bytes,
-        evict=settings.evict_models, drain_timeout_s=settings.request_timeout_s,
+        evict=settings.evict_models, drain_timeout_s=settings.request_timeout_s, root=settings.models_root,
     ) if load_model is not None else None
 
     def load_single() -> None:
         assert load_predictor is not None
         torch.set_num_threads(1)
         state.load(load_predictor, warm_up)
+        if state.health is Health.FAILED and settings.failed_exit_s > 0 and settings.workers == 1:
+            # SIGTERM stops the server the way the platform would; __main__ then exits with status 1.
+            logger.error("the server exits in %g s: the model failed to load", settings.failed_exit_s)
+            exit_timer = threading.Timer(settings.failed_exit_s, signal.raise_signal, (signal.SIGTERM,))
+            exit_timer.daemon = True
+            exit_timer.start()
+
+    def longest_inference_s() -> float:
+        """How long the oldest inference running now has been at it, whichever model it is for."""
+        batchers = [served.batcher for served in single]
+        if registry is not None:
+            batchers += registry.batchers()
+        return max([handler_load.longest_s(), *(batcher.longest_pass_s() for batcher in batchers)])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -224,8 +272,11 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
             state.health = Health.READY
         elif settings.workers > 1:
             # Worker processes share one listening socket: a worker that takes connections only
-            # once its model is ready never answers 503 while a sibling says /ping 200.
+            # once its model is ready never answers 503 while a sibling says /ping 200. One whose
+            # model failed to load fails its startup, which stops the server (see __main__).
             await asyncio.to_thread(load_single)
+            if state.health is Health.FAILED and settings.failed_exit_s > 0:
+                raise RuntimeError(f"the model failed to load: {state.reason}")
         else:
             # One process: take connections at once and let /ping report the loading.
             threading.Thread(target=load_single, name="model-loader", daemon=True).start()
@@ -244,6 +295,8 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     app.state.model = state
     app.state.metrics = metrics
     app.state.registry = registry
+    # Observe wraps RequestLimit (middleware added last runs first), so refusals are counted and logged.
+    app.add_middleware(RequestLimit, limit=settings.max_concurrent_requests)
     app.add_middleware(Observe, metrics=metrics, access_log=settings.access_log)
 
     @app.exception_handler(ServingError)
@@ -254,6 +307,11 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     async def invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors())
         return JSONResponse(BadRequest(problems).body(), status_code=400)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody is left to answer; 499 (as nginx logs it) records that in the access log and metrics.
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -272,6 +330,10 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
 
     @app.get("/ping", summary="Health: 200 once the model is loaded and warmed up")
     async def ping() -> JSONResponse:
+        running_s = longest_inference_s()
+        if running_s > settings.request_timeout_s:
+            return JSONResponse({"status": "stuck", "reason": f"an inference has been running for {running_s:.0f} s, "
+                                 f"longer than the {settings.request_timeout_s:g} s request timeout"}, status_code=503)
         if state.health is Health.READY:
             return JSONResponse({"status": state.health.value})
         body = {"status": state.health.value}
@@ -327,7 +389,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                                       default_top_k=settings.top_k)
         response_type = codec.choose_response_type(
             request.headers.get("accept"), lines=codec.media_type(content_type) in codec.JSON_LINES_ALIASES)
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         loop = asyncio.get_running_loop()
 
         async def answer() -> Response:
@@ -356,7 +418,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
 
     async def through_handlers(request: Request, model: HandlerModel) -> Response:
         """One request through the user's inference.py, on the handler threads, within the timeout."""
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         content_type = request.headers.get("content-type") or "application/octet-stream"
         headers = {key.lower(): value for key, value in request.headers.items()}
         future = handler_load.run(handler_pool, model.invoke, body, content_type, request.headers.get("accept"),
@@ -393,6 +455,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         return await classify(request, target_model(request) if settings.multi_model else single_model())
 
     if registry is not None:
-        app.include_router(models_router(registry, classify, openapi_extra=REQUEST_BODY_DOC))
+        app.include_router(models_router(registry, classify, body_timeout_s=settings.body_timeout_s,
+                                         openapi_extra=REQUEST_BODY_DOC))
 
     return app

@@ -100,7 +100,7 @@ class Batcher:
         self._recent_load = 0.0  # moving average of the requests each submission found here, itself included
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._passes: set[asyncio.Task[None]] = set()  # forward passes running now
+        self._passes: dict[asyncio.Task[None], float] = {}  # forward passes running now, and when each began
         self._closed = False
 
     def start(self) -> None:
@@ -129,6 +129,10 @@ class Batcher:
                 break
             await asyncio.sleep(0.005)
         await self.stop()
+
+    def longest_pass_s(self) -> float:
+        """How long the oldest forward pass running now has been running (0 when none is)."""
+        return time.monotonic() - min(self._passes.values()) if self._passes else 0.0
 
     @contextlib.contextmanager
     def incoming(self) -> Iterator[None]:
@@ -189,13 +193,13 @@ class Batcher:
                      and self._recent_load < ONE_AT_A_TIME)
             threads = self._threads if alone or self._threads is None else max(1, self._threads // self._parallel)
             task = asyncio.get_running_loop().create_task(self._run_pass(jobs, threads))
-            self._passes.add(task)
+            self._passes[task] = time.monotonic()
             self._in_passes += len(jobs)
             self._images_in_passes += sum(job.images for job in jobs)
             task.add_done_callback(self._pass_done)
 
     def _pass_done(self, task: asyncio.Task[None]) -> None:
-        self._passes.discard(task)
+        self._passes.pop(task, None)
         self._wakeup.set()  # a pass can start
 
     def _forward(self, jobs: list[_Job], threads: int | None) -> np.ndarray | None:

@@ -49,6 +49,18 @@ class Forbidden(ServingError):
     code = "forbidden"
 
 
+class RequestTimeout(ServingError):
+    """The request's body did not arrive in time."""
+
+    status = HTTPStatus.REQUEST_TIMEOUT
+    code = "request_timeout"
+
+
+class HeadersTooLarge(ServingError):
+    status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+    code = "headers_too_large"
+
+
 class PayloadTooLarge(ServingError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
     code = "payload_too_large"
@@ -78,6 +90,10 @@ class NotReady(ServingError):
 class Overloaded(ServingError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "overloaded"
+
+
+class TooManyConnections(Overloaded):
+    code = "too_many_connections"
 
 
 class Timeout(ServingError):

@@ -1,7 +1,9 @@
 """SageMaker's multi-model container API: load, list, describe, unload and invoke models by name.
 
     POST   /models                 {"model_name": "...", "url": "/opt/ml/models/<name>/model"}
-                                   200 loaded; 409 already loaded; 507 no memory; 400 no artifact
+                                   200 loaded; 409 already loaded; 507 no memory; 400 no artifact;
+                                   403 url outside the models folder (CLASSIFIER_MODELS_ROOT);
+                                   415 not JSON; 413 body over 64 KB
     GET    /models                 {"models": [{"modelName", "modelUrl", ...}], "nextPageToken"}
                                    (query: next_page_token, page_size)
     GET    /models/{name}          {"modelName", "modelUrl", ...}; 404 when not loaded
@@ -22,7 +24,9 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from serve.errors import BadRequest, InvalidJson
+from serve import codec
+from serve.admission import read_body
+from serve.errors import BadRequest, InvalidJson, UnsupportedMediaType
 from serve.registry import LoadedModel, ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -49,16 +53,16 @@ def _load_request(body: bytes) -> tuple[str, str]:
 
 
 def models_router(registry: ModelRegistry, classify: Callable[[Request, LoadedModel], Awaitable[Response]], *,
-                  openapi_extra: dict[str, Any] | None = None) -> APIRouter:
+                  body_timeout_s: float, openapi_extra: dict[str, Any] | None = None) -> APIRouter:
     router = APIRouter(prefix="/models", tags=["multi-model"])
 
     @router.post("", summary="Load a model", openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"example": LOAD_EXAMPLE}}}})
     async def load(request: Request) -> JSONResponse:
-        body = await request.body()
-        if len(body) > MAX_LOAD_BODY:
-            raise BadRequest("the load request is too large")
-        name, url = _load_request(body)
+        content_type = request.headers.get("content-type")
+        if content_type and codec.media_type(content_type) != codec.JSON:
+            raise UnsupportedMediaType(f"a load request is {codec.JSON}, not {content_type!r}: {json.dumps(LOAD_EXAMPLE)}")
+        name, url = _load_request(await read_body(request, MAX_LOAD_BODY, body_timeout_s))
         loaded = await registry.load(name, url)
         return JSONResponse({"status": f"model {name!r} loaded", **loaded.describe()})
 

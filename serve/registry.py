@@ -35,7 +35,7 @@ import torch
 from classifier import artifact
 from serve import memory
 from serve.batching import Batcher
-from serve.errors import InsufficientMemory, InvalidModel, ModelAlreadyLoaded, ModelNotFound
+from serve.errors import Forbidden, InsufficientMemory, InvalidModel, ModelAlreadyLoaded, ModelNotFound
 
 if TYPE_CHECKING:
     from serve.predictor import Predictor
@@ -83,7 +83,7 @@ def after_token(token: str) -> str:
 class ModelRegistry:
     def __init__(self, *, load: Callable[[Path], Predictor], make_batcher: Callable[[Predictor, str], Batcher],
                  warm_up: Callable[[Predictor], None], device: torch.device, budget_bytes: int | None = None, reserve_bytes: int = 0,
-                 evict: bool = True, drain_timeout_s: float = 60.0,
+                 evict: bool = True, drain_timeout_s: float = 60.0, root: Path | None = None,
                  available: Callable[[torch.device], int | None] = memory.available_bytes) -> None:
         self._load = load
         self._make_batcher = make_batcher
@@ -94,6 +94,7 @@ class ModelRegistry:
         self._evict = evict
         self._drain_timeout_s = drain_timeout_s
         self._available = available
+        self._root = root  # models load only from folders under this one (None: from anywhere)
         self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()  # oldest use first
         self._loading: set[str] = set()
         self._lock = asyncio.Lock()  # one load or unload at a time
@@ -110,6 +111,9 @@ class ModelRegistry:
         self._models.move_to_end(name)
         return model
 
+    def batchers(self) -> list[Batcher]:
+        return [model.batcher for model in self._models.values()]
+
     def describe(self, name: str) -> dict[str, object]:
         return self._find(name).describe()
 
@@ -124,7 +128,7 @@ class ModelRegistry:
     async def load(self, name: str, url: str) -> LoadedModel:
         if name in self._models or name in self._loading:
             raise ModelAlreadyLoaded(f"model {name!r} is already loaded or loading")
-        model_dir = Path(url)
+        model_dir = self._folder(url)
         missing = [name for name, present in ((artifact.MANIFEST_FILE, artifact.is_artifact(model_dir)),
                                               (artifact.WEIGHTS_FILE, artifact.any_weights_file(model_dir)))
                    if not present]
@@ -145,6 +149,16 @@ class ModelRegistry:
         logger.info("loaded model %r from %s in %.2f s (%.1f MB)", name, url, time.perf_counter() - started,
                     loaded.footprint_bytes / MEGABYTE)
         return loaded
+
+    def _folder(self, url: str) -> Path:
+        """The folder ``url`` names, refused unless it lies under the models root (links resolved)."""
+        folder = Path(url)
+        if self._root is None:
+            return folder
+        resolved = folder.resolve()  # what is checked is what is loaded, even if a link changes later
+        if not folder.is_absolute() or not resolved.is_relative_to(self._root.resolve()):
+            raise Forbidden(f"{url!r} is not a folder under {str(self._root)!r}, where models are loaded from")
+        return resolved
 
     async def unload(self, name: str) -> None:
         async with self._lock:

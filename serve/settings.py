@@ -25,6 +25,8 @@ MEGABYTE = 1024 * 1024
 # 600 s; answering 504 a little earlier tells the client what happened.
 REALTIME_TIMEOUT_S = 55.0
 BATCH_TIMEOUT_S = 590.0
+# A server started from the environment whose model failed to load exits after this long.
+FAILED_EXIT_S = 60.0
 
 
 class ConfigError(ValueError):
@@ -83,6 +85,16 @@ class Settings:
     max_instances: int = 64  # images in one request
     max_queue: int = 256  # images waiting for the model before requests get 503
     request_timeout_s: float = REALTIME_TIMEOUT_S
+    # Connections and requests (see serve.connections and serve.admission.RequestLimit).
+    header_timeout_s: float = 10.0  # a connection's request head must arrive within this
+    body_timeout_s: float = 30.0  # a request's body must arrive within this after its head (else 408)
+    max_connections: int = 1000  # open connections; beyond, new ones get 503 and are closed
+    max_concurrent_requests: int = 64  # POST requests in progress (each may hold a body); beyond, 503
+    # After a failed load, /ping answers 503 with the reason for this long, then the server exits
+    # with status 1 so that whatever runs it restarts it or reports it (with several workers, at
+    # once); 0 keeps it up for good. `serve` reads FAILED_EXIT_S from the environment; an app built
+    # in code (tests, embedding) keeps 0 and never signals its own process.
+    failed_exit_s: float = 0.0
     device: str = "auto"
     half: bool | None = None  # None: half precision on CUDA, float32 on CPU
     jit: bool | None = None  # trace and freeze the network with TorchScript; None: on a CPU only
@@ -94,6 +106,7 @@ class Settings:
     access_log: bool = True  # one log line per request other than /ping
     # Multi-model mode: models are loaded by name through POST /models (SageMaker's MME API).
     multi_model: bool = False
+    models_root: Path = Path("/opt/ml/models")  # POST /models loads only from folders under this one
     model_memory_budget_bytes: int | None = None  # for all loaded models together; None: free memory decides
     memory_reserve_bytes: int = 256 * MEGABYTE  # left free for requests when loading a model
     evict_models: bool = True  # unload least recently used models to make room (else 507); off under SageMaker MME
@@ -153,6 +166,12 @@ class Settings:
             max_instances=get("CLASSIFIER_MAX_INSTANCES", _positive_int, cls.max_instances),
             max_queue=get("CLASSIFIER_MAX_QUEUE", _positive_int, cls.max_queue),
             request_timeout_s=timeout,
+            header_timeout_s=get("CLASSIFIER_HEADER_TIMEOUT_S", _positive_float, cls.header_timeout_s),
+            body_timeout_s=get("CLASSIFIER_BODY_TIMEOUT_S", _positive_float, cls.body_timeout_s),
+            max_connections=get("CLASSIFIER_MAX_CONNECTIONS", _positive_int, cls.max_connections),
+            max_concurrent_requests=get("CLASSIFIER_MAX_CONCURRENT_REQUESTS", _positive_int,
+                                        cls.max_concurrent_requests),
+            failed_exit_s=get("CLASSIFIER_FAILED_EXIT_S", _non_negative_float, FAILED_EXIT_S),
             device=environ.get("CLASSIFIER_DEVICE") or cls.device,
             half=None if half == "auto" else get("CLASSIFIER_HALF", parse_bool, False),
             jit=None if jit == "auto" else get("CLASSIFIER_JIT", parse_bool, False),
@@ -163,6 +182,7 @@ class Settings:
             demo=get("CLASSIFIER_DEMO", parse_bool, cls.demo),
             access_log=get("CLASSIFIER_ACCESS_LOG", parse_bool, cls.access_log),
             multi_model=multi_model,
+            models_root=Path(environ.get("CLASSIFIER_MODELS_ROOT") or base_dir / "models"),
             model_memory_budget_bytes=_megabytes(get("CLASSIFIER_MODEL_MEMORY_MB", _positive_float, None)),
             memory_reserve_bytes=int(get("CLASSIFIER_MEMORY_RESERVE_MB", _non_negative_float, 256.0) * MEGABYTE),
             # SageMaker keeps its own list of loaded models and unloads some when a load answers

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve.app import create_app
+from serve.app import Health, ModelState, create_app, public_reason
 from serve.predictor import Predictor
 from serve.settings import Settings
 
@@ -225,12 +225,15 @@ def test_execution_parameters(client: TestClient) -> None:
         "MaxConcurrentTransforms": 1, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 1}
 
 
-def test_a_request_that_cannot_finish_in_its_budget_gets_504(settings: Settings) -> None:
+def test_a_request_that_cannot_finish_in_its_budget_gets_504_and_ping_tells_of_the_stuck_pass(
+        settings: Settings) -> None:
     from dataclasses import replace
+
+    released = threading.Event()
 
     class Slow(Predictor):
         def infer(self, batch):  # type: ignore[no-untyped-def]
-            time.sleep(1.0)
+            released.wait(timeout=30)
             return super().infer(batch)
 
     def loader() -> Predictor:
@@ -244,7 +247,10 @@ def test_a_request_that_cannot_finish_in_its_budget_gets_504(settings: Settings)
         response = client.post("/invocations", content=png(), headers={"Content-Type": "image/png"})
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "timeout"
-        assert client.get("/ping").status_code == 200
+        stuck = wait_for_ping(client, 503)  # the pass has now run longer than the request timeout
+        assert stuck["status"] == "stuck" and "longer than the 0.2 s request timeout" in stuck["reason"]
+        released.set()
+        assert wait_for_ping(client, 200) == {"status": "ready"}
 
 
 def test_s3_references_only_from_allowed_buckets(settings: Settings) -> None:
@@ -331,3 +337,40 @@ def test_a_malformed_top_k_is_a_400(client: TestClient) -> None:
     response = client.post("/invocations", content=png(), headers={
         "Content-Type": "image/png", "X-Amzn-SageMaker-Custom-Attributes": b"top_k=\xb2"})
     assert response.status_code == 400 and "top_k" in response.json()["error"]["message"]
+
+
+def test_a_load_failure_that_may_pass_is_tried_again(settings: Settings, caplog) -> None:
+    attempts: list[int] = []
+
+    def flaky() -> Predictor:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise MemoryError("the host was short of memory for a moment")
+        return Predictor.load(settings.model_dir, allow_default=False, device="cpu", jit=False)
+
+    state = ModelState()
+    state.load(flaky, lambda predictor: None, retry_delays_s=(0.0, 0.0))
+    assert (state.health, len(attempts)) == (Health.READY, 2)
+    assert "trying again in 0 s" in caplog.text
+
+
+def test_a_load_failure_no_retry_mends_fails_at_once_and_ping_shows_no_server_paths(tmp_path: Path) -> None:
+    attempts: list[int] = []
+
+    def missing() -> Predictor:
+        attempts.append(1)
+        return Predictor.load(tmp_path / "nowhere", allow_default=False, device="cpu")
+
+    state = ModelState()
+    state.load(missing, lambda predictor: None, retry_delays_s=(0.0, 0.0))
+    assert (state.health, len(attempts)) == (Health.FAILED, 1)
+    assert str(tmp_path) not in state.reason and "nowhere" in state.reason
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("no manifest.json in /opt/ml/model: not a model artifact", "no manifest.json in model: not a model artifact"),
+    ("'/opt/ml/model/code/inference.py' failed", "'inference.py' failed"),
+    ("expects application/json and s3://bucket/key, 1/2 of it", "expects application/json and s3://bucket/key, 1/2 of it"),
+])
+def test_public_reasons_keep_only_the_last_part_of_absolute_paths(text: str, shown: str) -> None:
+    assert public_reason(RuntimeError(text)) == f"RuntimeError: {shown}"

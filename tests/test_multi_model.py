@@ -6,6 +6,7 @@ import asyncio
 import base64
 import collections
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from classifier import artifact
 from serve.app import create_app
 from serve.batching import Batcher
 from serve.memory import model_bytes
+from serve.multi_model import MAX_LOAD_BODY
 from serve.predictor import Predictor
 from serve.registry import ModelRegistry, estimate_bytes
 from serve.settings import MEGABYTE, Settings
@@ -63,6 +65,7 @@ class Recorder:
 
 
 def mme_client(load_model=None, **settings: object) -> TestClient:
+    settings.setdefault("models_root", Path(tempfile.gettempdir()))  # where pytest's folders are
     app = create_app(Settings(multi_model=True, top_k=1, **settings), load_model=load_model or Recorder())
     return TestClient(app, raise_server_exceptions=False)
 
@@ -162,6 +165,24 @@ def test_bad_load_requests_are_400(client: TestClient, models_dir: Path, tmp_pat
     for token in ("²", "%%%", "-1"):
         assert client.get("/models", params={"next_page_token": token}).status_code == 400, token
     assert client.get("/models").json() == {"models": []}
+
+
+def test_loads_come_only_from_the_models_root_as_json_of_bounded_size(models_dir: Path) -> None:
+    root = models_dir / "pets"
+    (root / "escape").symlink_to(models_dir / "colours")
+    with mme_client(models_root=root) as client:
+        for url in (str(models_dir / "colours" / "model"), str(root / ".." / "colours" / "model"),
+                    str(root / "escape" / "model"), "pets/model", "/etc"):
+            refused = client.post("/models", json={"model_name": "x", "url": url})
+            assert refused.status_code == 403, (url, refused.text)
+            assert refused.json()["error"]["code"] == "forbidden" and str(root) in refused.json()["error"]["message"]
+        assert load(client, root.parent, "pets").status_code == 200
+        as_form = client.post("/models", content=b'{"model_name": "y", "url": "x"}',
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert as_form.status_code == 415 and as_form.json()["error"]["code"] == "unsupported_media_type"
+        huge = client.post("/models", content=b" " * (MAX_LOAD_BODY + 1), headers={"Content-Type": "application/json"})
+        assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
+        assert [model["modelName"] for model in client.get("/models").json()["models"]] == ["pets"]
 
 
 def test_list_is_paginated(client: TestClient, models_dir: Path) -> None:

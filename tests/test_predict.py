@@ -223,7 +223,7 @@ def test_runs_as_python_dash_m() -> None:
 def test_target_model_invokes_that_model_on_a_multi_model_server(tmp_path: Path, capsys) -> None:
     constant_artifact(tmp_path / "pets" / "model", ("cat", "dog"), "dog")
     paths = write_images(tmp_path / "photos", "a.png", "b.jpg", "c.png")
-    with server(tmp_path, CLASSIFIER_MULTI_MODEL="true") as (address, _):
+    with server(tmp_path, CLASSIFIER_MULTI_MODEL="true", CLASSIFIER_MODELS_ROOT=str(tmp_path)) as (address, _):
         loaded = httpx.post(f"{address}/models", json={"model_name": "pets", "url": str(tmp_path / "pets" / "model")},
                             timeout=60)
         assert loaded.status_code == 200, loaded.text

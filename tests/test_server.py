@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,8 @@ import pytest
 from PIL import Image
 
 from imagedata import CLASSES, encode, render
-from server_process import server
+from ports import free_port
+from server_process import ROOT, server
 
 
 def shapes(count: int) -> list[bytes]:
@@ -120,3 +124,42 @@ def test_several_workers(tiny_artifact: Path) -> None:
         assert [r.status_code for r in responses] == [200] * 8
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=40) == 0
+
+
+def test_a_failed_load_answers_503_with_the_reason_then_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "model.pth").write_bytes(b"weights without a manifest")
+    port = free_port()
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "SM_MODEL_DIR": str(tmp_path), "CLASSIFIER_HOST": "127.0.0.1",
+               "SAGEMAKER_BIND_TO_PORT": str(port), "CLASSIFIER_FAILED_EXIT_S": "10"}
+    process = subprocess.Popen([sys.executable, "-m", "serve"], env=environ, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                ping = httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2)
+                if ping.json()["status"] == "failed":
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "no failed /ping within 60 s"
+            time.sleep(0.1)
+        assert ping.status_code == 503 and "model.pth" in ping.json()["reason"]
+        assert str(tmp_path) not in ping.json()["reason"]
+        assert process.wait(timeout=60) == 1
+        assert "the server exits in 10 s: the model failed to load" in process.communicate()[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_with_several_workers_a_failed_load_stops_the_server_with_status_1(tmp_path: Path) -> None:
+    (tmp_path / "model.pth").write_bytes(b"weights without a manifest")
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "SM_MODEL_DIR": str(tmp_path), "CLASSIFIER_HOST": "127.0.0.1",
+               "SAGEMAKER_BIND_TO_PORT": str(free_port()), "SAGEMAKER_MODEL_SERVER_WORKERS": "2"}
+    process = subprocess.run([sys.executable, "-m", "serve"], env=environ, cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, check=False)
+    assert process.returncode == 1, process.stdout + process.stderr
+    assert "the model failed to load" in process.stdout + process.stderr

@@ -1,5 +1,6 @@
 """Spot safety: a run stopped by SIGTERM resumes from its checkpoint and ends where an
-uninterrupted run ends (same weights), and a damaged newest checkpoint is passed over."""
+uninterrupted run ends (same weights), a damaged newest checkpoint is passed over, and a full disk
+at SIGTERM fails the run with its reason and no partial file."""
 
 from __future__ import annotations
 
@@ -122,6 +123,56 @@ def test_a_full_disk_during_a_checkpoint_fails_loudly_and_leaves_no_partial_file
     with pytest.raises(OSError, match="No space left on device"):
         checkpoint.save(tmp_path, {"epoch": 1, "step_in_epoch": 2}, global_step=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_os_error_behind_a_failed_write_is_found() -> None:
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 64 vs 0") from None
+    except RuntimeError as exc:
+        assert exc.__cause__ is None and checkpoint.os_error_behind(exc).errno == 28
+    assert checkpoint.os_error_behind(RuntimeError("no file involved")) is None
+
+
+# The real entry point, with a spot interruption (SIGTERM) arriving right after the first checkpoint.
+INTERRUPTED_AFTER_THE_FIRST_CHECKPOINT = """
+import signal, sys
+from train import checkpoint
+from train.__main__ import main
+
+write = checkpoint.save
+
+def write_then_interrupt(*args, **kwargs):
+    path = write(*args, **kwargs)
+    signal.raise_signal(signal.SIGTERM)
+    return path
+
+checkpoint.save = write_then_interrupt
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (writes fail with ENOSPC)")
+def test_a_full_disk_at_sigterm_fails_the_run_with_the_reason_and_no_partial_file(dataset: Path,
+                                                                                   tmp_path: Path) -> None:
+    base, folder = tmp_path / "ml", tmp_path / "ml" / "checkpoints"
+    folder.mkdir(parents=True)
+    # Step 1's checkpoint is written; step 2's, at SIGTERM, meets a full disk (the kernel's ENOSPC).
+    (folder / ".checkpoint-0000000002.pt.tmp").symlink_to("/dev/full")
+    command = [sys.executable, "-c", INTERRUPTED_AFTER_THE_FIRST_CHECKPOINT, "--train", str(dataset),
+               "--base-dir", str(base), "--workers", "0", "--architecture", "resnet18", "--pretrained", "false",
+               "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--checkpoint-steps", "1"]
+    result = run_to_end(command)
+    assert result.returncode == 1, result.stderr[-3000:]
+    reason = (base / "output" / "failure").read_text()
+    assert reason.startswith(f"CheckpointError: the checkpoint of step 2 on SIGTERM could not be written to "
+                             f"{folder}: No space left on device (errno 28)"), reason
+    assert "run again to resume" not in result.stderr
+    assert sorted(path.name for path in folder.iterdir()) == ["checkpoint-0000000001.pt"]
+    assert checkpoint.load_latest(folder)["global_step"] == 1
+    assert not (base / "model" / "model.safetensors").exists()
 
 
 def test_a_checkpoint_travels_between_ranks_as_safe_bytes() -> None:

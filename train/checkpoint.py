@@ -26,6 +26,10 @@ PATTERN = "checkpoint-*.pt"
 KEEP = 2
 
 
+class CheckpointError(Exception):
+    """A checkpoint could not be written; no partial file of it is left in the folder."""
+
+
 def rng_state() -> dict[str, Any]:
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     numpy_state = [kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss]  # tensors, not arrays
@@ -63,6 +67,17 @@ def save(directory: Path, state: dict[str, Any], global_step: int) -> Path:
         old.unlink(missing_ok=True)
     logger.info("checkpoint written: %s (epoch %d, step %d)", target, state["epoch"], state["step_in_epoch"])
     return target
+
+
+def os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed :func:`save`, if any: torch's archive writer may report a failed
+    write (a full disk) as a RuntimeError that has the OSError as its context."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def load_latest(directory: Path) -> dict[str, Any] | None:

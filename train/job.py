@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import copy
 import enum
+import errno
 import json
 import logging
 import math
+import os
 import random
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,14 @@ from classifier.models import EFFICIENTNET_LITE0, classification_head, create_mo
 from classifier.pretrained import IMAGENET_LITE0_PREPROCESSING, efficientnet_lite0_imagenet
 from train import checkpoint
 from train.data import ShardSampler, eval_loader, load_splits, train_loader
-from train.distributed import Topology, any_process, init_process_group, is_main_process
+from train.distributed import (
+    Topology,
+    all_gather_pairs,
+    any_process,
+    from_main_process,
+    init_process_group,
+    is_main_process,
+)
 from train.engine import Precision, evaluate, train_one_epoch
 from train.report import write_reports
 from train.settings import Hyperparameters, Paths, Settings, SettingsError
@@ -256,6 +265,33 @@ def _share_checkpoint(state: dict[str, Any] | None, rank: int, device: torch.dev
     return state if rank == 0 else checkpoint.from_bytes(payload.cpu().numpy().tobytes())
 
 
+def save_on_main(directory: Path, make_state: Callable[[], dict[str, Any]], global_step: int, rank: int,
+                 device: torch.device, *, stopping: bool) -> None:
+    """Rank 0 writes the checkpoint and every process learns whether that worked, so that a failed
+    write (a full disk) stops all of them with one reason, rather than leaving the others waiting
+    for rank 0 at the next collective, or exiting as if the checkpoint had been written."""
+    code, failure = 0, None
+    if rank == 0:
+        try:
+            checkpoint.save(directory, make_state(), global_step)
+        except Exception as exc:
+            logger.exception("could not write checkpoint %d to %s", global_step, directory)
+            cause = checkpoint.os_error_behind(exc)
+            code, failure = (cause.errno if cause is not None and cause.errno else -1), exc
+    code = from_main_process(code, device)
+    if code:
+        when = " on SIGTERM" if stopping else ""
+        if code > 0:
+            reason = f"{os.strerror(code)} (errno {code})"
+        else:
+            reason = f"{type(failure).__name__}: {failure}" if failure else "see the log of rank 0"
+        advice = "; free space there or give the job a larger volume" if code == errno.ENOSPC else ""
+        raise checkpoint.CheckpointError(
+            f"the checkpoint of step {global_step}{when} could not be written to {directory}: {reason}{advice}. "
+            "Started again, the job resumes from the newest complete checkpoint, if any"
+        ) from failure
+
+
 def run(settings: Settings, topology: Topology | None = None, local_rank: int = 0) -> Outcome:
     """Train; write the artifact (best validation accuracy, else last epoch) and the reports."""
     hp = settings.hyperparameters
@@ -316,22 +352,21 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
         if progress["step_in_epoch"] >= steps_per_epoch:  # saved at an epoch's end
             progress["epoch"], progress["step_in_epoch"] = progress["epoch"] + 1, 0
 
-    def save_checkpoint() -> None:
-        if rank == 0:
-            checkpoint.save(paths.checkpoint_dir, {
-                **progress, "architecture": hp.architecture, "class_names": list(splits.class_names),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
-                "scaler": precision.scaler.state_dict() if precision.scaler else None,
-                "settings": settings.to_dict(),
-            }, progress["global_step"])
+    def save_checkpoint(*, stopping: bool = False) -> None:
+        save_on_main(paths.checkpoint_dir, lambda: {
+            **progress, "architecture": hp.architecture, "class_names": list(splits.class_names),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+            "scaler": precision.scaler.state_dict() if precision.scaler else None,
+            "settings": settings.to_dict(),
+        }, progress["global_step"], rank, device, stopping=stopping)
 
     def after_step(step: int) -> bool:
         progress["step_in_epoch"], progress["global_step"] = step, progress["global_step"] + 1
         observers.step()
         stopping = any_process(stop.is_set(), device)
         if stopping or (hp.checkpoint_steps and progress["global_step"] % hp.checkpoint_steps == 0):
-            save_checkpoint()
+            save_checkpoint(stopping=stopping)
         return stopping
 
     while progress["epoch"] <= hp.epochs:
@@ -392,10 +427,7 @@ def _finish(settings: Settings, model: nn.Module, splits: Any, progress: dict[st
                                    precision=precision, predictions=pairs)
         for name, value in metrics["test"].items():
             emit_metric(f"test_{name}", value)
-        if dist.is_initialized():
-            gathered: list[list[tuple[int, int]]] = [[] for _ in range(world_size)]
-            dist.all_gather_object(gathered, pairs)
-            pairs = [pair for shard in gathered for pair in shard]
+        pairs = all_gather_pairs(pairs, device)
     if rank != 0:
         return
     manifest = Manifest(

@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 import torch
 
+from classifier import packages
 from train.distributed import interface_exists, wait_for_host
 from train.settings import read_json
 
@@ -297,19 +298,28 @@ def run_logged(command: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> 
     return (128 - code if code < 0 else code), tail
 
 
-def requirements_command(code: Path) -> list[str] | None:
-    """pip for the source's setup.py (the package itself) and requirements.txt, or None for neither."""
-    packages = (["."] if (code / "setup.py").is_file() else []) + (
+def requirements_command(code: Path, overlay: packages.Overlay | None = None) -> list[str] | None:
+    """pip for the source's setup.py (the package itself) and requirements.txt, or None for neither;
+    into ``overlay`` when the image's packages are read-only."""
+    wanted = (["."] if (code / "setup.py").is_file() else []) + (
         ["-r", "requirements.txt"] if (code / "requirements.txt").is_file() else [])
-    return [sys.executable, "-m", "pip", "install", "--no-input", *packages] if packages else None
+    return packages.pip_install(wanted, overlay) if wanted else None
 
 
-def install_requirements(job: Job, env: Mapping[str, str]) -> None:
+def install_requirements(job: Job, env: Mapping[str, str]) -> dict[str, str]:
+    """Install the source's requirements; the script's environment, which names the overlay's packages and
+    scripts when they went there (the image's packages are read-only: see :mod:`classifier.packages`)."""
     code = job.code_dir
-    command = requirements_command(code)
-    if command is None:
-        return
-    logger.info("installing the script's requirements: %s", shlex.join(command[2:]))
+    if requirements_command(code) is None:
+        return dict(env)
+    try:
+        overlay = packages.install_target()
+    except RuntimeError as exc:
+        raise ScriptError(f"InstallRequirementsError: {exc}") from None
+    command = requirements_command(code, overlay)
+    assert command is not None
+    where = f" into {overlay.site_packages} (the image's packages are read-only)" if overlay else ""
+    logger.info("installing the script's requirements%s: %s", where, shlex.join(command[2:]))
     status, tail = run_logged(command, cwd=code, env=env)
     if status != 0:
         raise ScriptError(
@@ -317,6 +327,12 @@ def install_requirements(job: Job, env: Mapping[str, str]) -> None:
             f"Command \"{shlex.join(command[2:])}\"\n(is the package index reachable from the container? pip "
             "reads PIP_INDEX_URL and PIP_EXTRA_INDEX_URL from the job's environment)"
         )
+    if overlay is None:
+        return dict(env)
+    unloadable = packages.noexec_reason(overlay)
+    if unloadable:
+        raise ScriptError(f"InstallRequirementsError: {unloadable}")
+    return packages.child_environment(overlay, env)
 
 
 def command_for(job: Job, extra_args: Sequence[str] = ()) -> list[str]:
@@ -356,7 +372,7 @@ def run(job: Job, extra_args: Sequence[str] = ()) -> int:
         folder.mkdir(parents=True, exist_ok=True)  # as SageMaker provides them: scripts write there directly
     env = {**job.environ, **environment(job)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(job.code_dir), job.environ.get("PYTHONPATH")]))
-    install_requirements(job, env)
+    env = install_requirements(job, env)
     if len(job.hosts) > 1:
         _wait_for_hosts(job)
     if job.program.endswith(".sh"):

@@ -1,8 +1,10 @@
 """The Lambda function in deploy/lambda/handler.py.
 
 Requests are checked against botocore's sagemaker-runtime API model with a Stubber, S3 references
-run against moto's in-process S3, and the container test sends the function's real InvokeEndpoint
-call, through a small local stand-in for SageMaker's front end, to the real serving image.
+run against moto's in-process S3, timeouts and retries against scripted HTTP stand-ins for
+SageMaker's runtime and S3 on 127.0.0.1, and the container test sends the function's real
+InvokeEndpoint call, through a small local stand-in for SageMaker's front end, to the real serving
+image.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ import base64
 import io
 import json
 import logging
+import math
 import random
 import re
+import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +29,14 @@ from typing import Any, ClassVar
 import boto3
 import httpx
 import pytest
-from botocore.exceptions import ReadTimeoutError
+from botocore.config import Config
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
 from PIL import Image
@@ -117,7 +130,7 @@ class Harness:
             self.built.append(service)
             return {"sagemaker-runtime": self.runtime, "s3": self.s3}[service]
 
-        self.clients = handler.Clients(self.settings, factory=factory)
+        self.clients = handler.Clients(factory)
 
     def expect(self, image: bytes, content_type: str, answer: dict[str, Any] | None = None) -> None:
         self.stub.add_response(
@@ -349,12 +362,306 @@ def test_timeout_is_504() -> None:
             raise ReadTimeoutError(endpoint_url="https://runtime.sagemaker.us-east-1.amazonaws.com/")
 
     settings = handler.from_env(ENV)
-    response = handler.handle({"image": b64(png())}, settings, handler.Clients(settings, lambda *_: TimingOut()))
+    response = handler.handle({"image": b64(png())}, settings, handler.Clients(lambda *_: TimingOut()))
 
     assert response["statusCode"] == 504
     assert json.loads(response["body"])["error"]["code"] == "endpoint_timeout"
     assert "amazonaws" not in response["body"]
     assert TimingOut.calls == 1
+
+
+# --- the time budget and retries, against stand-ins on 127.0.0.1 ------------------------------
+
+HOLD_LIMIT_S = 20  # a stand-in holds a request at most this long, even if a test forgets to end it
+THROTTLED = {"x-amzn-ErrorType": "ThrottlingException", "Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    after_s: float = 0.0  # math.inf: hold the request until the test ends, never answering
+
+
+def invoke_ok() -> Reply:
+    return Reply(200, json.dumps({"predictions": predictions(5)}).encode(), {"Content-Type": "application/json"})
+
+
+def throttled() -> Reply:
+    return Reply(400, json.dumps({"message": "Rate exceeded"}).encode(), THROTTLED)
+
+
+class ScriptedService:
+    """An HTTP stand-in for one AWS service: the n-th request gets the n-th reply (the last one repeats)."""
+
+    def __init__(self, *replies: Reply) -> None:
+        self.replies = replies
+        self.requests: list[str] = []
+        self.ended = threading.Event()
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                service.answer(self)
+
+            do_POST = do_GET
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def answer(self, request: BaseHTTPRequestHandler) -> None:
+        request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        self.requests.append(f"{request.command} {request.path}")
+        reply = self.replies[min(len(self.requests), len(self.replies)) - 1]
+        if self.ended.wait(timeout=min(reply.after_s, HOLD_LIMIT_S)):
+            return  # the test is over: hang up without answering
+        request.send_response(reply.status)
+        for name, value in {"Content-Length": str(len(reply.body)), **reply.headers}.items():
+            request.send_header(name, value)
+        request.end_headers()
+        request.wfile.write(reply.body)
+
+    def __enter__(self) -> ScriptedService:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.ended.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+class LocalAws:
+    """Real boto3 clients, built by the function's own Clients, that send to 127.0.0.1; records every attempt."""
+
+    def __init__(self, runtime_url: str, s3_url: str | None = None) -> None:
+        self.urls = {"sagemaker-runtime": runtime_url, **({"s3": s3_url} if s3_url else {})}
+        self.sent: list[str] = []  # one entry per HTTP attempt, counted by botocore's own before-send event
+        self.built: list[Any] = []
+        self.clients = handler.Clients(self.factory)
+
+    def factory(self, service: str, config: Config) -> Any:
+        client = boto3.client(service, region_name="us-east-1", endpoint_url=self.urls[service],
+                              config=config.merge(Config(s3={"addressing_style": "path"})))
+        client.meta.events.register("before-send", lambda request, **_: self.sent.append(f"{service} {request.url}"))
+        self.built.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.built:
+            client.close()
+
+
+@pytest.fixture
+def local_aws() -> Iterator[Any]:
+    made: list[LocalAws] = []
+
+    def make(runtime_url: str, s3_url: str | None = None) -> LocalAws:
+        made.append(LocalAws(runtime_url, s3_url))
+        return made[-1]
+
+    yield make
+    for aws in made:
+        aws.close()
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A port that is bound (so nobody else takes it) but not listening: connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+class LambdaContext:
+    """Lambda's context object as far as the function uses it: a timeout that runs out."""
+
+    def __init__(self, remaining_s: float) -> None:
+        self.ends = time.monotonic() + remaining_s
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.ends - time.monotonic()) * 1000))
+
+
+def timed(event: Any, aws: LocalAws, remaining_s: float, env: dict[str, str] | None = None
+          ) -> tuple[int, str, float]:
+    """Handle the event with remaining_s left before Lambda's timeout: status, error code, seconds taken."""
+    settings = handler.from_env({**ENV, **(env or {})})
+    started = time.monotonic()
+    response = handler.handle(event, settings, aws.clients, LambdaContext(remaining_s))
+    taken = time.monotonic() - started
+    body = json.loads(response["body"])
+    return response["statusCode"], body.get("error", {}).get("code", ""), taken
+
+
+@pytest.mark.parametrize(
+    ("left_s", "expected"),
+    [
+        (math.inf, (1.0, 60.0)),  # no limit: the configured timeouts
+        (28.5, (1.0, 27.5)),
+        (1.5, (0.75, 0.75)),  # connecting gets at most half
+        (0.6, (0.25, 0.25)),
+        (0.4, None),  # too little for an attempt
+        (-1.0, None),
+    ],
+)
+def test_attempt_timeouts_never_outlast_the_time_left(left_s: float, expected: tuple[float, float] | None) -> None:
+    timeouts = handler.attempt_timeouts(handler.from_env(ENV), left_s)
+
+    assert timeouts == expected
+    assert timeouts is None or sum(timeouts) <= left_s
+
+
+def test_attempt_timeouts_keep_the_configured_ones_when_time_allows() -> None:
+    settings = handler.from_env({**ENV, "CONNECT_TIMEOUT_S": "0.1", "READ_TIMEOUT_S": "5"})
+
+    assert handler.attempt_timeouts(settings, 28.5) == (0.1, 5.0)
+
+
+def test_deadline_is_the_earliest_limit_less_a_margin() -> None:
+    settings = handler.from_env(ENV)
+
+    def left(event: Any, context: Any = None) -> float:
+        return handler.deadline_for(event, context, settings).left()
+
+    def stamped(event: dict[str, Any], key: str, epoch_s: float) -> dict[str, Any]:
+        return {**event, "requestContext": {**event["requestContext"], key: int(epoch_s * 1000)}}
+
+    margin, now = handler.SAFETY_MARGIN_S, time.time()
+    assert left({"image": "x"}) == math.inf
+    assert left({"image": "x"}, LambdaContext(10)) == pytest.approx(10 - margin, abs=0.2)
+    assert left(rest_event("x")) == pytest.approx(29 - margin, abs=0.2)
+    assert left(rest_event("x"), LambdaContext(10)) == pytest.approx(10 - margin, abs=0.2)
+    # API Gateway's clock started when it received the request, before a cold start.
+    assert left(stamped(rest_event("x"), "requestTimeEpoch", now - 3)) == pytest.approx(26 - margin, abs=0.2)
+    assert left(stamped(http_api_event("{}"), "timeEpoch", now - 3)) == pytest.approx(26 - margin, abs=0.2)
+    # A stored sample event's stamp is years old: no request waits that long.
+    assert left(stamped(rest_event("x"), "requestTimeEpoch", 1428582896)) == pytest.approx(29 - margin, abs=0.2)
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "InvokeEndpoint")
+
+
+URL = "https://runtime.sagemaker.us-east-1.amazonaws.com/"
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        pytest.param(EndpointConnectionError(endpoint_url=URL), True, id="connection-refused"),
+        pytest.param(ConnectTimeoutError(endpoint_url=URL), True, id="connect-timeout"),
+        pytest.param(client_error("ThrottlingException", 400), True, id="throttled"),
+        pytest.param(client_error("SlowDown", 503), True, id="s3-slow-down"),
+        pytest.param(ReadTimeoutError(endpoint_url=URL), False, id="read-timeout"),
+        pytest.param(ConnectionClosedError(endpoint_url=URL), False, id="connection-closed"),
+        pytest.param(client_error("ModelError", 424), False, id="model-error"),
+        pytest.param(client_error("ModelNotReadyException", 429), False, id="model-not-ready"),
+        pytest.param(client_error("InternalFailure", 500), False, id="internal-failure"),
+        pytest.param(client_error("ServiceUnavailable", 503), False, id="service-unavailable"),
+    ],
+)
+def test_only_requests_that_did_no_work_are_retried(error: Exception, retried: bool) -> None:
+    assert handler.is_safe_to_retry(error) is retried
+
+
+def test_slow_endpoint_is_called_once_and_answered_504_before_lambdas_timeout(local_aws: Any) -> None:
+    with ScriptedService(Reply(after_s=math.inf)) as endpoint:
+        aws = local_aws(endpoint.url)
+
+        status, code, taken = timed({"image": b64(png())}, aws, remaining_s=2.0)
+
+        assert (status, code) == (504, "endpoint_timeout")
+        assert taken < 2.0
+        assert len(endpoint.requests) == len(aws.sent) == 1  # one model run, not one per attempt
+
+
+def test_api_gateway_event_is_answered_before_the_gateways_timeout(local_aws: Any) -> None:
+    event = http_api_event(json.dumps({"image": b64(png())}))
+    event["requestContext"]["timeEpoch"] = int((time.time() - 0.5) * 1000)  # the gateway has waited 0.5 s
+    with ScriptedService(Reply(after_s=math.inf)) as endpoint:
+        aws = local_aws(endpoint.url)
+
+        status, code, taken = timed(event, aws, remaining_s=10.0, env={"GATEWAY_TIMEOUT_S": "2"})
+
+        assert (status, code) == (504, "endpoint_timeout")
+        assert taken < 1.5  # what the gateway had left
+        assert len(endpoint.requests) == 1
+
+
+@pytest.mark.parametrize("max_attempts", [3, 2])
+def test_throttling_is_retried_max_attempts_times(local_aws: Any, max_attempts: int) -> None:
+    with ScriptedService(throttled()) as endpoint:
+        aws = local_aws(endpoint.url)
+
+        status, code, _ = timed({"image": b64(png())}, aws, remaining_s=10.0,
+                                env={"MAX_ATTEMPTS": str(max_attempts)})
+
+        assert (status, code) == (502, "endpoint_unavailable")
+        assert len(endpoint.requests) == len(aws.sent) == max_attempts
+
+
+def test_throttled_then_answered_is_200(local_aws: Any) -> None:
+    with ScriptedService(throttled(), throttled(), invoke_ok()) as endpoint:
+        aws = local_aws(endpoint.url)
+
+        status, _, _ = timed({"image": b64(png())}, aws, remaining_s=10.0)
+
+        assert status == 200
+        assert endpoint.requests == [f"POST /endpoints/{ENDPOINT}/invocations"] * 3
+
+
+def test_refused_connection_is_retried_max_attempts_times(local_aws: Any, refused_url: str) -> None:
+    aws = local_aws(refused_url)
+
+    status, code, _ = timed({"image": b64(png())}, aws, remaining_s=10.0)
+
+    assert (status, code) == (502, "endpoint_unreachable")
+    assert len(aws.sent) == 3
+
+
+def test_no_attempt_without_time_for_one(local_aws: Any) -> None:
+    with ScriptedService(invoke_ok()) as endpoint:
+        aws = local_aws(endpoint.url)
+
+        status, code, _ = timed({"image": b64(png())}, aws, remaining_s=handler.SAFETY_MARGIN_S + 0.2)
+
+        assert (status, code) == (504, "endpoint_timeout")
+        assert endpoint.requests == [] and aws.sent == []
+
+
+def test_slow_s3_leaves_the_endpoint_only_what_is_left(local_aws: Any) -> None:
+    image = png()
+    with (ScriptedService(Reply(200, image, {"Content-Type": "image/png"}, after_s=1.0)) as s3,
+          ScriptedService(Reply(after_s=math.inf)) as endpoint):
+        aws = local_aws(endpoint.url, s3.url)
+
+        status, code, taken = timed({"s3_uri": "s3://images/cat.png"}, aws, remaining_s=3.0,
+                                    env={"ALLOWED_BUCKETS": "images"})
+
+        assert (status, code) == (504, "endpoint_timeout")
+        assert taken < 3.0
+        assert s3.requests == ["GET /images/cat.png"]
+        assert len(endpoint.requests) == 1
+
+
+def test_s3_that_does_not_answer_is_504_before_lambdas_timeout(local_aws: Any) -> None:
+    with ScriptedService(Reply(after_s=math.inf)) as s3, ScriptedService(invoke_ok()) as endpoint:
+        aws = local_aws(endpoint.url, s3.url)
+
+        status, code, taken = timed({"s3_uri": "s3://images/cat.png"}, aws, remaining_s=2.0,
+                                    env={"ALLOWED_BUCKETS": "images"})
+
+        assert (status, code) == (504, "s3_timeout")
+        assert taken < 2.0
+        assert len(s3.requests) == 1 and endpoint.requests == []
 
 
 # --- CORS -------------------------------------------------------------------------------------
@@ -448,13 +755,16 @@ def test_s3_reference_too_big_or_not_an_image_is_400(s3: Any) -> None:
 def test_settings_defaults_and_parsing() -> None:
     assert handler.from_env(ENV) == handler.Settings(
         endpoint_name=ENDPOINT, allowed_origins=(), max_image_bytes=6 * 1024 * 1024, allowed_buckets=frozenset(),
-        top_k=5, connect_timeout_s=1.0, read_timeout_s=8.0, max_attempts=3, log_level="INFO",
+        top_k=5, connect_timeout_s=1.0, read_timeout_s=60.0, max_attempts=3, gateway_timeout_s=29.0,
+        log_level="INFO",
     )
     settings = handler.from_env({**ENV, "ALLOWED_ORIGINS": " https://a.com ,https://b.com,", "TOP_K": "3",
-                                 "ALLOWED_BUCKETS": "x,y", "MAX_IMAGE_BYTES": "1000", "READ_TIMEOUT_S": "5.5"})
+                                 "ALLOWED_BUCKETS": "x,y", "MAX_IMAGE_BYTES": "1000", "READ_TIMEOUT_S": "5.5",
+                                 "MAX_ATTEMPTS": "1", "GATEWAY_TIMEOUT_S": "60"})
     assert settings.allowed_origins == ("https://a.com", "https://b.com")
     assert settings.allowed_buckets == {"x", "y"}
     assert (settings.top_k, settings.max_image_bytes, settings.read_timeout_s) == (3, 1000, 5.5)
+    assert (settings.max_attempts, settings.gateway_timeout_s) == (1, 60.0)
 
 
 @pytest.mark.parametrize(
@@ -466,6 +776,8 @@ def test_settings_defaults_and_parsing() -> None:
         ({**ENV, "MAX_IMAGE_BYTES": "7000000"}, "MAX_IMAGE_BYTES='7000000'"),  # over InvokeEndpoint's limit
         ({**ENV, "TOP_K": "0"}, "TOP_K='0'"),
         ({**ENV, "READ_TIMEOUT_S": "-1"}, "READ_TIMEOUT_S='-1'"),
+        ({**ENV, "MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS='0'"),
+        ({**ENV, "GATEWAY_TIMEOUT_S": "soon"}, "GATEWAY_TIMEOUT_S='soon'"),
         ({**ENV, "LOG_LEVEL": "chatty"}, "LOG_LEVEL='CHATTY'"),
     ],
 )
@@ -474,27 +786,30 @@ def test_settings_errors_name_the_key_and_value(env: dict[str, str], named: str)
         handler.from_env(env)
 
 
-def test_clients_are_built_once_with_retries_and_timeouts() -> None:
-    settings = handler.from_env({**ENV, "CONNECT_TIMEOUT_S": "1.5", "READ_TIMEOUT_S": "12"})
+def test_clients_are_kept_per_service_and_timeouts() -> None:
     built: list[tuple[str, Any]] = []
-    clients = handler.Clients(settings, lambda service, config: built.append((service, config)) or object())
+    clients = handler.Clients(lambda service, config: built.append((service, config)) or object())
 
-    first = clients.get("sagemaker-runtime")
-    assert clients.get("sagemaker-runtime") is first
-    assert len(built) == 1
-    service, config = built[0]
-    assert service == "sagemaker-runtime"
-    assert config.retries == {"total_max_attempts": 3, "mode": "standard"}  # 3 tries in all
-    assert (config.connect_timeout, config.read_timeout) == (1.5, 12.0)
+    first = clients.get("sagemaker-runtime", 1.5, 27.5)
+    assert clients.get("sagemaker-runtime", 1.5, 27.5) is first
+    assert clients.get("sagemaker-runtime", 1.5, 27.0) is not first
+    assert clients.get("s3", 1.5, 27.5) is not first
+    assert [service for service, _ in built] == ["sagemaker-runtime", "sagemaker-runtime", "s3"]
+    config = built[0][1]
+    assert config.retries == {"total_max_attempts": 1, "mode": "standard"}  # the handler retries, not botocore
+    assert (config.connect_timeout, config.read_timeout) == (1.5, 27.5)
+
+    for read in range(handler.MAX_CLIENTS):
+        clients.get("s3", 1.0, float(read + 1))
+    assert clients.get("sagemaker-runtime", 1.5, 27.5) is not first  # the oldest made way
 
 
 def test_default_client_is_a_real_sagemaker_runtime_client() -> None:
-    settings = handler.from_env(ENV)
-    client = handler.Clients(settings).get("sagemaker-runtime")
+    client = handler.Clients().get("sagemaker-runtime", 1.0, 8.0)
 
     assert client.meta.service_model.service_name == "sagemaker-runtime"
     assert (client.meta.config.connect_timeout, client.meta.config.read_timeout) == (1.0, 8.0)
-    assert client.meta.config.retries == {"total_max_attempts": 3, "mode": "standard"}
+    assert client.meta.config.retries == {"total_max_attempts": 1, "mode": "standard"}
 
 
 def test_entry_point_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
@@ -598,7 +913,7 @@ def real_endpoint(served: containers.Served) -> Iterator[tuple[handler.Settings,
             assert service == "sagemaker-runtime"
             return boto3.client(service, region_name="us-east-1", endpoint_url=url, config=config)
 
-        yield settings, handler.Clients(settings, factory), adapter.requests
+        yield settings, handler.Clients(factory), adapter.requests
     finally:
         server.shutdown()
         server.server_close()

@@ -18,8 +18,9 @@ can be at most about 4.4 MB; send larger ones as S3 references.
 The image type is detected from its first bytes (JPEG, PNG, WebP, GIF, BMP, TIFF), never taken
 from the client. The answer is always an API Gateway proxy response (a direct invoker reads
 ``statusCode`` and ``json.loads(body)``): ``{"predictions": [{"label", "index", "probability"}]}``
-or ``{"error": {"code", "message"}}``. 400 = bad request, 502 = the endpoint answered an error,
-504 = it did not answer in time, 500 = the function itself is misconfigured.
+or ``{"error": {"code", "message"}}``. 400 = bad request, 502 = the endpoint (or S3) answered an
+error or could not be reached, 504 = it did not answer in time, 500 = the function itself is
+misconfigured.
 
 Environment (read once per Lambda container, see :func:`from_env`):
 
@@ -29,16 +30,27 @@ ALLOWED_ORIGINS     CORS: ``*`` or a comma list of origins; unset = no CORS head
 MAX_IMAGE_BYTES     largest image accepted, default 6 MiB (InvokeEndpoint's own limit)
 ALLOWED_BUCKETS     comma list of buckets S3 references may name; unset = S3 references refused
 TOP_K               predictions returned at most, default 5
-CONNECT_TIMEOUT_S   default 1
-READ_TIMEOUT_S      per attempt, default 8
-MAX_ATTEMPTS        attempts with botocore's "standard" retries, first try included, default 3
+CONNECT_TIMEOUT_S   longest wait to connect to AWS, default 1 (at most half the time left)
+READ_TIMEOUT_S      longest wait for an AWS answer, default 60 (a real-time endpoint's own
+                    limit); never past the time left
+MAX_ATTEMPTS        tries per AWS call, first included, default 3. Only a call that never reached
+                    the service (connection refused or not made in time) or that was throttled is
+                    tried again; one that timed out waiting for the model never is
+GATEWAY_TIMEOUT_S   API Gateway's integration timeout, default 29; API Gateway events are
+                    answered before it
 LOG_LEVEL           default INFO
 ==================  =========================================================================
 
 The function's role needs ``sagemaker:InvokeEndpoint`` on the endpoint and, for S3 references,
-``s3:GetObject`` on the allowed buckets. The worst case is about
-``MAX_ATTEMPTS × (CONNECT_TIMEOUT_S + READ_TIMEOUT_S)`` (27 s by default, inside API Gateway's
-29 s integration timeout); give the function a longer timeout so that case is answered as a 504.
+``s3:GetObject`` on the allowed buckets.
+
+Worst case: every AWS call's timeouts are cut from the time left, which is the smaller of the
+function's remaining time (``context.get_remaining_time_in_millis()``) and, for API Gateway events,
+GATEWAY_TIMEOUT_S counted from when API Gateway received the request, less half a second. So a slow
+S3 object, a slow endpoint and retries together end in this function's own 504 answer about half a
+second before the earlier of the two timeouts, whatever the function's timeout is (30 s suits API
+Gateway). A read timeout is never retried: the endpoint runs the model for every request it has
+received, so one slow image stays one model run.
 """
 
 from __future__ import annotations
@@ -47,13 +59,15 @@ import base64
 import binascii
 import json
 import logging
+import math
 import os
+import random
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -75,6 +89,22 @@ ENDPOINT_NAME_PATTERN = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 # What API Gateway's own CORS set-up allows by default.
 CORS_ALLOW_HEADERS = "Content-Type, Authorization, X-Api-Key, X-Amz-Date, X-Amz-Security-Token"
 PREDICTION_FIELDS = ("label", "index", "probability")
+# Answer this long before the deadline: time to build the response and hand it back to Lambda.
+SAFETY_MARGIN_S = 0.5
+# Timeouts are rounded down to this step, so invocations with about the same time left share a
+# client and its open connections; an attempt needs at least two steps (connect and read).
+TIMEOUT_STEP_S = 0.25
+# Retries wait a random time up to BACKOFF_BASE_S * 2**(attempt - 1), at most BACKOFF_MAX_S.
+BACKOFF_BASE_S = 0.2
+BACKOFF_MAX_S = 2.0
+# Errors meaning "refused before doing any work" (botocore's throttling codes that
+# sagemaker-runtime and S3 send), so trying again costs no model run.
+THROTTLING_CODES = frozenset({"ThrottlingException", "Throttling", "TooManyRequestsException", "SlowDown",
+                              "RequestLimitExceeded"})
+# Clients kept per Lambda container (one per service and pair of timeouts in use).
+MAX_CLIENTS = 8
+
+T = TypeVar("T")
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -92,8 +122,9 @@ class Settings:
     allowed_buckets: frozenset[str] = frozenset()
     top_k: int = 5
     connect_timeout_s: float = 1.0
-    read_timeout_s: float = 8.0
+    read_timeout_s: float = 60.0
     max_attempts: int = 3
+    gateway_timeout_s: float = 29.0
     log_level: str = "INFO"
 
 
@@ -132,21 +163,72 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Settings:
         allowed_buckets=frozenset(_split(environ.get("ALLOWED_BUCKETS", ""))),
         top_k=_number(environ, "TOP_K", 5, int, 1, 1000),
         connect_timeout_s=_number(environ, "CONNECT_TIMEOUT_S", 1.0, float, 0.1, 60),
-        read_timeout_s=_number(environ, "READ_TIMEOUT_S", 8.0, float, 0.1, 900),
+        read_timeout_s=_number(environ, "READ_TIMEOUT_S", 60.0, float, 0.1, 900),
         max_attempts=_number(environ, "MAX_ATTEMPTS", 3, int, 1, 10),
+        gateway_timeout_s=_number(environ, "GATEWAY_TIMEOUT_S", 29.0, float, 1, 900),
         log_level=log_level,
     )
 
 
-# --- AWS clients ------------------------------------------------------------------------------
+# --- time and AWS clients --------------------------------------------------------------------
 
 
-def client_config(settings: Settings) -> Config:
+@dataclass(frozen=True)
+class Deadline:
+    """When the answer must be ready, on ``time.monotonic()``'s clock (``math.inf``: no limit)."""
+
+    at: float
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+
+def deadline_for(event: Any, context: Any, settings: Settings) -> Deadline:
+    """Before Lambda's timeout and, for an API Gateway event, before API Gateway's, less a margin."""
+    limits = [math.inf]
+    if context is not None:
+        limits.append(context.get_remaining_time_in_millis() / 1000)
+    if isinstance(event, Mapping) and is_proxy_event(event):
+        limits.append(settings.gateway_timeout_s - gateway_waited_s(event, settings.gateway_timeout_s))
+    return Deadline(time.monotonic() + min(limits) - SAFETY_MARGIN_S)
+
+
+def gateway_waited_s(event: Mapping[str, Any], gateway_timeout_s: float) -> float:
+    """How long API Gateway has been waiting (a cold start included), from its request time stamp.
+
+    A stamp in the future or older than the gateway's timeout cannot belong to a request that API
+    Gateway still waits for (a stored sample event, say), so it counts as no wait.
+    """
+    context = _mapping(event.get("requestContext"))
+    stamp_ms = context.get("requestTimeEpoch") or context.get("timeEpoch")  # REST API, HTTP API
+    if not isinstance(stamp_ms, (int, float)):
+        return 0.0
+    waited = time.time() - stamp_ms / 1000
+    return waited if 0 <= waited < gateway_timeout_s else 0.0
+
+
+def _round_down(seconds: float) -> float:
+    return seconds if math.isinf(seconds) else math.floor(seconds / TIMEOUT_STEP_S) * TIMEOUT_STEP_S
+
+
+def attempt_timeouts(settings: Settings, left_s: float) -> tuple[float, float] | None:
+    """Connect and read timeouts for one attempt that must end within ``left_s``; None if too little is left.
+
+    Connecting may take at most half of what is left; reading gets the rest, so the two together
+    never outlast it.
+    """
+    connect = min(settings.connect_timeout_s, _round_down(left_s / 2))
+    read = min(settings.read_timeout_s, _round_down(left_s - connect))
+    return (connect, read) if connect > 0 and read > 0 else None
+
+
+def client_config(connect_timeout_s: float, read_timeout_s: float) -> Config:
     return Config(
-        # total_max_attempts counts the first try; botocore's "max_attempts" would mean retries.
-        retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
-        connect_timeout=settings.connect_timeout_s,
-        read_timeout=settings.read_timeout_s,
+        # One attempt per call: call_aws retries. Both of botocore's retry modes also retry read
+        # timeouts, and neither knows the invocation's deadline.
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=connect_timeout_s,
+        read_timeout=read_timeout_s,
     )
 
 
@@ -155,17 +237,60 @@ def make_client(service: str, config: Config) -> Any:
 
 
 class Clients:
-    """boto3 clients built on first use and kept, so warm invocations reuse their connections."""
+    """boto3 clients kept per service and timeouts, so warm invocations reuse their connections.
 
-    def __init__(self, settings: Settings, factory: Callable[[str, Config], Any] | None = None) -> None:
-        self._config = client_config(settings)
+    A client's timeouts are fixed when it is built. A client per invocation would cost a few
+    milliseconds and, above all, a new TLS connection every time. Rounded to TIMEOUT_STEP_S, the
+    timeouts take few values (the time left at the start of an invocation hardly varies), so a
+    handful of clients serve all invocations.
+    """
+
+    def __init__(self, factory: Callable[[str, Config], Any] | None = None) -> None:
         self._factory = factory
-        self._built: dict[str, Any] = {}
+        self._built: dict[tuple[str, float, float], Any] = {}
 
-    def get(self, service: str) -> Any:
-        if service not in self._built:
-            self._built[service] = (self._factory or make_client)(service, self._config)
-        return self._built[service]
+    def get(self, service: str, connect_timeout_s: float, read_timeout_s: float) -> Any:
+        key = (service, connect_timeout_s, read_timeout_s)
+        if key not in self._built:
+            if len(self._built) >= MAX_CLIENTS:
+                del self._built[next(iter(self._built))]  # the oldest
+            config = client_config(connect_timeout_s, read_timeout_s)
+            self._built[key] = (self._factory or make_client)(service, config)
+        return self._built[key]
+
+
+class OutOfTime(Exception):
+    """Too little of the invocation's time is left to make (another) AWS call."""
+
+
+def is_safe_to_retry(exc: Exception) -> bool:
+    """True when the request never reached the service, or the service refused it before any work."""
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code") in THROTTLING_CODES
+    # Connection refused, unresolvable or not made in time: nothing was sent. A read timeout or a
+    # dropped connection may come after the endpoint took the request, so they are not retried.
+    return isinstance(exc, (EndpointConnectionError, ConnectTimeoutError))
+
+
+def call_aws(clients: Clients, settings: Settings, deadline: Deadline, service: str,
+             call: Callable[[Any], T]) -> T:
+    """``call(client)`` with timeouts cut to the deadline, tried again only when that is safe and time is left."""
+    attempt = 1
+    while True:
+        timeouts = attempt_timeouts(settings, deadline.left())
+        if timeouts is None:
+            raise OutOfTime(service)
+        try:
+            return call(clients.get(service, *timeouts))
+        except Exception as exc:
+            delay = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+            if (attempt == settings.max_attempts or not is_safe_to_retry(exc)
+                    or attempt_timeouts(settings, deadline.left() - delay) is None):
+                raise
+            logger.warning("%s attempt %d of %d failed (%s); next in %.2f s",
+                           service, attempt, settings.max_attempts, exc, delay)
+        time.sleep(delay)
+        attempt += 1
 
 
 # --- errors and responses ---------------------------------------------------------------------
@@ -331,24 +456,29 @@ def parse_payload(payload: Any, settings: Settings, *, method: str, origin: str 
     return Request(method, origin, s3=target)
 
 
-def read_s3(clients: Clients, target: S3Object, max_bytes: int) -> bytes:
+def read_s3(clients: Clients, settings: Settings, deadline: Deadline, target: S3Object) -> bytes:
+    def get(client: Any) -> bytes:
+        response = client.get_object(Bucket=target.bucket, Key=target.key)
+        with response["Body"] as body:
+            if response.get("ContentLength", 0) > settings.max_image_bytes:
+                raise too_large(f"{response['ContentLength']} bytes", settings.max_image_bytes)
+            return body.read(settings.max_image_bytes + 1)
+
     try:
-        response = clients.get("s3").get_object(Bucket=target.bucket, Key=target.key)
+        data = call_aws(clients, settings, deadline, "s3", get)
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "404", "403"):
             raise bad_request("s3_object_unavailable", f"{target} does not exist or cannot be read") from None
         logger.error("reading %s failed: %s", target, exc)
         raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", f"reading {target} failed") from None
-    body = response["Body"]
-    try:
-        if response.get("ContentLength", 0) > max_bytes:
-            raise too_large(f"{response['ContentLength']} bytes", max_bytes)
-        data = body.read(max_bytes + 1)
-    finally:
-        body.close()
-    if len(data) > max_bytes:
-        raise too_large(f"more than {max_bytes} bytes", max_bytes)
+    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
+        raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "s3_timeout", f"reading {target} took too long") from None
+    except (EndpointConnectionError, HTTPClientError) as exc:
+        logger.error("reading %s failed: %s", target, exc)
+        raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", f"reading {target} failed") from None
+    if len(data) > settings.max_image_bytes:
+        raise too_large(f"more than {settings.max_image_bytes} bytes", settings.max_image_bytes)
     return data
 
 
@@ -392,15 +522,19 @@ def container_message(original: str) -> str:
     return str(message).strip()[:500] or "no message"
 
 
-def invoke(clients: Clients, settings: Settings, image: bytes, content_type: str) -> list[dict[str, Any]]:
-    try:
-        response = clients.get("sagemaker-runtime").invoke_endpoint(
+def invoke(clients: Clients, settings: Settings, deadline: Deadline, image: bytes, content_type: str
+           ) -> list[dict[str, Any]]:
+    def post(client: Any) -> bytes:
+        response = client.invoke_endpoint(
             EndpointName=settings.endpoint_name, ContentType=content_type, Accept=JSON, Body=image
         )
-        raw = response["Body"].read()
+        return response["Body"].read()
+
+    try:
+        raw = call_aws(clients, settings, deadline, "sagemaker-runtime", post)
     except ClientError as exc:
         raise endpoint_error(exc) from None
-    except (ReadTimeoutError, ConnectTimeoutError):
+    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
         raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "endpoint_timeout",
                            "the model endpoint did not answer in time") from None
     except (EndpointConnectionError, HTTPClientError) as exc:
@@ -442,12 +576,17 @@ def endpoint_error(exc: ClientError) -> RequestError:
 # --- the handler ------------------------------------------------------------------------------
 
 
-def handle(event: Any, settings: Settings, clients: Clients) -> dict[str, Any]:
-    """One event in, one API Gateway proxy response out. Everything but wiring happens here."""
+def handle(event: Any, settings: Settings, clients: Clients, context: Any = None) -> dict[str, Any]:
+    """One event in, one API Gateway proxy response out. Everything but wiring happens here.
+
+    ``context`` is Lambda's (only ``get_remaining_time_in_millis`` is used); None means no time limit
+    but API Gateway's.
+    """
     started = time.monotonic()
     origin: str | None = None
     outcome, detail = "500 internal_error", ""
     try:
+        deadline = deadline_for(event, context, settings)
         request = parse_event(event, settings)
         origin = request.origin
         if request.method == "OPTIONS":
@@ -455,10 +594,10 @@ def handle(event: Any, settings: Settings, clients: Clients) -> dict[str, Any]:
             return respond(HTTPStatus.NO_CONTENT, None, cors_headers(settings, origin, preflight=True))
         if request.method != "POST":
             raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed", "use POST")
-        image = request.image if request.s3 is None else read_s3(clients, request.s3, settings.max_image_bytes)
+        image = request.image if request.s3 is None else read_s3(clients, settings, deadline, request.s3)
         content_type = check_image(image or b"", settings.max_image_bytes)
         detail = f" ({content_type}, {len(image or b'')} bytes{', from ' + str(request.s3) if request.s3 else ''})"
-        predictions = invoke(clients, settings, image or b"", content_type)
+        predictions = invoke(clients, settings, deadline, image or b"", content_type)
         outcome = "200 ok"
         return respond(HTTPStatus.OK, {"predictions": predictions}, cors_headers(settings, origin))
     except RequestError as error:
@@ -480,7 +619,7 @@ def _state() -> tuple[Settings, Clients]:
     if _STATE is None:
         settings = from_env(os.environ)
         logger.setLevel(settings.log_level)
-        _STATE = (settings, Clients(settings))
+        _STATE = (settings, Clients())
     return _STATE
 
 
@@ -493,4 +632,4 @@ def handler(event: Any, context: Any) -> dict[str, Any]:
         error = RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, "misconfigured",
                              "the function is misconfigured; its logs say how")
         return error_response(error, {})
-    return handle(event, settings, clients)
+    return handle(event, settings, clients, context)

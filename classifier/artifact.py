@@ -34,6 +34,10 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 TORCHSCRIPT = "torchscript"  # the architecture of an artifact that carries its network as TorchScript
 TORCHSCRIPT_FILE = "model.pt"
+# Bounds on what a manifest may ask of its reader: the server allocates inputs of the crop size
+# (warm-up included) before a single request arrives, and reads the manifest whole.
+MAX_IMAGE_SIDE = 4096
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 
 class ArtifactError(ValueError):
@@ -111,6 +115,10 @@ class Manifest:
             raise ArtifactError(f"manifest has a malformed field: {exc}") from None
         if not class_names:
             raise ArtifactError("manifest lists no class names")
+        for name in ("crop_size", "resize_size"):
+            side = getattr(preprocessing, name)
+            if not 1 <= side <= MAX_IMAGE_SIDE:
+                raise ArtifactError(f"manifest has preprocessing.{name} {side}; it must be 1 to {MAX_IMAGE_SIDE} pixels")
         return manifest
 
 
@@ -201,12 +209,18 @@ def load_torchscript(path: str | os.PathLike[str], device: str | torch.device = 
 def _write_atomically(target: Path, write: Any) -> None:
     temporary = target.with_name(f".{target.name}.tmp")
     write(temporary)
+    # Readable by all (safetensors writes 0600): a model trained as root is served by the image's
+    # unprivileged user (docker compose), and the artifact holds nothing secret.
+    temporary.chmod(0o644)
     os.replace(temporary, target)
 
 
 def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
     path = Path(directory) / MANIFEST_FILE
     try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{MANIFEST_FILE} is {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES} bytes")
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ArtifactError(f"no {MANIFEST_FILE} in {directory}: not a model artifact") from None

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import sys
 from pathlib import Path
+
+from classifier import packages
 
 logger = logging.getLogger(__name__)
 DEFAULT_PROGRAM = "inference.py"
@@ -28,14 +29,23 @@ def has_handlers(model_dir: Path, program: str | None, submit_directory: str | N
 
 
 def install_requirements(code: Path) -> None:
-    """``pip install -r code/requirements.txt`` when there is one, as the framework container does at start."""
+    """``pip install -r code/requirements.txt`` when there is one, as the framework container does at start:
+    into the image's environment, or, when that is read-only, into an overlay put on ``sys.path`` (see
+    :mod:`classifier.packages`)."""
     requirements = code / "requirements.txt"
     if not requirements.is_file():
         return
-    logger.info("installing %s", requirements)
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-input", "-r", str(requirements)],
+    overlay = packages.install_target()
+    logger.info("installing %s%s", requirements,
+                f" into {overlay.site_packages} (the image's packages are read-only)" if overlay else "")
+    result = subprocess.run(packages.pip_install(["-r", str(requirements)], overlay),
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         last = [line for line in result.stderr.splitlines() if line.strip()][-3:]
         raise RuntimeError(f"pip could not install code/requirements.txt (exit {result.returncode}): "
                            f"{' | '.join(last)}; is the package index reachable from the container?")
+    if overlay is not None:
+        unloadable = packages.noexec_reason(overlay)
+        if unloadable:  # left off sys.path: the server itself would fail to import them
+            raise RuntimeError(f"code/requirements.txt: {unloadable}")
+        packages.activate(overlay)

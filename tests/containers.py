@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 VARIANTS = ("cpu", "gpu")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def image_for(variant: str) -> str:
@@ -32,6 +33,16 @@ def docker(*args: str, timeout: float = 600, check: bool = True) -> subprocess.C
     result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def compose(*args: str, env: Mapping[str, str], timeout: float = 600,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``docker compose`` on the project's docker-compose.yml, with ``env`` over this process's environment."""
+    result = subprocess.run(["docker", "compose", *args], cwd=ROOT, env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker compose {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
 
 

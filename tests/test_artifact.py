@@ -62,6 +62,9 @@ def test_missing_manifest_is_reported(tmp_path: Path) -> None:
         (lambda m: m.update(format_version=99), "unsupported artifact format_version 99"),
         (lambda m: m["preprocessing"].update(mean=[0.5]), "mean must have 3 values"),
         (lambda m: m.update(class_names=["a", "b"]), "do not fit resnet18 with 2 classes"),
+        (lambda m: m["preprocessing"].update(crop_size=100_000), "crop_size 100000; it must be 1 to 4096 pixels"),
+        (lambda m: m["preprocessing"].update(resize_size=0), "resize_size 0; it must be 1 to 4096 pixels"),
+        (lambda m: m.update(training={"padding": "x" * artifact.MAX_MANIFEST_BYTES}), "a manifest is at most"),
     ],
 )
 def test_malformed_manifests_are_reported(tiny_artifact: Path, edit, message: str) -> None:
@@ -71,3 +74,9 @@ def test_malformed_manifests_are_reported(tiny_artifact: Path, edit, message: st
     path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=message):
         artifact.load(tiny_artifact)
+
+
+def test_artifact_files_are_readable_by_every_user(tiny_artifact: Path) -> None:
+    # The image's unprivileged server reads what training, run as root, wrote.
+    for name in (artifact.MANIFEST_FILE, artifact.WEIGHTS_FILE):
+        assert (tiny_artifact / name).stat().st_mode & 0o777 == 0o644

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -16,12 +14,20 @@ import pytest
 from classifier import artifact
 
 from artifacts import constant_artifact
-from containers import VARIANTS, classify, docker, image_for, serving, wait_for_ping, write_training_config
+from containers import (
+    VARIANTS,
+    classify,
+    compose,
+    docker,
+    image_for,
+    serving,
+    wait_for_ping,
+    write_training_config,
+)
 from imagedata import CLASSES, cat_photo_jpeg, write_image_folder
 from ports import free_port
 
 pytestmark = pytest.mark.container
-ROOT = Path(__file__).resolve().parent.parent
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 HYPERPARAMETERS = {"epochs": "5", "image_size": "64", "batch_size": "16", "learning_rate": "0.01"}
 
@@ -159,16 +165,9 @@ def test_docker_stop_drains_and_exits_zero_within_the_grace_period() -> None:
         assert state["ExitCode"] == 0, state
 
 
-def compose(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["docker", "compose", *args], cwd=ROOT, env={**os.environ, **env},
-                            capture_output=True, text=True, timeout=timeout, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-
 def test_compose_trains_on_data_then_serves_the_result(dataset: Path, tmp_path: Path) -> None:
-    """The README's main command, with the images under test and throwaway folders."""
+    """The README's main commands, with the images under test and throwaway folders that Docker
+    creates (owned by root): training writes into them, the unprivileged server reads what it wrote."""
     data = tmp_path / "data"
     shutil.copytree(dataset / "train", data / "train")
     shutil.copytree(dataset / "valid", data / "valid")

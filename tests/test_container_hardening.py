@@ -1,15 +1,18 @@
-"""The real CPU image against hostile requests and mis-packaged models.
+"""The real CPU image against hostile requests and clients, and mis-packaged models.
 
 Hostile requests run against a container limited to 2 GB, as an ml.m5.large-sized host would be
 after the platform's own share: requests whose few kilobytes of PNG decode to gigabytes get a
 clear 4xx in seconds, requests that may decode are decoded under the memory gate, and the server
-stays alive and healthy throughout.
+stays alive and healthy throughout. Hostile clients (idle, trickling, flooding) meet the
+server's default limits and deadlines while valid requests beside them are answered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +27,7 @@ from classifier import artifact
 from artifacts import constant_artifact
 from containers import docker, image_for, serving
 from imagedata import encode
+from ports import read_until_closed
 
 pytestmark = pytest.mark.container
 SIDE = 6324  # SIDE * SIDE is just under the default 40-megapixel limit for one image
@@ -134,3 +138,50 @@ def test_a_mis_packaged_model_is_unhealthy_with_the_reason_not_served_as_imagene
         assert invoked.status_code == 503, invoked.text
     finally:
         docker("rm", "-f", container, check=False)
+
+
+def test_idle_trickling_and_flooding_clients_meet_the_default_limits(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    photo = encode(Image.new("RGB", (640, 480), "teal"), "JPEG")
+    with serving(image_for("cpu"), "-v", f"{model_dir}:/opt/ml/model:ro") as served:
+        port = int(served.url.rsplit(":", 1)[1])
+
+        def connect(first_bytes: bytes) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(first_bytes)
+            return sock
+
+        idle = [connect(b"") for _ in range(20)]
+        slow_heads = [connect(b"POST /invocations HTTP/1.1\r\nHost: x\r\n") for _ in range(3)]
+        slow_bodies = [connect(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                               b"Content-Length: 200000\r\n\r\n" + photo[:1000]) for _ in range(3)]
+        try:
+            started = time.monotonic()
+            flood = asyncio.run(post_together(served.url, photo, 300))
+            statuses = [response.status_code for response in flood]
+            assert set(statuses) <= {200, 503}, statuses
+            for refused in (response for response in flood if response.status_code == 503):
+                assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "overloaded"
+            # The first 64 requests in progress are admitted (the slow bodies hold three of those places).
+            assert statuses.count(200) >= 64 - len(slow_bodies), statuses
+            assert httpx.get(f"{served.url}/ping", timeout=5).status_code == 200
+            for sock in idle:
+                assert read_until_closed(sock, 20) == b""
+            for sock in slow_heads:
+                assert read_until_closed(sock, 20).startswith(b"HTTP/1.1 408 ")
+            for sock in slow_bodies:
+                answer = read_until_closed(sock, 45)
+                assert answer.startswith(b"HTTP/1.1 408 ") and b"the body did not arrive within 30 s" in answer
+            assert time.monotonic() - started < 75  # the last: 30 s body deadline, then 10 s idle
+        finally:
+            for sock in idle + slow_heads + slow_bodies:
+                sock.close()
+        still_healthy(served.url, served.container)
+
+
+async def post_together(url: str, body: bytes, count: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=count)) as client:
+        return await asyncio.gather(*(client.post(f"{url}/invocations", content=body,
+                                                  headers={"Content-Type": "image/jpeg"}) for _ in range(count)))
+

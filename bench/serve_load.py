@@ -574,6 +574,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def image_under_test(parser: argparse.ArgumentParser, image: str | None) -> str:
+    """The id of ``image`` (--image or $CLASSIFIER_IMAGE_CPU); a usage error when there is none."""
+    if not image:
+        parser.error("give --image or set CLASSIFIER_IMAGE_CPU (container/build-image.sh cpu prints it)")
+    inspected = docker("image", "inspect", "--format", "{{.Id}}", image, check=False)
+    if inspected.returncode != 0:
+        parser.error(f"no image {image} here (container/build-image.sh cpu builds it and prints its tag)")
+    return inspected.stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=os.environ.get("CLASSIFIER_IMAGE_CPU"),
@@ -582,11 +592,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--output", type=Path, default=RESULTS / "serve_load.json")
     args = parser.parse_args()
-    if not args.image:
-        parser.error("give --image or set CLASSIFIER_IMAGE_CPU (container/build-image.sh cpu prints it)")
-    inspected = docker("image", "inspect", "--format", "{{.Id}}", args.image, check=False)
-    if inspected.returncode != 0:
-        parser.error(f"no image {args.image} here (container/build-image.sh cpu builds it and prints its tag)")
+    image_id = image_under_test(parser, args.image)
     plan = make_plan(args.quick)
     began, started, load_at_start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic(), os.getloadavg()
     torch.set_num_threads(1)  # this process only sends requests; leave the cores to the systems
@@ -604,7 +610,7 @@ def main() -> None:
     checks = [check for model in args.models for check in check_targets(rows, model)]
     result = {
         "when": began, "wall_clock_s": round(time.monotonic() - started), "quick": args.quick,
-        "image": {"tag": args.image, "id": inspected.stdout.strip()},
+        "image": {"tag": args.image, "id": image_id},
         "machine": machine() | {"load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}, "versions": versions(torchserve_python),
         "plan": asdict(plan), "photos": {name: len(body) for name, body in zip(PHOTOS, bodies)},
         "decode_ms_per_photo": decoding, "systems": details, "summary": rows, "targets": checks,

@@ -43,6 +43,7 @@ def load_predictor(settings: Settings, startup_error: str | None = None):
     if user_code.has_handlers(settings.model_dir, settings.program, settings.submit_directory):
         return HandlerModel.load(settings.model_dir, program=settings.program,
                                  submit_directory=settings.submit_directory, default_accept=settings.default_accept,
+                                 batching=settings.handler_batching,
                                  install=False)  # main() installed the requirements before any import
     return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device,
                           half=settings.half, jit=settings.jit)
@@ -64,9 +65,15 @@ def install_requirements(settings: Settings) -> str | None:
 
 
 def load_model(settings: Settings, model_dir: Path):
-    """A model named by ``POST /models`` (multi-model mode): an artifact, never the default model."""
+    """A model named by ``POST /models`` (multi-model mode): through its own ``code/inference.py``
+    when it has one (its requirements installed first; its modules private to it), else an
+    artifact; never the default model."""
+    from serve.handlers import HandlerModel
     from serve.predictor import Predictor
 
+    if user_code.has_own_code(model_dir, settings.program):
+        return HandlerModel.load(model_dir, program=settings.program, default_accept=settings.default_accept,
+                                 batching=settings.handler_batching, private=True)
     return Predictor.load(model_dir, allow_default=False, device=settings.device, half=settings.half,
                           jit=settings.jit)
 

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -54,13 +54,10 @@ from serve.errors import (
 from serve.handlers import HandlerModel
 from serve.multi_model import TARGET_MODEL_HEADER, models_router
 from serve.observe import Metrics, Observe
-from serve.predictor import select_device
+from serve.predictor import Predictor, select_device
 from serve.registry import LoadedModel, ModelRegistry
 from serve.s3 import S3Fetcher
 from serve.settings import MEGABYTE, Settings
-
-if TYPE_CHECKING:
-    from serve.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
@@ -100,10 +97,11 @@ class Health(enum.Enum):
 
 @dataclass(frozen=True)
 class Served:
-    """A model ready for requests: its predictor and the batcher that feeds it."""
+    """A model ready for requests: its predictor and the batcher that feeds it (None for a model
+    served through its own handlers without batching: each request is one call of them)."""
 
-    predictor: Predictor
-    batcher: Batcher
+    predictor: Predictor | HandlerModel
+    batcher: Batcher | None
 
 
 def may_pass(exc: BaseException) -> bool:
@@ -216,8 +214,17 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     decode_gate = MemoryGate(settings.decode_memory_bytes)
     single: list[Served] = []  # the one model, once loaded (single-model mode)
 
-    def make_batcher(predictor: Predictor, name: str | None = None) -> Batcher:
+    def make_batcher(predictor: Predictor | HandlerModel, name: str | None = None) -> Batcher | None:
         options = {"closed_error": lambda: ModelNotFound(f"model {name!r} is not loaded")} if name else {}
+        if isinstance(predictor, HandlerModel):
+            if not predictor.batching:
+                return None
+            # Batched handlers: predict_fn calls on the handler threads, as many at once as unbatched
+            # requests would run (CLASSIFIER_HANDLER_THREADS); one alone gets every torch thread.
+            return Batcher(predictor.predict_batch, handler_pool, wide_executor=wide_pool,
+                           max_batch_size=settings.max_batch_size, max_delay_s=settings.max_batch_delay_ms / 1000,
+                           max_queue=settings.max_queue, parallel=settings.handler_threads,
+                           threads=settings.threads_per_worker, on_batch=metrics.batch_size.observe, **options)
         # A GPU runs one pass at a time anyway; on a CPU, passes side by side use the cores best.
         parallel = 1 if predictor.device.type == "cuda" else settings.inference_threads
         return Batcher(predictor.infer, shared_pool, wide_executor=wide_pool, max_batch_size=settings.max_batch_size,
@@ -246,6 +253,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         load=load_in_one_thread, make_batcher=make_batcher, warm_up=warm_up, device=select_device(settings.device),
         budget_bytes=settings.model_memory_budget_bytes, reserve_bytes=settings.memory_reserve_bytes,
         evict=settings.evict_models, drain_timeout_s=settings.request_timeout_s, root=settings.models_root,
+        program=settings.program,
     ) if load_model is not None else None
 
     def load_single() -> None:
@@ -261,7 +269,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
 
     def longest_inference_s() -> float:
         """How long the oldest inference running now has been at it, whichever model it is for."""
-        batchers = [served.batcher for served in single]
+        batchers = [served.batcher for served in single if served.batcher is not None]
         if registry is not None:
             batchers += registry.batchers()
         return max([handler_load.longest_s(), *(batcher.longest_pass_s() for batcher in batchers)])
@@ -284,7 +292,8 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
             yield
         finally:
             for served in single:
-                await served.batcher.stop()
+                if served.batcher is not None:
+                    await served.batcher.stop()
             if registry is not None:
                 await registry.close()
             for pool in (decode_pool, wide_pool, shared_pool, handler_pool):
@@ -381,9 +390,17 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                                       min_side=predictor.resize_size if settings.fast_decode else None)
         return pixels is not None and pixels <= DECODE_IN_PASS_MAX_PIXELS
 
+    async def serve_request(request: Request, served: Served | LoadedModel) -> Response:
+        """A request for ``served``: through its own handlers, or classified by the built-in path."""
+        if isinstance(served.predictor, HandlerModel):
+            return await through_handlers(request, served)
+        return await classify(request, served)
+
     async def classify(request: Request, served: Served | LoadedModel) -> Response:
         """Decode the request, run it through the model's batcher and encode the answer."""
         predictor = served.predictor
+        assert isinstance(predictor, Predictor) and served.batcher is not None
+        batcher = served.batcher
         content_type = request.headers.get("content-type")
         options = codec.parse_options(request.headers.get("x-amzn-sagemaker-custom-attributes"),
                                       default_top_k=settings.top_k)
@@ -395,14 +412,14 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         async def answer() -> Response:
             if small_enough_for_the_pass(predictor, body, content_type):
                 inputs = ONE_IMAGE
-                logits, timing = await served.batcher.submit(functools.partial(prepare_image, predictor, body))
+                logits, timing = await batcher.submit(functools.partial(prepare_image, predictor, body))
                 decode_s = timing.prepare_s
             else:
                 started = time.perf_counter()
-                with served.batcher.incoming():
+                with batcher.incoming():
                     batch, inputs = await loop.run_in_executor(decode_pool, prepare, predictor, body, content_type)
                 decode_s = time.perf_counter() - started
-                logits, timing = await served.batcher.submit(batch)
+                logits, timing = await batcher.submit(batch)
             payload = codec.encode(logits, predictor.class_names, inputs=inputs, options=options,
                                    response_type=response_type)
             metrics.images.inc(len(logits))
@@ -416,15 +433,40 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         except TimeoutError:
             raise Timeout(f"the request did not finish within {settings.request_timeout_s:g} s") from None
 
-    async def through_handlers(request: Request, model: HandlerModel) -> Response:
-        """One request through the user's inference.py, on the handler threads, within the timeout."""
+    async def through_handlers(request: Request, served: Served | LoadedModel) -> Response:
+        """One request through the user's inference.py within the timeout: on the handler threads,
+        or, with batched handlers, input_fn and output_fn on the decode threads and predict_fn in
+        passes shared with other requests."""
+        model = served.predictor
+        assert isinstance(model, HandlerModel)
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         content_type = request.headers.get("content-type") or "application/octet-stream"
+        accept = request.headers.get("accept")
         headers = {key.lower(): value for key, value in request.headers.items()}
-        future = handler_load.run(handler_pool, model.invoke, body, content_type, request.headers.get("accept"),
-                                  headers)
+        batcher = served.batcher
+
+        async def batched() -> Response:
+            assert batcher is not None
+            loop = asyncio.get_running_loop()
+            context = model.context(headers)
+            started = time.perf_counter()
+            with batcher.incoming():
+                rows = await loop.run_in_executor(decode_pool, lambda: model.batch_rows(
+                    model.prepare(body, content_type, context)))
+            input_s = time.perf_counter() - started
+            prediction, timing = await batcher.submit(rows)
+            started = time.perf_counter()
+            payload, answer_type = await loop.run_in_executor(decode_pool, model.respond, prediction, accept, context)
+            server_timing = (f"input;dur={input_s * 1000:.2f}, queue;dur={timing.queue_s * 1000:.2f}, "
+                             f"inference;dur={timing.inference_s * 1000:.2f};desc=\"batch of {timing.batch_size}\", "
+                             f"output;dur={(time.perf_counter() - started) * 1000:.2f}")
+            return Response(payload, media_type=answer_type, headers={"Server-Timing": server_timing})
+
         try:
             async with asyncio.timeout(settings.request_timeout_s):
+                if batcher is not None:
+                    return await batched()
+                future = handler_load.run(handler_pool, model.invoke, body, content_type, accept, headers)
                 payload, answer_type = await asyncio.shield(future)
         except TimeoutError:
             raise Timeout(f"the request did not finish within {settings.request_timeout_s:g} s") from None
@@ -436,7 +478,8 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
             if predictor is None:
                 raise NotReady(f"the model is {state.health.value}", headers={"Retry-After": "5"})
             served = Served(predictor, make_batcher(predictor))
-            served.batcher.start()
+            if served.batcher is not None:
+                served.batcher.start()
             single.append(served)
         return single[0]
 
@@ -450,12 +493,10 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
 
     @app.post("/invocations", summary="Classify images", openapi_extra=REQUEST_BODY_DOC)
     async def invocations(request: Request) -> Response:
-        if not settings.multi_model and isinstance(state.predictor, HandlerModel):
-            return await through_handlers(request, state.predictor)
-        return await classify(request, target_model(request) if settings.multi_model else single_model())
+        return await serve_request(request, target_model(request) if settings.multi_model else single_model())
 
     if registry is not None:
-        app.include_router(models_router(registry, classify, body_timeout_s=settings.body_timeout_s,
+        app.include_router(models_router(registry, serve_request, body_timeout_s=settings.body_timeout_s,
                                          openapi_extra=REQUEST_BODY_DOC))
 
     return app

@@ -74,6 +74,14 @@ class Timing:
     prepare_s: float = 0.0  # making the inputs inside the pass (0 when they came ready)
 
 
+def _stackable(first: Inputs, other: Inputs) -> bool:
+    """Whether two requests' inputs can share a pass: any whose inputs are made in the pass (always
+    the model's input shape), tensors only of the same shape past the first dimension, type and device."""
+    if not isinstance(first, torch.Tensor) or not isinstance(other, torch.Tensor):
+        return True
+    return first.shape[1:] == other.shape[1:] and first.dtype == other.dtype and first.device == other.device
+
+
 class Batcher:
     def __init__(self, infer: Callable[[torch.Tensor], np.ndarray], executor: Executor, *, max_batch_size: int,
                  max_delay_s: float, max_queue: int, parallel: int = 1, threads: int | None = None,
@@ -168,8 +176,10 @@ class Batcher:
     def _take_batch(self) -> list[_Job]:
         share = -(-(self._queued_images + self._images_in_passes) // self._parallel)
         limit = min(self._max_batch_size, max(1, share))
-        jobs, size = [], 0
-        while self._queue and (not jobs or size + self._queue[0].images <= limit):
+        jobs: list[_Job] = []
+        size = 0
+        while self._queue and (not jobs or (size + self._queue[0].images <= limit
+                                            and _stackable(jobs[0].inputs, self._queue[0].inputs))):
             job = self._queue.popleft()
             self._queued_images -= job.images
             if job.future.cancelled():  # its request timed out or went away while queued

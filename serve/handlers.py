@@ -14,6 +14,12 @@ puts it there and sets ``SAGEMAKER_PROGRAM``). Its functions, each optional:
 Each may take one more argument, ``context`` (see :class:`Context`). The body reaches ``input_fn``
 as ``str`` for ``application/json`` and ``text/csv`` and as ``bytes`` otherwise, as there. Nothing
 here knows HTTP: errors are :mod:`serve.errors` types that the app turns into JSON answers.
+
+Batched handlers (``CLASSIFIER_HANDLER_BATCHING``, opt-in): ``input_fn`` returns a tensor whose first
+dimension counts the request's rows; the server concatenates several requests' tensors (same
+trailing shape and type) into one ``predict_fn`` call, which returns one row per input row, and
+hands each request its own rows for ``output_fn``. ``predict_fn`` then sees a context without
+request headers: the call serves several requests.
 """
 
 from __future__ import annotations
@@ -82,17 +88,33 @@ class Context:
         return dict(self.request_headers)
 
 
-def _import(path: Path, name: str) -> ModuleType:
-    """Import ``path`` as module ``name``, with its folder first on sys.path for its own imports."""
+def _import(path: Path, name: str, *, private: bool = False) -> ModuleType:
+    """Import ``path`` as module ``name``, with its folder first on sys.path for its own imports.
+
+    ``private`` (one of several models' code, in multi-model mode): the folder is on sys.path only
+    while the module is imported, and the modules it imported from its folder leave sys.modules
+    afterwards, so another model's ``utils.py`` is never taken for this one's."""
     folder = str(path.parent)
-    if folder not in sys.path:
+    if private:
         sys.path.insert(0, folder)
+    elif folder not in sys.path:
+        sys.path.insert(0, folder)
+    before = set(sys.modules)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if private:
+            sys.path.remove(folder)
+            root = path.parent.resolve()
+            for key in set(sys.modules) - before:
+                file = getattr(sys.modules[key], "__file__", None)
+                if key == name or (file and Path(file).resolve().is_relative_to(root)):
+                    del sys.modules[key]
     return module
 
 
@@ -161,15 +183,21 @@ def default_output_fn(prediction: Any, accept: str) -> bytes:
 class HandlerModel:
     """The user's model and functions, called in the framework container's order."""
 
-    def __init__(self, module: ModuleType | None, model_dir: Path, *, default_accept: str = JSON) -> None:
+    def __init__(self, module: ModuleType | None, model_dir: Path, *, default_accept: str = JSON,
+                 batching: bool = False) -> None:
         self.model_dir = model_dir
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.default_accept = default_accept
+        self.batching = batching
         self.functions = {name: getattr(module, name) for name in HANDLER_NAMES
                           if module is not None and callable(getattr(module, name, None))}
         if "transform_fn" in self.functions and {"input_fn", "predict_fn", "output_fn"} & set(self.functions):
             raise ValueError("inference.py defines transform_fn and also input_fn, predict_fn or output_fn: "
                              "transform_fn replaces those three, so define one or the other")
+        if batching and "transform_fn" in self.functions:
+            raise ValueError("CLASSIFIER_HANDLER_BATCHING needs input_fn, predict_fn and output_fn (or their "
+                             "defaults): transform_fn handles a whole request in one call, so requests cannot "
+                             "share its forward passes")
         self.takes_context = {name: _with_context(function, name) for name, function in self.functions.items()}
         self.model = self._call("model_fn", str(model_dir), context=self.context()) if "model_fn" in self.functions \
             else self._load_torchscript()
@@ -178,9 +206,10 @@ class HandlerModel:
 
     @classmethod
     def load(cls, model_dir: Path, *, program: str | None = None, submit_directory: str | None = None,
-             default_accept: str = JSON, module_name: str = "inference", install: bool = True) -> HandlerModel:
+             default_accept: str = JSON, module_name: str = "inference", install: bool = True,
+             private: bool = False, batching: bool = False) -> HandlerModel:
         """Install the code's requirements (unless ``install`` is false: the entry point did already),
-        import it and call its ``model_fn``."""
+        import it and call its ``model_fn``. ``private``: one of several models (see :func:`_import`)."""
         code = code_folder(model_dir, program, submit_directory)
         path = code / (program or DEFAULT_PROGRAM)
         if not path.is_file():
@@ -188,10 +217,19 @@ class HandlerModel:
                                     f"(PyTorchModel(entry_point=...) puts it there)")
         if install:
             install_requirements(code)
-        module = _import(path, module_name)
-        logger.info("serving through %s (%s)", path.name,
-                    ", ".join(name for name in HANDLER_NAMES if hasattr(module, name)) or "default handlers")
-        return cls(module, model_dir, default_accept=default_accept)
+        module = _import(path, module_name, private=private)
+        logger.info("serving %s through %s (%s)%s", model_dir.name, path.name,
+                    ", ".join(name for name in HANDLER_NAMES if hasattr(module, name)) or "default handlers",
+                    ", requests batched" if batching else "")
+        return cls(module, model_dir, default_accept=default_accept, batching=batching)
+
+    @property
+    def weight_bytes(self) -> int:
+        """What the model's parameters and buffers occupy, when model_fn returned a torch module (else 0)."""
+        if not isinstance(self.model, torch.nn.Module):
+            return 0
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
     def context(self, headers: Mapping[str, str] | None = None) -> Context:
         gpu = self.device.index if self.device.type == "cuda" else None
@@ -213,35 +251,69 @@ class HandlerModel:
                headers: Mapping[str, str] | None = None) -> tuple[bytes, str]:
         """One request through the handlers: the response body and its content type."""
         context = self.context(headers)
-        if not accept or accept.strip() in ("*/*", ""):
-            accept = self.default_accept  # as the framework container: missing or */* means the default
-        kind = content_type.split(";", 1)[0].strip().lower()
-        data: str | bytes = body.decode("utf-8", errors="replace") if kind in TEXT_TYPES else body
         if "transform_fn" in self.functions:
-            result = self._user("transform_fn", self.model, data, content_type, accept, context=context)
-            answer, answer_type = result if isinstance(result, tuple) else (result, accept)
+            result = self._user("transform_fn", self.model, _as_received(body, content_type), content_type,
+                                self.accepting(accept), context=context)
+            answer, answer_type = result if isinstance(result, tuple) else (result, self.accepting(accept))
             return _as_bytes(answer), answer_type
-        if "input_fn" in self.functions:
-            try:
-                inputs = self._call("input_fn", data, content_type, context=context)
-            except ServingError:
-                raise
-            except INPUT_ERRORS as exc:
-                raise InvalidInput(f"input_fn: {type(exc).__name__}: {exc}") from None
-            except Exception as exc:
-                raise _user_failure("input_fn", exc) from exc
-        else:
-            inputs = default_input_fn(data, content_type, self.device)
+        inputs = self.prepare(body, content_type, context)
+        return self.respond(self.predict(inputs, context), accept, context)
+
+    def accepting(self, accept: str | None) -> str:
+        """``accept`` as the handlers see it: missing or ``*/*`` means the default, as in the framework container."""
+        return self.default_accept if not accept or accept.strip() in ("*/*", "") else accept
+
+    def prepare(self, body: bytes, content_type: str, context: Context) -> Any:
+        """``input_fn``: the request body as the model's input."""
+        data = _as_received(body, content_type)
+        if "input_fn" not in self.functions:
+            return default_input_fn(data, content_type, self.device)
+        try:
+            return self._call("input_fn", data, content_type, context=context)
+        except ServingError:
+            raise
+        except INPUT_ERRORS as exc:
+            raise InvalidInput(f"input_fn: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            raise _user_failure("input_fn", exc) from exc
+
+    def predict(self, inputs: Any, context: Context) -> Any:
+        """``predict_fn``: the model's prediction for ``inputs``."""
         if "predict_fn" in self.functions:
-            prediction = self._user("predict_fn", inputs, self.model, context=context)
-        else:
-            prediction = self._guard("predict_fn", default_predict_fn, inputs, self.model, self.device)
+            return self._user("predict_fn", inputs, self.model, context=context)
+        return self._guard("predict_fn", default_predict_fn, inputs, self.model, self.device)
+
+    def respond(self, prediction: Any, accept: str | None, context: Context) -> tuple[bytes, str]:
+        """``output_fn``: the response body for ``prediction`` and its content type."""
+        accept = self.accepting(accept)
         if "output_fn" in self.functions:
             result = self._user("output_fn", prediction, accept, context=context)
             answer, answer_type = result if isinstance(result, tuple) else (result, accept)
             return _as_bytes(answer), answer_type
         chosen = first_accepted(accept, self.default_accept)
         return self._guard("output_fn", default_output_fn, prediction, chosen), chosen
+
+    def batch_rows(self, inputs: Any) -> torch.Tensor:
+        """A request's ``input_fn`` result as rows for a shared ``predict_fn`` call (batched handlers)."""
+        if isinstance(inputs, np.ndarray):
+            inputs = torch.from_numpy(np.ascontiguousarray(inputs))
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+            kind = "a 0-d tensor" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise HandlerError(f"with CLASSIFIER_HANDLER_BATCHING, input_fn must return a tensor or array whose "
+                               f"first dimension counts the request's rows; it returned {kind}")
+        return inputs
+
+    def predict_batch(self, batch: torch.Tensor) -> Any:
+        """``predict_fn`` over several requests' rows at once: one output row per input row, which
+        the server hands back to each request by position (batched handlers)."""
+        prediction = self.predict(batch, self.context())
+        rows = len(prediction) if isinstance(prediction, torch.Tensor | np.ndarray | list | tuple) \
+            and getattr(prediction, "ndim", 1) > 0 else None
+        if rows != len(batch):
+            got = f"{rows} rows" if rows is not None else type(prediction).__name__
+            raise HandlerError(f"with CLASSIFIER_HANDLER_BATCHING, predict_fn must return one row per input row "
+                               f"(a tensor, array or list of length {len(batch)}); it returned {got}")
+        return prediction
 
     def _user(self, name: str, *args: Any, context: Context) -> Any:
         return self._guard(name, self._call, name, *args, context=context)
@@ -267,6 +339,12 @@ def _user_failure(name: str, exc: Exception) -> ServingError:
         return error
     logger.error("%s failed", name, exc_info=exc)
     return HandlerError(f"{name} failed: {type(exc).__name__}: {exc}")
+
+
+def _as_received(body: bytes, content_type: str) -> str | bytes:
+    """The body as input_fn receives it: ``str`` for JSON and CSV, ``bytes`` otherwise."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return body.decode("utf-8", errors="replace") if kind in TEXT_TYPES else body
 
 
 def _as_bytes(answer: Any) -> bytes:

@@ -1,7 +1,8 @@
 """SageMaker's multi-model container API: load, list, describe, unload and invoke models by name.
 
     POST   /models                 {"model_name": "...", "url": "/opt/ml/models/<name>/model"}
-                                   200 loaded; 409 already loaded; 507 no memory; 400 no artifact;
+                                   200 loaded; 409 already loaded; 507 no memory; 400 neither an
+                                   artifact nor code/inference.py;
                                    403 url outside the models folder (CLASSIFIER_MODELS_ROOT);
                                    415 not JSON; 413 body over 64 KB
     GET    /models                 {"models": [{"modelName", "modelUrl", ...}], "nextPageToken"}

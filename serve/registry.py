@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from classifier import artifact
-from serve import memory
+from serve import memory, user_code
 from serve.batching import Batcher
 from serve.errors import Forbidden, InsufficientMemory, InvalidModel, ModelAlreadyLoaded, ModelNotFound
 
 if TYPE_CHECKING:
+    from serve.handlers import HandlerModel
     from serve.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -51,21 +52,31 @@ LOAD_EXTRA_BYTES = 32 * MEGABYTE
 class LoadedModel:
     name: str
     url: str
-    predictor: Predictor
-    batcher: Batcher
+    predictor: Predictor | HandlerModel
+    batcher: Batcher | None  # None: served through its own handlers, one call per request
     footprint_bytes: int
 
     def describe(self) -> dict[str, object]:
         """The entry SageMaker's List/Get Model APIs expect, plus what this server knows."""
-        manifest = self.predictor.manifest
-        return {"modelName": self.name, "modelUrl": self.url, "architecture": manifest.architecture,
-                "classes": manifest.num_classes, "memoryBytes": self.footprint_bytes}
+        about: dict[str, object] = {"modelName": self.name, "modelUrl": self.url}
+        manifest = getattr(self.predictor, "manifest", None)
+        if manifest is not None:
+            about |= {"architecture": manifest.architecture, "classes": manifest.num_classes}
+        else:
+            about |= {"handlers": "code/inference.py", "batched": self.batcher is not None}
+        return about | {"memoryBytes": self.footprint_bytes}
 
 
 def estimate_bytes(model_dir: Path) -> int:
-    """What loading the artifact in ``model_dir`` is expected to take."""
+    """What loading the model in ``model_dir`` is expected to take: from its weights file, or for a
+    model served through its own code, from every file beside ``code/``."""
     weights = artifact.any_weights_file(model_dir)
-    return int((weights.stat().st_size if weights else 0) * LOAD_OVERHEAD) + LOAD_EXTRA_BYTES
+    if weights is not None:
+        size = weights.stat().st_size
+    else:
+        size = sum(path.stat().st_size for path in model_dir.rglob("*")
+                   if path.is_file() and not path.relative_to(model_dir).parts[0] == "code")
+    return int(size * LOAD_OVERHEAD) + LOAD_EXTRA_BYTES
 
 
 def page_token(name: str) -> str:
@@ -81,9 +92,11 @@ def after_token(token: str) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, *, load: Callable[[Path], Predictor], make_batcher: Callable[[Predictor, str], Batcher],
-                 warm_up: Callable[[Predictor], None], device: torch.device, budget_bytes: int | None = None, reserve_bytes: int = 0,
-                 evict: bool = True, drain_timeout_s: float = 60.0, root: Path | None = None,
+    def __init__(self, *, load: Callable[[Path], Predictor | HandlerModel],
+                 make_batcher: Callable[[Predictor | HandlerModel, str], Batcher | None],
+                 warm_up: Callable[[Predictor | HandlerModel], None], device: torch.device,
+                 budget_bytes: int | None = None, reserve_bytes: int = 0, evict: bool = True,
+                 drain_timeout_s: float = 60.0, root: Path | None = None, program: str | None = None,
                  available: Callable[[torch.device], int | None] = memory.available_bytes) -> None:
         self._load = load
         self._make_batcher = make_batcher
@@ -95,6 +108,7 @@ class ModelRegistry:
         self._drain_timeout_s = drain_timeout_s
         self._available = available
         self._root = root  # models load only from folders under this one (None: from anywhere)
+        self._program = program  # the handler module a model's code/ may hold (SAGEMAKER_PROGRAM)
         self._models: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()  # oldest use first
         self._loading: set[str] = set()
         self._lock = asyncio.Lock()  # one load or unload at a time
@@ -112,7 +126,7 @@ class ModelRegistry:
         return model
 
     def batchers(self) -> list[Batcher]:
-        return [model.batcher for model in self._models.values()]
+        return [model.batcher for model in self._models.values() if model.batcher is not None]
 
     def describe(self, name: str) -> dict[str, object]:
         return self._find(name).describe()
@@ -132,8 +146,9 @@ class ModelRegistry:
         missing = [name for name, present in ((artifact.MANIFEST_FILE, artifact.is_artifact(model_dir)),
                                               (artifact.WEIGHTS_FILE, artifact.any_weights_file(model_dir)))
                    if not present]
-        if missing:
-            raise InvalidModel(f"{url!r} holds no model artifact (missing {' and '.join(missing)})")
+        if missing and not user_code.has_own_code(model_dir, self._program):
+            raise InvalidModel(f"{url!r} holds no model artifact (missing {' and '.join(missing)}) and no "
+                               f"code/{self._program or user_code.DEFAULT_PROGRAM}")
         self._loading.add(name)
         try:
             async with self._lock:
@@ -141,7 +156,8 @@ class ModelRegistry:
                 started = time.perf_counter()
                 predictor = await self._load_warm(name, model_dir)
                 batcher = self._make_batcher(predictor, name)
-                batcher.start()
+                if batcher is not None:
+                    batcher.start()
                 loaded = LoadedModel(name, url, predictor, batcher, predictor.weight_bytes)
                 self._models[name] = loaded
         finally:
@@ -168,10 +184,11 @@ class ModelRegistry:
 
     async def close(self) -> None:
         for model in list(self._models.values()):
-            await model.batcher.stop()
+            if model.batcher is not None:
+                await model.batcher.stop()
         self._models.clear()
 
-    async def _load_warm(self, name: str, model_dir: Path) -> Predictor:
+    async def _load_warm(self, name: str, model_dir: Path) -> Predictor | HandlerModel:
         try:
             predictor = await asyncio.to_thread(self._load, model_dir)
             await asyncio.to_thread(self._warm_up, predictor)
@@ -185,7 +202,8 @@ class ModelRegistry:
 
     async def _unload(self, name: str) -> None:
         model = self._models.pop(name)  # new requests for it get 404 from here on
-        await model.batcher.drain(self._drain_timeout_s)  # requests already queued still get their answers
+        if model.batcher is not None:
+            await model.batcher.drain(self._drain_timeout_s)  # requests already queued still get their answers
         footprint = model.footprint_bytes
         del model
         gc.collect()

@@ -115,6 +115,7 @@ class Settings:
     submit_directory: str | None = None  # SAGEMAKER_SUBMIT_DIRECTORY: where it is, when not in <model>/code
     default_accept: str = "application/json"  # SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT
     handler_threads: int = 1  # requests through the handlers at once (each with cores / handler_threads torch threads)
+    handler_batching: bool = False  # requests share predict_fn calls (input_fn returns rows; see serve.handlers)
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -192,6 +193,7 @@ class Settings:
             submit_directory=environ.get("SAGEMAKER_SUBMIT_DIRECTORY") or None,
             default_accept=environ.get("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT") or cls.default_accept,
             handler_threads=get("CLASSIFIER_HANDLER_THREADS", _positive_int, cls.handler_threads),
+            handler_batching=get("CLASSIFIER_HANDLER_BATCHING", parse_bool, cls.handler_batching),
             log_level=(environ.get("LOG_LEVEL") or cls.log_level).upper(),
             log_json=get("LOG_FORMAT", lambda v: v.lower() == "json", cls.log_json),
         )

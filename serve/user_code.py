@@ -28,6 +28,12 @@ def has_handlers(model_dir: Path, program: str | None, submit_directory: str | N
     return bool(program) or (code_folder(model_dir, program, submit_directory) / DEFAULT_PROGRAM).is_file()
 
 
+def has_own_code(model_dir: Path, program: str | None) -> bool:
+    """Whether ``model_dir`` itself holds the handler module (``code/inference.py``, or ``code/<SAGEMAKER_PROGRAM>``):
+    how a multi-model endpoint's model says it is served through its own code."""
+    return (model_dir / "code" / (program or DEFAULT_PROGRAM)).is_file()
+
+
 def install_requirements(code: Path) -> None:
     """``pip install -r code/requirements.txt`` when there is one, as the framework container does at start:
     into the image's environment, or, when that is read-only, into an overlay put on ``sys.path`` (see

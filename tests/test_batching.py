@@ -218,3 +218,33 @@ def test_drain_answers_what_is_queued_then_refuses() -> None:
     answers, took = asyncio.run(scenario())
     assert [float(logits[0, 0]) for logits, _ in answers] == [0.0, 1.0, 2.0, 3.0]
     assert took < 5
+
+
+def test_a_pass_never_mixes_rows_of_different_shapes_or_types() -> None:
+    """Tensors that cannot be concatenated go to passes of their own, in their turn."""
+    shapes: list[tuple[int, ...]] = []
+    release = threading.Event()
+
+    def infer(batch: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(batch.shape))
+        release.wait(10)
+        return batch.sum(dim=tuple(range(1, batch.dim())))
+
+    async def send() -> list:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            batcher = Batcher(infer, pool, max_batch_size=16, max_delay_s=0, max_queue=64)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit(torch.ones(1, 3)))
+            while not shapes:
+                await asyncio.sleep(0.005)
+            waiting = [asyncio.ensure_future(batcher.submit(tensor)) for tensor in
+                       (torch.ones(2, 3), torch.ones(1, 4), torch.ones(1, 3, dtype=torch.float64))]
+            await asyncio.sleep(0)  # all three queued behind the first pass
+            release.set()
+            results = await asyncio.gather(first, *waiting)
+            await batcher.stop()
+            return results
+
+    results = asyncio.run(send())
+    assert [rows.tolist() for rows, _ in results] == [[3.0], [3.0, 3.0], [4.0], [3.0]]
+    assert shapes == [(1, 3), (2, 3), (1, 4), (1, 3)]

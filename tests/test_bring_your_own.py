@@ -16,9 +16,11 @@ import json
 import re
 import shutil
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 import torch
 from PIL import Image
@@ -32,6 +34,7 @@ from deploy import sdk
 from deploy.cli import main as deploy_main
 from serve.predictor import Predictor
 
+from artifacts import constant_artifact
 from containers import classify, docker, image_for, serving, write_training_config
 from imagedata import CLASSES, encode, write_image_folder
 from ports import free_port
@@ -156,3 +159,64 @@ def test_a_packaged_model_is_served_by_the_container(kind: str, tmp_path: Path,
         answer = classify(served.url, photo)
     assert [p["label"] for p in answer[:3]] == [p.label for p in expected]
     assert answer[0]["probability"] == pytest.approx(expected[0].probability, abs=1e-3)
+
+
+# Batch-safe handlers with a helper module of their own: y = factor × (sum of each row).
+BATCHED_INFERENCE_PY = '''
+import json
+
+import torch
+from helper import FACTOR
+
+
+def model_fn(model_dir):
+    return FACTOR
+
+
+def input_fn(body, content_type):
+    if content_type != "application/json":
+        raise ValueError(f"send application/json, not {content_type}")
+    return torch.tensor(json.loads(body), dtype=torch.float32)
+
+
+def predict_fn(rows, factor):
+    return rows.sum(dim=1) * factor
+'''
+
+
+def test_a_multi_model_endpoint_serves_handler_models_batched_beside_an_artifact(tmp_path: Path) -> None:
+    """The real image in multi-model mode with CLASSIFIER_HANDLER_BATCHING: two models whose code
+    imports a helper of the same name, each answered with its own, and an artifact beside them."""
+    models = tmp_path / "models"
+    for name, factor in (("double", 2), ("triple", 3)):
+        code = models / name / "model" / "code"
+        code.mkdir(parents=True)
+        (code / "inference.py").write_text(BATCHED_INFERENCE_PY)
+        (code / "helper.py").write_text(f"FACTOR = {factor}\n")
+    constant_artifact(models / "pets" / "model", ("cat", "dog"), "dog")
+    with serving(image_for("cpu"), "-e", "SAGEMAKER_MULTI_MODEL=true", "-e", "CLASSIFIER_HANDLER_BATCHING=true",
+                 "-v", f"{models}:/opt/ml/models:ro") as served:
+        for name in ("double", "triple", "pets"):
+            load = httpx.post(f"{served.url}/models", json={"model_name": name, "url": f"/opt/ml/models/{name}/model"},
+                              timeout=120)
+            assert load.status_code == 200, load.text
+        assert httpx.get(f"{served.url}/models/double", timeout=10).json()["batched"] is True
+
+        def invoke(job: tuple[str, int]) -> httpx.Response:
+            name, value = job
+            return httpx.post(f"{served.url}/models/{name}/invoke", content=json.dumps([[value, 1.0]]),
+                              headers={"Content-Type": "application/json"}, timeout=60)
+
+        jobs = [(name, value) for value in range(8) for name in ("double", "triple")]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(invoke, jobs))
+        for (name, value), answer in zip(jobs, answers, strict=True):
+            assert answer.status_code == 200, answer.text
+            assert answer.json() == [(value + 1) * {"double": 2, "triple": 3}[name]]
+            assert "batch of" in answer.headers["server-timing"]
+        refused = httpx.post(f"{served.url}/models/double/invoke", content=b"1,2", headers={"Content-Type": "text/csv"},
+                             timeout=60)
+        assert refused.status_code == 400 and "send application/json" in refused.json()["error"]["message"]
+        pets = httpx.post(f"{served.url}/models/pets/invoke", content=encode(Image.new("RGB", (40, 40), "red"), "PNG"),
+                          headers={"Content-Type": "image/png"}, timeout=60)
+        assert pets.json()["predictions"][0]["label"] == "dog"

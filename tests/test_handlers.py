@@ -5,12 +5,15 @@ The handlers are written the way SageMaker PyTorch users write them; the app is 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import sys
 import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from fastapi.testclient import TestClient
 
 from serve import handlers
 from serve.app import create_app
+from serve.batching import Batcher
 from serve.handlers import HandlerModel
 from serve.settings import Settings
 
@@ -264,3 +268,142 @@ def test_requirements_are_installed_before_the_server_imports_torch(tmp_path: Pa
     with pytest.raises(RuntimeError, match="pip could not install"):
         entry.load_predictor(Settings(model_dir=model_dir), reason)
     assert entry.install_requirements(Settings(model_dir=tmp_path / "no-code")) is None
+
+
+# Rows in, rows out: y = 2x summed over the features, for any number of rows. The first call of
+# predict_fn waits to be released, so the requests that arrive meanwhile queue up behind it.
+BATCHED_PY = textwrap.dedent('''
+    import json, os, threading
+    import torch
+
+    STARTED, RELEASE, CALLS = threading.Event(), threading.Event(), []
+
+    def model_fn(model_dir):
+        model = torch.nn.Linear(3, 1, bias=False)
+        model.load_state_dict(torch.load(os.path.join(model_dir, "model.pth"), weights_only=True))
+        return model.eval()
+
+    def input_fn(body, content_type):
+        data = json.loads(body)
+        if "shape_only" in data:
+            return {"not": "a tensor"}
+        return torch.tensor(data["inputs"], dtype=torch.float32)
+
+    def predict_fn(data, model, context):
+        CALLS.append((len(data), dict(context.request_headers)))
+        if len(CALLS) == 1:
+            STARTED.set()
+            RELEASE.wait(30)
+        with torch.no_grad():
+            output = model(data)
+        return output[:1] if (data == 9).all(dim=1).any() else output
+
+    def output_fn(prediction, accept):
+        return json.dumps({"rows": prediction.squeeze(1).tolist()})
+''')
+
+
+def batched_client(model_dir: Path, name: str, **settings: object) -> TestClient:
+    options = {"model_dir": model_dir, "handler_batching": True, "request_timeout_s": 20.0, **settings}
+    loader = lambda: HandlerModel.load(model_dir, module_name=name, batching=True)
+    return TestClient(create_app(Settings(**options), loader), raise_server_exceptions=False)
+
+
+def test_batched_handlers_share_predict_fn_calls_and_answer_each_request_its_own_rows(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    submitted: list[int] = []
+    submit = Batcher.submit
+
+    async def counted(self, inputs, images=1):
+        submitted.append(len(inputs))  # in the queue by the time this coroutine next yields
+        return await submit(self, inputs, images)
+
+    monkeypatch.setattr(Batcher, "submit", counted)
+    model_dir = model_folder(tmp_path / "model", BATCHED_PY)
+    with batched_client(model_dir, "inference_batched") as client:
+        wait_for(client, "ready")
+        functions = client.app.state.model.predictor.functions["predict_fn"].__globals__
+        requests = [[[1, 1, 1]], [[1, 0, 0], [0, 1, 0]], [[0, 0, 3]], [[2, 2, 2], [1, 2, 3], [0, 0, 0]]]
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            first = pool.submit(post, client, {"inputs": requests[0]})
+            assert functions["STARTED"].wait(10)
+            rest = [pool.submit(post, client, {"inputs": rows}) for rows in requests[1:]]
+            deadline = time.monotonic() + 10
+            while len(submitted) < len(requests):  # every request waits behind the first call
+                assert time.monotonic() < deadline, submitted
+                time.sleep(0.01)
+            functions["RELEASE"].set()
+            answers = [future.result(timeout=30) for future in (first, *rest)]
+    for rows, answer in zip(requests, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"rows": [2.0 * sum(row) for row in rows]}
+        assert "batch of" in answer.headers["server-timing"]
+    # The three requests that queued shared one call of six rows; no call saw request headers.
+    assert [rows for rows, _ in functions["CALLS"]] == [1, 6]
+    assert all(headers == {} for _, headers in functions["CALLS"])
+
+
+def test_batched_handlers_name_what_input_fn_or_predict_fn_must_return(tmp_path: Path) -> None:
+    model_dir = model_folder(tmp_path / "model", BATCHED_PY)
+    with batched_client(model_dir, "inference_batched_errors") as client:
+        wait_for(client, "ready")
+        client.app.state.model.predictor.functions["predict_fn"].__globals__["RELEASE"].set()
+        not_rows = post(client, {"shape_only": True})
+        assert not_rows.status_code == 500 and not_rows.json()["error"]["code"] == "handler_error"
+        assert "input_fn must return a tensor or array" in not_rows.json()["error"]["message"]
+        short = post(client, {"inputs": [[9, 9, 9], [1, 1, 1]]})  # predict_fn drops a row
+        assert short.status_code == 500
+        assert "one row per input row" in short.json()["error"]["message"]
+        assert client.get("/ping").status_code == 200
+        assert post(client, {"inputs": [[1, 1, 1]]}).json() == {"rows": [6.0]}
+
+
+def test_batched_handlers_refuse_transform_fn_at_load(tmp_path: Path) -> None:
+    model_dir = model_folder(tmp_path / "model", "def transform_fn(model, body, content_type, accept):\n"
+                                                 "    return body\n")
+    with batched_client(model_dir, "inference_batched_transform") as client:
+        assert "transform_fn handles a whole request in one call" in wait_for(client, "failed")["reason"]
+
+
+# A model whose code imports a helper module of the same name as another model's.
+OWN_HELPER_PY = textwrap.dedent('''
+    import json
+    import helper
+
+    def model_fn(model_dir):
+        return helper.FACTOR
+
+    def input_fn(body, content_type):
+        return json.loads(body)
+
+    def predict_fn(data, model):
+        return [value * model for value in data]
+''')
+
+
+def test_multi_model_mode_serves_each_model_through_its_own_code(tmp_path: Path) -> None:
+    from serve import __main__ as entry
+
+    for name, factor in (("double", 2), ("triple", 3)):
+        model_folder(tmp_path / name, OWN_HELPER_PY, **{"helper.py": f"FACTOR = {factor}\n"})
+    (tmp_path / "empty").mkdir()
+    settings = Settings(multi_model=True, models_root=tmp_path)
+    app = create_app(settings, load_model=functools.partial(entry.load_model, settings))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for name in ("double", "triple"):
+            loaded = client.post("/models", json={"model_name": name, "url": str(tmp_path / name)})
+            assert loaded.status_code == 200, loaded.text
+            assert loaded.json()["handlers"] == "code/inference.py"
+        for name, expected in (("double", [2, 4]), ("triple", [3, 6])):
+            answer = client.post(f"/models/{name}/invoke", content=b"[1, 2]",
+                                 headers={"Content-Type": "application/json"})
+            assert (answer.status_code, answer.json()) == (200, expected)
+        assert client.post("/invocations", content=b"[5]", headers={
+            "Content-Type": "application/json", "X-Amzn-SageMaker-Target-Model": "triple"}).json() == [15]
+        refused = client.post("/models", json={"model_name": "empty", "url": str(tmp_path / "empty")})
+        assert refused.status_code == 400 and "no code/inference.py" in refused.json()["error"]["message"]
+        assert client.delete("/models/double").status_code == 200
+        assert client.post("/models/double/invoke", content=b"[1]",
+                           headers={"Content-Type": "application/json"}).status_code == 404
+    assert "helper" not in sys.modules  # each model's modules stay its own
+

@@ -5,6 +5,7 @@ Layout of an artifact directory (the root of ``model.tar.gz``)::
     manifest.json       architecture, class names, preprocessing, training settings, versions
     model.safetensors   the network's state dict (an architecture :mod:`classifier.models` builds)
     model.pt            or, for architecture "torchscript", the whole network as TorchScript
+    model.onnx          or, for architecture "onnx", the whole network as ONNX (run by ONNX Runtime)
 
 The manifest is written last, so a directory with a manifest is a complete artifact.
 """
@@ -27,6 +28,7 @@ from torch import nn
 
 import classifier
 from classifier.models import create_model
+from classifier.onnx_model import OnnxModel, OnnxModelError
 from classifier.presets import EvalPreset
 
 FORMAT_VERSION = 1
@@ -34,6 +36,11 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 TORCHSCRIPT = "torchscript"  # the architecture of an artifact that carries its network as TorchScript
 TORCHSCRIPT_FILE = "model.pt"
+ONNX = "onnx"  # the architecture of an artifact that carries its network as ONNX
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"  # the weights of an ONNX network too large for one file
+ONNX_ONE_FILE_BYTES = 1_800_000_000  # protobuf's limit is 2 GB
+NETWORK_FILES = {TORCHSCRIPT: TORCHSCRIPT_FILE, ONNX: ONNX_FILE}  # by architecture; any other: WEIGHTS_FILE
 # Bounds on what a manifest may ask of its reader: the server allocates inputs of the crop size
 # (warm-up included) before a single request arrives, and reads the manifest whole.
 MAX_IMAGE_SIDE = 4096
@@ -160,7 +167,8 @@ def not_an_artifact(directory: str | os.PathLike[str], *, shown: int = 8) -> str
         return (f"{reason}. The artifact is one folder down, in {nested[0].name}/: pack model.tar.gz with its "
                 f"files at the root (tar -czf model.tar.gz -C {nested[0].name} .)")
     if any(entry.suffix in (".pth", ".pt", ".onnx", ".bin", ".ckpt") for entry in entries):
-        return f"{reason}. A bare weights file says nothing of its architecture, classes or preprocessing"
+        return (f"{reason}. A bare weights file says nothing of its architecture, classes or preprocessing: "
+                f"classifier-deploy package makes an artifact of it")
     return reason
 
 
@@ -178,6 +186,28 @@ def save_torchscript(directory: str | os.PathLike[str], network: torch.jit.Scrip
     return _save(directory, TORCHSCRIPT_FILE, lambda path: network.save(str(path)), manifest)
 
 
+def save_onnx(directory: str | os.PathLike[str], source: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Write an ONNX network and its manifest (architecture "onnx") into ``directory``: one file,
+    ``model.onnx``, whatever external-data files the source's weights were in (``torch.onnx.export``
+    writes ``<name>.onnx.data`` beside it), unless the weights are too large for one file (2 GB):
+    then ``model.onnx.data`` beside it."""
+    import onnx  # the packaging side only: the server runs the file with ONNX Runtime alone
+
+    if manifest.architecture != ONNX:
+        raise ArtifactError(f"an ONNX artifact's architecture is {ONNX!r}, not {manifest.architecture!r}")
+    network = onnx.load(str(source))  # with its external data, wherever the source says it is
+
+    def write(path: Path) -> None:
+        large = network.ByteSize() > ONNX_ONE_FILE_BYTES
+        data = path.with_name(ONNX_DATA_FILE)
+        data.unlink(missing_ok=True)
+        onnx.save_model(network, str(path), save_as_external_data=large, location=ONNX_DATA_FILE)
+        if large:
+            data.chmod(0o644)
+
+    return _save(directory, ONNX_FILE, write, manifest)
+
+
 def _save(directory: str | os.PathLike[str], network_file: str, write_network: Any, manifest: Manifest) -> Path:
     """The network's file, then the manifest last: a directory with a manifest is complete."""
     directory = Path(directory)
@@ -190,12 +220,12 @@ def _save(directory: str | os.PathLike[str], network_file: str, write_network: A
 
 def weights_file(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
     """The file holding the network of the artifact in ``directory``."""
-    return Path(directory) / (TORCHSCRIPT_FILE if manifest.architecture == TORCHSCRIPT else WEIGHTS_FILE)
+    return Path(directory) / NETWORK_FILES.get(manifest.architecture, WEIGHTS_FILE)
 
 
 def any_weights_file(directory: str | os.PathLike[str]) -> Path | None:
     """The network file of either kind in ``directory``, found without reading the manifest."""
-    return next((path for path in (Path(directory) / WEIGHTS_FILE, Path(directory) / TORCHSCRIPT_FILE)
+    return next((path for path in (Path(directory) / name for name in (WEIGHTS_FILE, *NETWORK_FILES.values()))
                  if path.is_file()), None)
 
 
@@ -229,14 +259,26 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_dict(data)
 
 
-def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
-    """Rebuild the network described by the artifact in ``directory``, in eval mode."""
+def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu", *,
+         threads: int | None = None) -> tuple[nn.Module | OnnxModel, Manifest]:
+    """Rebuild the network described by the artifact in ``directory``, in eval mode. An ONNX
+    network runs on the CPU whatever ``device`` says, with ``threads`` threads (None: one per core)."""
     manifest = load_manifest(directory)
     weights = weights_file(directory, manifest)
     if not weights.is_file():
         raise ArtifactError(f"no {weights.name} in {directory}")
     if manifest.architecture == TORCHSCRIPT:
         return load_torchscript(weights, device), manifest
+    if manifest.architecture == ONNX:
+        try:
+            network = OnnxModel(weights, threads)
+        except OnnxModelError as exc:
+            raise ArtifactError(str(exc)) from None
+        crop = manifest.preprocessing.crop_size
+        if network.fixed_shape != (None, None) and network.fixed_shape != (crop, crop):
+            raise ArtifactError(f"the ONNX network takes {network.fixed_shape[0]}×{network.fixed_shape[1]} images "
+                                f"but the manifest crops them to {crop}×{crop}")
+        return network, manifest
     model = create_model(manifest.architecture, manifest.num_classes)
     state = safetensors.torch.load_file(str(weights), device=str(device))
     try:

@@ -1,12 +1,13 @@
 """``classifier-deploy package``: an existing model made servable without training.
 
 From a state dict (``.pth`` / ``.pt`` / ``.safetensors``) of a torchvision or timm architecture,
-or a TorchScript file, plus its class names, write a model artifact (``manifest.json`` and the
-network) and a ``model.tar.gz`` with the files at its root::
+a TorchScript file or an ONNX file, plus its class names, write a model artifact
+(``manifest.json`` and the network) and a ``model.tar.gz`` with the files at its root::
 
     python -m deploy package --architecture resnet50 --weights resnet50-dogs.pth \\
         --classes classes.txt --output model/
     python -m deploy package --torchscript traced.pt --classes classes.txt --image-size 256 --output model/
+    python -m deploy package --onnx dogs.onnx --classes classes.txt --output model/
 
 The artifact is checked before anything is written where it was asked for: the server's own
 loader loads it and classifies a sample image (``--sample``, or a blank one).
@@ -34,6 +35,7 @@ from classifier.models import UnknownArchitectureError, create_model
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+DEFAULT_IMAGE_SIZE = 224
 
 
 class PackageError(ValueError):
@@ -102,6 +104,22 @@ def network_from_state_dict(architecture: str, path: Path, num_classes: int) -> 
     return model.eval()
 
 
+def onnx_image_size(path: Path, asked: int | None) -> int:
+    """The input size of the ONNX network in ``path``: the one it was exported with, else ``asked``
+    (else 224); a size that contradicts the network's is refused."""
+    from classifier.onnx_model import OnnxModel, OnnxModelError
+
+    if not path.is_file():
+        raise PackageError(f"{path}: no such file")
+    try:
+        fixed = OnnxModel(path, threads=1).image_size
+    except OnnxModelError as exc:
+        raise PackageError(f"{path}: {exc}") from None
+    if fixed is not None and asked is not None and asked != fixed:
+        raise PackageError(f"{path} takes {fixed}×{fixed} images; --image-size {asked} does not fit it")
+    return fixed or asked or DEFAULT_IMAGE_SIZE
+
+
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     try:
         return artifact.load_torchscript(path)
@@ -114,7 +132,7 @@ class Checked:
     """What the server's loader made of the artifact."""
 
     sample_top: list[tuple[str, float]]
-    frozen: bool
+    runs_as: str  # how the server runs the network: "frozen", "ONNX Runtime", or "" (as it is)
 
 
 def check(directory: Path, sample: Image.Image) -> Checked:
@@ -127,7 +145,8 @@ def check(directory: Path, sample: Image.Image) -> Checked:
         [predictions] = predictor.predict([sample], top_k=3)
     except Exception as exc:  # noqa: BLE001
         raise PackageError(f"the packaged model does not run: {type(exc).__name__}: {exc}") from None
-    return Checked([(p.label, p.probability) for p in predictions], predictor.jit)
+    runs_as = "ONNX Runtime" if predictor.onnx else "frozen" if predictor.jit else ""
+    return Checked([(p.label, p.probability) for p in predictions], runs_as)
 
 
 def write_tarball(directory: Path, tarball: Path) -> None:
@@ -140,17 +159,20 @@ def write_tarball(directory: Path, tarball: Path) -> None:
 
 def package(args: argparse.Namespace) -> tuple[Path, Path, Checked]:
     classes = read_classes(args.classes)
+    size = onnx_image_size(Path(args.onnx), args.image_size) if args.onnx else args.image_size or DEFAULT_IMAGE_SIZE
     preprocessing = Preprocessing(
-        crop_size=args.image_size, resize_size=args.resize_size or round(args.image_size / 0.875),
+        crop_size=size, resize_size=args.resize_size or round(size / 0.875),
         mean=tuple(args.mean), std=tuple(args.std), interpolation=args.interpolation)  # type: ignore[arg-type]
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
         raise PackageError(f"{output} is not empty; choose a new folder")
     sample = Image.open(args.sample).convert("RGB") if args.sample else Image.new("RGB", (256, 256), (128, 128, 128))
-    source = {"packaged_from": str(args.weights or args.torchscript)}
+    source = {"packaged_from": str(args.weights or args.torchscript or args.onnx)}
     with tempfile.TemporaryDirectory(prefix=".package-", dir=output.parent if output.parent.exists() else None) as tmp:
         staging = Path(tmp) / "model"
-        if args.torchscript:
+        if args.onnx:
+            architecture, save, network = artifact.ONNX, artifact.save_onnx, Path(args.onnx)
+        elif args.torchscript:
             architecture, save = artifact.TORCHSCRIPT, artifact.save_torchscript
             network = load_torchscript(Path(args.torchscript))
         else:
@@ -168,18 +190,21 @@ def package(args: argparse.Namespace) -> tuple[Path, Path, Checked]:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("package", help="make an existing model servable (state dict or TorchScript)",
+    parser = subparsers.add_parser("package", help="make an existing model servable (state dict, TorchScript or ONNX)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="state dict file (.pth, .pt, .safetensors) of --architecture")
     source.add_argument("--torchscript", help="TorchScript file (torch.jit.save)")
+    source.add_argument("--onnx", help="ONNX file (torch.onnx.export): one input N×3×H×W, one score per class out; "
+                                       "run by ONNX Runtime on the CPU")
     parser.add_argument("--architecture", help="with --weights: a torchvision model name (resnet50, "
                                                "efficientnet_b0, ...), efficientnet_lite0 or timm/<name>")
     parser.add_argument("--classes", required=True, help="class names: a file (one per line or a JSON list) "
                                                          "or a comma-separated list, in output order")
     parser.add_argument("--output", required=True, help="new folder for the artifact")
     parser.add_argument("--tarball", help="where model.tar.gz goes (default: next to --output, <output>.tar.gz)")
-    parser.add_argument("--image-size", type=int, default=224, help="the network's input size (default: 224)")
+    parser.add_argument("--image-size", type=int, help="the network's input size (default: an ONNX network's "
+                                                       f"own, else {DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--resize-size", type=int, help="short side before the centre crop (default: size / 0.875)")
     parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, metavar=("R", "G", "B"),
                         help="normalisation mean (default: ImageNet's)")
@@ -199,6 +224,7 @@ def cmd_package(args: argparse.Namespace, session: Any = None, environ: Any = No
     top = ", ".join(f"{label} {probability:.3f}" for label, probability in checked.sample_top)
     print(f"artifact: {output}")
     print(f"model.tar.gz: {tarball}")
-    print(f"checked: loaded as the server loads it{' (frozen)' if checked.frozen else ''}; sample -> {top}")
+    print(f"checked: loaded as the server loads it{f' ({checked.runs_as})' if checked.runs_as else ''}; "
+          f"sample -> {top}")
     return 0
 

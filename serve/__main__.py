@@ -46,7 +46,7 @@ def load_predictor(settings: Settings, startup_error: str | None = None):
                                  batching=settings.handler_batching,
                                  install=False)  # main() installed the requirements before any import
     return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device,
-                          half=settings.half, jit=settings.jit)
+                          half=settings.half, jit=settings.jit, threads=settings.threads_per_worker)
 
 
 def install_requirements(settings: Settings) -> str | None:
@@ -75,7 +75,7 @@ def load_model(settings: Settings, model_dir: Path):
         return HandlerModel.load(model_dir, program=settings.program, default_accept=settings.default_accept,
                                  batching=settings.handler_batching, private=True)
     return Predictor.load(model_dir, allow_default=False, device=settings.device, half=settings.half,
-                          jit=settings.jit)
+                          jit=settings.jit, threads=settings.threads_per_worker)
 
 
 def build(settings: Settings, startup_error: str | None = None) -> FastAPI:

@@ -139,7 +139,7 @@ def test_a_failing_script_fails_the_job_with_its_reason(shapes: Path, tmp_path: 
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-@pytest.mark.parametrize("kind", ["state_dict", "torchscript"])
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript", "onnx"])
 def test_a_packaged_model_is_served_by_the_container(kind: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
@@ -147,9 +147,13 @@ def test_a_packaged_model_is_served_by_the_container(kind: str, tmp_path: Path,
     if kind == "state_dict":
         torch.save(model.state_dict(), tmp_path / "weights.pth")
         source = ["--architecture", "resnet18", "--weights", str(tmp_path / "weights.pth")]
-    else:
+    elif kind == "torchscript":
         torch.jit.script(model).save(str(tmp_path / "scripted.pt"))
         source = ["--torchscript", str(tmp_path / "scripted.pt")]
+    else:
+        torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), str(tmp_path / "exported.onnx"), dynamo=True,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+        source = ["--onnx", str(tmp_path / "exported.onnx")]
     assert deploy_main(["package", *source, "--classes", ",".join(CLASSES), "--image-size", "64",
                         "--output", str(tmp_path / "model")], environ={}) == 0, capsys.readouterr().err
     photo = encode(Image.new("RGB", (80, 60), (200, 40, 40)), "PNG")

@@ -1,4 +1,4 @@
-"""``classifier-deploy package``: state dicts and TorchScript files made into served artifacts."""
+"""``classifier-deploy package``: state dicts, TorchScript and ONNX files made into served artifacts."""
 
 from __future__ import annotations
 
@@ -80,6 +80,36 @@ def test_a_torchscript_file_becomes_an_artifact_with_the_same_answers(tmp_path: 
         assert sorted(archive.getnames()) == [artifact.MANIFEST_FILE, artifact.TORCHSCRIPT_FILE]
 
 
+def export_onnx(model: torch.nn.Module, path: Path, size: int, *, batch: int | None = None) -> Path:
+    """``model`` exported as users export it: any batch size, or a fixed one (``batch``)."""
+    example = (torch.randn(batch or 2, 3, size, size),)
+    dynamic = None if batch else ({0: torch.export.Dim("batch")},)
+    torch.onnx.export(model.eval(), example, str(path), dynamo=True, dynamic_shapes=dynamic, verbose=False)
+    return path
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_an_onnx_file_becomes_an_artifact_with_the_same_answers_at_its_own_size(tmp_path: Path, capsys,
+                                                                                batch: int | None) -> None:
+    """The image size comes from the network; a network exported for a fixed batch of two still
+    answers one image, or three."""
+    torch.manual_seed(2)
+    model = create_model("resnet18", len(NAMES)).eval()
+    export_onnx(model, tmp_path / "shapes.onnx", 80, batch=batch)
+    assert package(tmp_path, "--onnx", str(tmp_path / "shapes.onnx")) == 0
+    assert "(ONNX Runtime)" in capsys.readouterr().out
+    manifest = artifact.load_manifest(tmp_path / "model")
+    assert manifest.architecture == artifact.ONNX and manifest.preprocessing.crop_size == 80
+    predictor = Predictor.load(tmp_path / "model", allow_default=False, device="cpu")
+    assert predictor.onnx and predictor.input_shape == (3, 80, 80)
+    expected, served = logits_of(model, predictor)
+    torch.testing.assert_close(served, expected, rtol=1e-3, atol=1e-3)
+    three = torch.stack([predictor.preprocess(image())] * 3)
+    assert predictor.infer(three).shape == (3, len(NAMES))
+    with tarfile.open(tmp_path / "model.tar.gz") as archive:
+        assert sorted(archive.getnames()) == [artifact.MANIFEST_FILE, artifact.ONNX_FILE]
+
+
 @pytest.mark.parametrize(("make", "args", "message"), [
     (lambda d: torch.save(create_model("resnet18", 1000).state_dict(), d / "w.pth"),
      ["--architecture", "resnet18", "--weights", "{d}/w.pth"],
@@ -89,6 +119,11 @@ def test_a_torchscript_file_becomes_an_artifact_with_the_same_answers(tmp_path: 
     (lambda d: torch.save({"not": "tensors", "fn": print}, d / "w.pth"),
      ["--architecture", "resnet18", "--weights", "{d}/w.pth"], "is not a state dict of tensors"),
     (lambda d: (d / "w.pt").write_bytes(b"garbage"), ["--torchscript", "{d}/w.pt"], "is not a TorchScript file"),
+    (lambda d: (d / "w.onnx").write_bytes(b"garbage"), ["--onnx", "{d}/w.onnx"], "is not an ONNX model"),
+    (lambda d: export_onnx(create_model("resnet18", 3), d / "w.onnx", 64), ["--onnx", "{d}/w.onnx", "--image-size",
+                                                                             "96"], "takes 64×64 images"),
+    (lambda d: export_onnx(create_model("resnet18", 5), d / "w.onnx", 64), ["--onnx", "{d}/w.onnx"],
+     "answers (5,) scores per image but the manifest names 3 classes"),
     (lambda d: None, ["--architecture", "resnet-50", "--weights", "{d}/none.pth"], "unknown architecture"),
     (lambda d: None, ["--weights", "{d}/w.pth"], "--weights needs --architecture"),
 ])

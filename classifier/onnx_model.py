@@ -1,0 +1,73 @@
+"""An ONNX image classifier run by ONNX Runtime on the CPU, called like the torch networks.
+
+The network takes one input, a batch of images (N×3×H×W, float32 or float16), and its first
+output is one score per class (N×classes). A network exported with a fixed batch size is run that
+many images at a time (the last batch filled up with blank images) and the answers put together;
+a fixed image size is what preprocessing must produce (:attr:`OnnxModel.image_size` says which).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OnnxModelError(ValueError):
+    """The file is not an ONNX image classifier this server can run."""
+
+
+class OnnxModel:
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+        import onnxruntime  # only where an ONNX artifact is served: it costs memory at import
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice, one per core
+        options.inter_op_num_threads = 1
+        # Passes may run side by side on the server's inference threads: threads that spin while
+        # waiting for work would take the cores the other passes need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for every kind of bad file
+            raise OnnxModelError(f"{Path(path).name} is not an ONNX model ONNX Runtime can run: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            described = ", ".join(f"{i.name} {i.shape}" for i in inputs)
+            raise OnnxModelError(f"an image classifier takes one input, a batch of images N×3×H×W; this one takes "
+                                 f"{described}")
+        if inputs[0].type not in ONNX_TYPES:
+            raise OnnxModelError(f"the input is {inputs[0].type}; an image classifier here takes float or float16")
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        self.dtype = ONNX_TYPES[inputs[0].type]
+        batch, channels, height, width = (size if isinstance(size, int) else None for size in inputs[0].shape)
+        if channels not in (3, None):
+            raise OnnxModelError(f"the input has {channels} channels; images here have 3 (RGB)")
+        self.batch_size = batch  # None: any
+        self.image_size = height if height is not None and height == width else None  # None: any (or not square)
+        self.fixed_shape = (height, width)
+        # What the weights take in memory, near enough: the file, and its external data if any.
+        files = (Path(path), Path(path).with_name(Path(path).name + ".data"))
+        self.weight_bytes = sum(file.stat().st_size for file in files if file.is_file())
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        """Scores (float32) for a batch of preprocessed images."""
+        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=self.dtype)
+        height, width = self.fixed_shape
+        if (height is not None and array.shape[2] != height) or (width is not None and array.shape[3] != width):
+            raise OnnxModelError(f"the network takes {height}×{width} images; preprocessing made "
+                                 f"{array.shape[2]}×{array.shape[3]}")
+        count = len(array)
+        step = self.batch_size or count
+        if count % step:  # a fixed batch size: the last batch filled up with blank images
+            array = np.concatenate([array, np.zeros((step - count % step, *array.shape[1:]), self.dtype)])
+        parts = [self.session.run([self.output_name], {self.input_name: array[start:start + step]})[0]
+                 for start in range(0, len(array), step)]
+        scores = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return scores[:count].astype(np.float32, copy=False)

@@ -1,9 +1,10 @@
 """Serve a model: ``python -m serve`` or ``docker run IMAGE serve`` (port 8080 by default).
 
 With ``SAGEMAKER_MODEL_SERVER_WORKERS`` > 1, uvicorn runs that many worker processes, each
-loading the model and building the app through :func:`create`. The exit status is 0 when the
-server was stopped (SIGTERM, SIGINT) and 1 when the model failed to load (see
-``CLASSIFIER_FAILED_EXIT_S``).
+loading the model and building the app through :func:`create`; they share their metrics through a
+private folder under the temporary folder (``TMPDIR``), so ``/metrics`` reports every worker,
+whichever one answers. The exit status is 0 when the server was stopped (SIGTERM, SIGINT) and 1
+when the model failed to load (see ``CLASSIFIER_FAILED_EXIT_S``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,9 @@ logger = logging.getLogger("serve")
 
 # SageMaker sends SIGKILL 30 s after SIGTERM: leave time for in-flight requests, then exit.
 GRACEFUL_SHUTDOWN_S = 25
+# Where prometheus_client keeps each process's metrics when several processes share them; read
+# once, when it is imported. The server sets it for its own workers only.
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def load_predictor(settings: Settings, startup_error: str | None = None):
@@ -126,7 +131,13 @@ def main() -> int:
                "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
                "http": connections.configure(connection_limits(settings))}
     if settings.workers > 1:
-        return run_workers(uvicorn.Config("serve.__main__:create", factory=True, workers=settings.workers, **options))
+        # A fresh folder, private to this server and removed when it exits; the temporary folder is
+        # writable even on a read-only root filesystem. The workers inherit the variable.
+        with tempfile.TemporaryDirectory(prefix="serve-metrics-", ignore_cleanup_errors=True) as metrics_dir:
+            os.environ[MULTIPROC_DIR_ENV] = metrics_dir
+            config = uvicorn.Config("serve.__main__:create", factory=True, workers=settings.workers, **options)
+            return run_workers(config)
+    os.environ.pop(MULTIPROC_DIR_ENV, None)  # one process keeps its metrics in the app: nothing to share
     app = build(settings, startup_error)
     try:
         uvicorn.run(app, **options)

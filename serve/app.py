@@ -358,7 +358,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
             "MaxPayloadInMB": max(1, settings.max_body_bytes // MEGABYTE),
         })
 
-    @app.get("/metrics", summary="Prometheus metrics of this worker")
+    @app.get("/metrics", summary="Prometheus metrics of the server, every worker process together")
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

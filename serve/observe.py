@@ -3,6 +3,10 @@
 A plain ASGI wrapper (rather than Starlette's ``BaseHTTPMiddleware``) adds no extra task or
 response streaming per request: it reads the id, wraps ``send`` to add the ``X-Request-Id``
 header and to note the status, and records the request once the response is complete.
+
+With several worker processes the server sets ``PROMETHEUS_MULTIPROC_DIR`` before starting them
+(see :mod:`serve.__main__`): each worker then writes its values to its own files there, and a
+scrape of any worker reads every worker's files.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, values
 
 access_logger = logging.getLogger("serve.access")
 KNOWN_PATHS = frozenset({"/", "/ping", "/invocations", "/execution-parameters", "/metrics", "/models"})
@@ -24,18 +28,38 @@ Message = dict[str, Any]
 
 
 class Metrics:
-    """Prometheus metrics of one app (its own registry: no process-wide state)."""
+    """Prometheus metrics of one app; ``registry`` is what ``/metrics`` exposes.
+
+    In one process that is the app's own registry (no process-wide state, so tests build many
+    apps side by side). In a worker of several it is a collector of every worker's files: counters
+    and histograms summed over the workers, those that have exited included, so that a total never
+    goes backwards when a worker is replaced. There are no gauges; one added later needs its
+    ``multiprocess_mode`` chosen (``livesum`` for "in flight now", for instance).
+    """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        own = CollectorRegistry()
         self.requests = Counter("classifier_requests", "HTTP requests by path and status",
-                                ["path", "status"], registry=self.registry)
+                                ["path", "status"], registry=own)
         self.latency = Histogram("classifier_request_duration_seconds", "Request latency by path", ["path"],
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-                                 registry=self.registry)
+                                 registry=own)
         self.batch_size = Histogram("classifier_batch_size", "Images per forward pass",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        self.images = Counter("classifier_images", "Images classified", registry=self.registry)
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=own)
+        self.images = Counter("classifier_images", "Images classified", registry=own)
+        self.registry = own
+        if shared_between_processes():
+            self.registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry)
+
+
+def shared_between_processes() -> bool:
+    """Whether this process writes its metric values to files its sibling workers read.
+
+    prometheus_client makes that choice once, when it is imported, from ``PROMETHEUS_MULTIPROC_DIR``;
+    asking it (rather than the environment now) means the scrape always reads where the values are.
+    """
+    return values.ValueClass is not values.MutexValue
 
 
 def path_label(path: str) -> str:

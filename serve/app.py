@@ -462,15 +462,23 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                              f"output;dur={(time.perf_counter() - started) * 1000:.2f}")
             return Response(payload, media_type=answer_type, headers={"Server-Timing": server_timing})
 
+        submitted = time.perf_counter()
+
+        def invoke() -> tuple[bytes, str, float, float]:
+            """On a handler thread: the answer, the wait for the thread, and the handlers' time."""
+            began = time.perf_counter()
+            payload, answer_type = model.invoke(body, content_type, accept, headers)
+            return payload, answer_type, began - submitted, time.perf_counter() - began
+
         try:
             async with asyncio.timeout(settings.request_timeout_s):
                 if batcher is not None:
                     return await batched()
-                future = handler_load.run(handler_pool, model.invoke, body, content_type, accept, headers)
-                payload, answer_type = await asyncio.shield(future)
+                payload, answer_type, queue_s, handler_s = await asyncio.shield(handler_load.run(handler_pool, invoke))
         except TimeoutError:
             raise Timeout(f"the request did not finish within {settings.request_timeout_s:g} s") from None
-        return Response(payload, media_type=answer_type)
+        return Response(payload, media_type=answer_type, headers={
+            "Server-Timing": f"queue;dur={queue_s * 1000:.2f}, handlers;dur={handler_s * 1000:.2f}"})
 
     def single_model() -> Served:
         if not single:

@@ -106,6 +106,8 @@ def test_the_users_functions_answer_with_the_default_output_fn(served) -> None:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/json"
     assert response.json() == [[12.0], [2.0]]
+    assert response.headers["server-timing"].startswith("queue;dur=") and ", handlers;dur=" in response.headers[
+        "server-timing"]
     npy = post(client, {"inputs": [[1, 1, 1]]}, Accept="application/x-npy")
     assert npy.headers["content-type"] == "application/x-npy"
     np.testing.assert_array_equal(np.load(io.BytesIO(npy.content)), [[6.0]])

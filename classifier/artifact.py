@@ -198,7 +198,9 @@ def save_onnx(directory: str | os.PathLike[str], source: str | os.PathLike[str],
     network = onnx.load(str(source))  # with its external data, wherever the source says it is
 
     def write(path: Path) -> None:
-        large = network.ByteSize() > ONNX_ONE_FILE_BYTES
+        # The weights' size, counted without serialising the model (which fails above 2 GB).
+        weights = sum(len(tensor.raw_data) or tensor.ByteSize() for tensor in network.graph.initializer)
+        large = weights > ONNX_ONE_FILE_BYTES
         data = path.with_name(ONNX_DATA_FILE)
         data.unlink(missing_ok=True)
         onnx.save_model(network, str(path), save_as_external_data=large, location=ONNX_DATA_FILE)
@@ -221,6 +223,13 @@ def _save(directory: str | os.PathLike[str], network_file: str, write_network: A
 def weights_file(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
     """The file holding the network of the artifact in ``directory``."""
     return Path(directory) / NETWORK_FILES.get(manifest.architecture, WEIGHTS_FILE)
+
+
+def network_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Every file of the network in ``directory`` (of either kind, an ONNX network's external
+    weights included), found without reading the manifest."""
+    names = (WEIGHTS_FILE, *NETWORK_FILES.values(), ONNX_DATA_FILE)
+    return [path for path in (Path(directory) / name for name in names) if path.is_file()]
 
 
 def any_weights_file(directory: str | os.PathLike[str]) -> Path | None:
@@ -271,7 +280,8 @@ def load(directory: str | os.PathLike[str], device: str | torch.device = "cpu", 
         return load_torchscript(weights, device), manifest
     if manifest.architecture == ONNX:
         try:
-            network = OnnxModel(weights, threads)
+            size = sum(path.stat().st_size for path in network_files(directory))
+            network = OnnxModel(weights, threads, size_bytes=size)
         except OnnxModelError as exc:
             raise ArtifactError(str(exc)) from None
         crop = manifest.preprocessing.crop_size

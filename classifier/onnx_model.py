@@ -22,7 +22,7 @@ class OnnxModelError(ValueError):
 
 
 class OnnxModel:
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None, *, size_bytes: int | None = None) -> None:
         import onnxruntime  # only where an ONNX artifact is served: it costs memory at import
 
         options = onnxruntime.SessionOptions()
@@ -52,9 +52,8 @@ class OnnxModel:
         self.batch_size = batch  # None: any
         self.image_size = height if height is not None and height == width else None  # None: any (or not square)
         self.fixed_shape = (height, width)
-        # What the weights take in memory, near enough: the file, and its external data if any.
-        files = (Path(path), Path(path).with_name(Path(path).name + ".data"))
-        self.weight_bytes = sum(file.stat().st_size for file in files if file.is_file())
+        # What the weights take in memory, near enough: its files' size (the caller knows which they are).
+        self.weight_bytes = size_bytes if size_bytes is not None else Path(path).stat().st_size
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         """Scores (float32) for a batch of preprocessed images."""

@@ -224,9 +224,11 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
             return Batcher(predictor.predict_batch, handler_pool, wide_executor=wide_pool,
                            max_batch_size=settings.max_batch_size, max_delay_s=settings.max_batch_delay_ms / 1000,
                            max_queue=settings.max_queue, parallel=settings.handler_threads,
-                           threads=settings.threads_per_worker, on_batch=metrics.batch_size.observe, **options)
+                           threads=settings.threads_per_worker, isolate_failures=True,
+                           on_batch=metrics.batch_size.observe, **options)
         # A GPU runs one pass at a time anyway; on a CPU, passes side by side use the cores best.
-        parallel = 1 if predictor.device.type == "cuda" else settings.inference_threads
+        # ONNX Runtime spreads each pass over its own threads, whatever torch's setting: one at a time.
+        parallel = 1 if predictor.device.type == "cuda" or predictor.onnx else settings.inference_threads
         return Batcher(predictor.infer, shared_pool, wide_executor=wide_pool, max_batch_size=settings.max_batch_size,
                        max_delay_s=settings.max_batch_delay_ms / 1000, max_queue=settings.max_queue,
                        parallel=parallel, threads=settings.threads_per_worker,
@@ -364,7 +366,8 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
 
     def decode_in_pass(predictor: Predictor) -> bool:
         """Whether this model's passes decode their own small images (see DECODE_IN_PASS_MAX_BYTES)."""
-        return predictor.device.type == "cpu" and (settings.inference_threads > 1 or settings.threads_per_worker == 1)
+        return predictor.device.type == "cpu" and not predictor.onnx and (
+            settings.inference_threads > 1 or settings.threads_per_worker == 1)
 
     def prepare_image(predictor: Predictor, body: bytes) -> torch.Tensor:
         image = codec.decode_image(body, max_pixels=settings.max_image_pixels,
@@ -447,16 +450,18 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
 
         async def batched() -> Response:
             assert batcher is not None
-            loop = asyncio.get_running_loop()
             context = model.context(headers)
             started = time.perf_counter()
+            # input_fn and output_fn on the handler threads, as unbatched: as many at once, 503s beyond
+            # the queue, and watched by /ping like any handler call.
             with batcher.incoming():
-                rows = await loop.run_in_executor(decode_pool, lambda: model.batch_rows(
-                    model.prepare(body, content_type, context)))
+                rows = await asyncio.shield(handler_load.run(handler_pool, lambda: model.batch_rows(
+                    model.prepare(body, content_type, context))))
             input_s = time.perf_counter() - started
             prediction, timing = await batcher.submit(rows)
             started = time.perf_counter()
-            payload, answer_type = await loop.run_in_executor(decode_pool, model.respond, prediction, accept, context)
+            payload, answer_type = await asyncio.shield(handler_load.run(handler_pool, model.respond, prediction,
+                                                                         accept, context))
             server_timing = (f"input;dur={input_s * 1000:.2f}, queue;dur={timing.queue_s * 1000:.2f}, "
                              f"inference;dur={timing.inference_s * 1000:.2f};desc=\"batch of {timing.batch_size}\", "
                              f"output;dur={(time.perf_counter() - started) * 1000:.2f}")

@@ -52,7 +52,9 @@ LOAD_SMOOTHING = 0.2  # weight of the newest submission in the moving average of
 ONE_AT_A_TIME = 1.5  # below this average, requests are coming one at a time
 
 
-Inputs = torch.Tensor | Callable[[], torch.Tensor]  # a request's images, or a function that makes them
+# A request's images (or, for batched handlers, its rows: a tensor or array), or a function that makes them.
+Inputs = torch.Tensor | np.ndarray | Callable[[], torch.Tensor]
+ROWS = (torch.Tensor, np.ndarray)
 
 
 @dataclass
@@ -63,7 +65,8 @@ class _Job:
     queued_at: float = field(default_factory=time.perf_counter)
     prepare_s: float = 0.0  # making the inputs, when the pass did it
     forward_at: float = 0.0  # when its forward pass began
-    error: Exception | None = None  # making its inputs failed
+    error: Exception | None = None  # making its inputs failed, or its own pass did
+    result: object = None  # its answer from a pass of its own, after a shared pass failed
 
 
 @dataclass(frozen=True)
@@ -76,16 +79,21 @@ class Timing:
 
 def _stackable(first: Inputs, other: Inputs) -> bool:
     """Whether two requests' inputs can share a pass: any whose inputs are made in the pass (always
-    the model's input shape), tensors only of the same shape past the first dimension, type and device."""
-    if not isinstance(first, torch.Tensor) or not isinstance(other, torch.Tensor):
+    the model's input shape); tensors, or arrays, only of the same shape past the first dimension,
+    type (and device)."""
+    if not isinstance(first, ROWS) or not isinstance(other, ROWS):
         return True
-    return first.shape[1:] == other.shape[1:] and first.dtype == other.dtype and first.device == other.device
+    if isinstance(first, torch.Tensor) and isinstance(other, torch.Tensor):
+        return first.shape[1:] == other.shape[1:] and first.dtype == other.dtype and first.device == other.device
+    if isinstance(first, np.ndarray) and isinstance(other, np.ndarray):
+        return first.shape[1:] == other.shape[1:] and first.dtype == other.dtype
+    return False
 
 
 class Batcher:
     def __init__(self, infer: Callable[[torch.Tensor], np.ndarray], executor: Executor, *, max_batch_size: int,
                  max_delay_s: float, max_queue: int, parallel: int = 1, threads: int | None = None,
-                 wide_executor: Executor | None = None,
+                 wide_executor: Executor | None = None, isolate_failures: bool = False,
                  on_batch: Callable[[int], None] = lambda size: None,
                  closed_error: Callable[[], Exception] = lambda: NotReady("the model is being unloaded",
                                                                            headers={"Retry-After": "1"})) -> None:
@@ -99,6 +107,9 @@ class Batcher:
         self._parallel = parallel
         self._threads = threads  # torch threads for a lone pass; None: leave the thread's setting alone
         self._on_batch = on_batch
+        # A shared pass that fails is run again request by request, so that only the request whose
+        # inputs broke it fails (user code, whose failures may come from one request's data).
+        self._isolate_failures = isolate_failures
         self._closed_error = closed_error  # what a request gets once the model is going away
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_images = 0
@@ -156,11 +167,12 @@ class Batcher:
         """Logits for ``inputs`` (one request's images), computed in some batch. ``inputs`` may be a
         function that makes them (``images`` of them), run on the thread of the pass that takes it;
         what it raises is raised here."""
-        if isinstance(inputs, torch.Tensor):
+        if isinstance(inputs, ROWS):
             images = len(inputs)
         if self._closed:
             raise self._closed_error()
-        if self._queued_images + images > self._max_queue:
+        # A request larger than the whole queue is taken when nothing waits: it would never fit.
+        if self._queued_images and self._queued_images + images > self._max_queue:
             raise Overloaded("too many images are waiting for the model; retry shortly", headers={"Retry-After": "1"})
         job = _Job(inputs, images, asyncio.get_running_loop().create_future())
         self._queue.append(job)
@@ -218,20 +230,33 @@ class Batcher:
         if threads is not None:
             torch.set_num_threads(threads)  # this thread's own setting, for this pass
         for job in jobs:
-            if not isinstance(job.inputs, torch.Tensor):
+            if not isinstance(job.inputs, ROWS):
                 began = time.perf_counter()
                 try:
                     job.inputs = job.inputs()
                 except Exception as exc:  # noqa: BLE001 - the request's own error, raised to it alone
                     job.error = exc
                 job.prepare_s = time.perf_counter() - began
-        ready = [job.inputs for job in jobs if job.error is None]
+        ready = [job for job in jobs if job.error is None]
         forward_at = time.perf_counter()
         for job in jobs:
             job.forward_at = forward_at
         if not ready:
             return None
-        return self._infer(ready[0] if len(ready) == 1 else torch.cat(ready))  # type: ignore[arg-type]
+        inputs = [job.inputs for job in ready]
+        concatenate = np.concatenate if isinstance(inputs[0], np.ndarray) else torch.cat
+        try:
+            return self._infer(inputs[0] if len(inputs) == 1 else concatenate(inputs))  # type: ignore[arg-type]
+        except Exception:
+            if not self._isolate_failures or len(ready) == 1:
+                raise
+        logger.warning("a pass shared by %d requests failed; running each alone", len(ready))
+        for job in ready:
+            try:
+                job.result = self._infer(job.inputs)[0 : len(job.inputs)]  # type: ignore[arg-type,index]
+            except Exception as exc:  # noqa: BLE001 - this request's own failure, raised to it alone
+                job.error = exc
+        return None
 
     async def _run_pass(self, jobs: list[_Job], threads: int | None) -> None:
         try:
@@ -268,7 +293,11 @@ class Batcher:
                     job.future.set_exception(job.error)
                 continue
             size = len(job.inputs)  # type: ignore[arg-type]
-            if not job.future.done():
+            if job.future.done():
+                pass
+            elif job.result is not None:  # it ran alone after its shared pass failed
+                job.future.set_result((job.result, size))  # type: ignore[arg-type]
+            else:
                 assert logits is not None
                 job.future.set_result((logits[offset : offset + size], batch_size))
             offset += size

@@ -24,13 +24,14 @@ request headers: the call serves several requests.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import io
 import json
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -88,34 +89,42 @@ class Context:
         return dict(self.request_headers)
 
 
-def _import(path: Path, name: str, *, private: bool = False) -> ModuleType:
-    """Import ``path`` as module ``name``, with its folder first on sys.path for its own imports.
-
-    ``private`` (one of several models' code, in multi-model mode): the folder is on sys.path only
-    while the module is imported, and the modules it imported from its folder leave sys.modules
-    afterwards, so another model's ``utils.py`` is never taken for this one's."""
+def _import(path: Path, name: str) -> ModuleType:
+    """Import ``path`` as module ``name``, with its folder first on sys.path for its own imports."""
     folder = str(path.parent)
-    if private:
+    if folder not in sys.path:
         sys.path.insert(0, folder)
-    elif folder not in sys.path:
-        sys.path.insert(0, folder)
-    before = set(sys.modules)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if private:
-            sys.path.remove(folder)
-            root = path.parent.resolve()
-            for key in set(sys.modules) - before:
-                file = getattr(sys.modules[key], "__file__", None)
-                if key == name or (file and Path(file).resolve().is_relative_to(root)):
-                    del sys.modules[key]
+    spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def _private_code(folder: Path) -> Iterator[None]:
+    """Around importing one of several models' code and calling its ``model_fn`` (multi-model
+    mode): its folder is on sys.path and its modules in sys.modules meanwhile (so ``model_fn`` can
+    unpickle objects whose classes live there), then both are as they were, so another model's
+    ``utils.py`` is never taken for this one's. The module objects stay alive through the handlers."""
+    saved_path, before = list(sys.path), set(sys.modules)
+    sys.path.insert(0, str(folder))
+    root = folder.resolve()
+
+    def from_folder(module: ModuleType) -> bool:
+        places = [getattr(module, "__file__", None), *(getattr(module, "__path__", None) or ())]
+        return any(place and Path(place).resolve().is_relative_to(root) for place in places)
+
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        for key in set(sys.modules) - before:
+            module = sys.modules.get(key)
+            if module is not None and from_folder(module):
+                del sys.modules[key]
 
 
 def _with_context(function: Callable[..., Any], name: str) -> bool:
@@ -184,8 +193,9 @@ class HandlerModel:
     """The user's model and functions, called in the framework container's order."""
 
     def __init__(self, module: ModuleType | None, model_dir: Path, *, default_accept: str = JSON,
-                 batching: bool = False) -> None:
+                 batching: bool = False, program: str = f"code/{DEFAULT_PROGRAM}") -> None:
         self.model_dir = model_dir
+        self.program = program  # the handler module, as GET /models/<name> names it
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.default_accept = default_accept
         self.batching = batching
@@ -209,7 +219,7 @@ class HandlerModel:
              default_accept: str = JSON, module_name: str = "inference", install: bool = True,
              private: bool = False, batching: bool = False) -> HandlerModel:
         """Install the code's requirements (unless ``install`` is false: the entry point did already),
-        import it and call its ``model_fn``. ``private``: one of several models (see :func:`_import`)."""
+        import it and call its ``model_fn``. ``private``: one of several models (see :func:`_private_code`)."""
         code = code_folder(model_dir, program, submit_directory)
         path = code / (program or DEFAULT_PROGRAM)
         if not path.is_file():
@@ -217,11 +227,13 @@ class HandlerModel:
                                     f"(PyTorchModel(entry_point=...) puts it there)")
         if install:
             install_requirements(code)
-        module = _import(path, module_name, private=private)
-        logger.info("serving %s through %s (%s)%s", model_dir.name, path.name,
-                    ", ".join(name for name in HANDLER_NAMES if hasattr(module, name)) or "default handlers",
-                    ", requests batched" if batching else "")
-        return cls(module, model_dir, default_accept=default_accept, batching=batching)
+        with _private_code(code) if private else contextlib.nullcontext():
+            module = _import(path, module_name)
+            logger.info("serving %s through %s (%s)%s", model_dir.name, path.name,
+                        ", ".join(name for name in HANDLER_NAMES if hasattr(module, name)) or "default handlers",
+                        ", requests batched" if batching else "")
+            return cls(module, model_dir, default_accept=default_accept, batching=batching,
+                       program=path.relative_to(model_dir).as_posix() if path.is_relative_to(model_dir) else path.name)
 
     @property
     def weight_bytes(self) -> int:
@@ -293,27 +305,21 @@ class HandlerModel:
         chosen = first_accepted(accept, self.default_accept)
         return self._guard("output_fn", default_output_fn, prediction, chosen), chosen
 
-    def batch_rows(self, inputs: Any) -> torch.Tensor:
+    def batch_rows(self, inputs: Any) -> torch.Tensor | np.ndarray:
         """A request's ``input_fn`` result as rows for a shared ``predict_fn`` call (batched handlers)."""
-        if isinstance(inputs, np.ndarray):
-            inputs = torch.from_numpy(np.ascontiguousarray(inputs))
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
-            kind = "a 0-d tensor" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-            raise HandlerError(f"with CLASSIFIER_HANDLER_BATCHING, input_fn must return a tensor or array whose "
-                               f"first dimension counts the request's rows; it returned {kind}")
-        return inputs
+        if isinstance(inputs, torch.Tensor | np.ndarray) and inputs.ndim > 0:
+            if isinstance(inputs, np.ndarray) and inputs.dtype.kind not in "biufc":
+                raise HandlerError(f"with CLASSIFIER_HANDLER_BATCHING, input_fn must return numeric rows; it returned "
+                                   f"an array of {inputs.dtype}")
+            return inputs
+        kind = "a 0-d tensor or array" if isinstance(inputs, torch.Tensor | np.ndarray) else type(inputs).__name__
+        raise HandlerError(f"with CLASSIFIER_HANDLER_BATCHING, input_fn must return a tensor or array whose first "
+                           f"dimension counts the request's rows; it returned {kind}")
 
-    def predict_batch(self, batch: torch.Tensor) -> Any:
-        """``predict_fn`` over several requests' rows at once: one output row per input row, which
-        the server hands back to each request by position (batched handlers)."""
-        prediction = self.predict(batch, self.context())
-        rows = len(prediction) if isinstance(prediction, torch.Tensor | np.ndarray | list | tuple) \
-            and getattr(prediction, "ndim", 1) > 0 else None
-        if rows != len(batch):
-            got = f"{rows} rows" if rows is not None else type(prediction).__name__
-            raise HandlerError(f"with CLASSIFIER_HANDLER_BATCHING, predict_fn must return one row per input row "
-                               f"(a tensor, array or list of length {len(batch)}); it returned {got}")
-        return prediction
+    def predict_batch(self, batch: torch.Tensor | np.ndarray) -> Rows:
+        """``predict_fn`` over several requests' rows at once; what it returns, cut back into each
+        request's rows by position (batched handlers)."""
+        return Rows.of(self.predict(batch, self.context()), len(batch))
 
     def _user(self, name: str, *args: Any, context: Context) -> Any:
         return self._guard(name, self._call, name, *args, context=context)
@@ -326,6 +332,41 @@ class HandlerModel:
             raise
         except Exception as exc:
             raise _user_failure(name, exc) from exc
+
+
+class Rows:
+    """What a shared ``predict_fn`` returned, sliced per request as a batch is: a tensor, array or
+    list with one entry per input row, or a tuple or dict of those (``(scores, features)``), each
+    part cut along its first dimension."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    @classmethod
+    def of(cls, prediction: Any, rows: int) -> Rows:
+        parts = list(prediction.values()) if isinstance(prediction, dict) else \
+            list(prediction) if isinstance(prediction, tuple) else [prediction]
+        wrong = [_row_count(part) for part in parts if _row_count(part) != rows]
+        if wrong:
+            got = ", ".join("no rows" if count is None else f"{count} rows" for count in wrong)
+            raise HandlerError(f"with CLASSIFIER_HANDLER_BATCHING, predict_fn must return one row per input row: a "
+                               f"tensor, array or list of length {rows}, or a tuple or dict of those; it returned "
+                               f"{type(prediction).__name__} with {got}")
+        return cls(prediction)
+
+    def __getitem__(self, rows: slice) -> Any:
+        if isinstance(self.value, dict):
+            return {key: part[rows] for key, part in self.value.items()}
+        if isinstance(self.value, tuple):
+            return tuple(part[rows] for part in self.value)
+        return self.value[rows]
+
+
+def _row_count(part: Any) -> int | None:
+    """How many rows ``part`` has along its first dimension (None: it has none)."""
+    if isinstance(part, torch.Tensor | np.ndarray):
+        return len(part) if part.ndim > 0 else None
+    return len(part) if isinstance(part, list) else None
 
 
 def _user_failure(name: str, exc: Exception) -> ServingError:

@@ -63,19 +63,18 @@ class LoadedModel:
         if manifest is not None:
             about |= {"architecture": manifest.architecture, "classes": manifest.num_classes}
         else:
-            about |= {"handlers": "code/inference.py", "batched": self.batcher is not None}
+            about |= {"handlers": getattr(self.predictor, "program", None), "batched": self.batcher is not None}
         return about | {"memoryBytes": self.footprint_bytes}
 
 
 def estimate_bytes(model_dir: Path) -> int:
-    """What loading the model in ``model_dir`` is expected to take: from its weights file, or for a
-    model served through its own code, from every file beside ``code/``."""
-    weights = artifact.any_weights_file(model_dir)
-    if weights is not None:
-        size = weights.stat().st_size
-    else:
+    """What loading the model in ``model_dir`` is expected to take: from its network's files, or for
+    a model served through its own code, from every file beside ``code/``."""
+    if (model_dir / "code").is_dir():
         size = sum(path.stat().st_size for path in model_dir.rglob("*")
-                   if path.is_file() and not path.relative_to(model_dir).parts[0] == "code")
+                   if path.is_file() and path.relative_to(model_dir).parts[0] != "code")
+    else:
+        size = sum(path.stat().st_size for path in artifact.network_files(model_dir))
     return int(size * LOAD_OVERHEAD) + LOAD_EXTRA_BYTES
 
 
@@ -152,13 +151,17 @@ class ModelRegistry:
         self._loading.add(name)
         try:
             async with self._lock:
-                await self._make_room(name, estimate_bytes(model_dir))
+                estimate = estimate_bytes(model_dir)
+                await self._make_room(name, estimate)
                 started = time.perf_counter()
                 predictor = await self._load_warm(name, model_dir)
                 batcher = self._make_batcher(predictor, name)
                 if batcher is not None:
                     batcher.start()
-                loaded = LoadedModel(name, url, predictor, batcher, predictor.weight_bytes)
+                # Charged what its tensors occupy, measured; a model that holds what this server cannot
+                # measure (model_fn returned something other than a torch module) at least its estimate.
+                footprint = predictor.weight_bytes or estimate
+                loaded = LoadedModel(name, url, predictor, batcher, footprint)
                 self._models[name] = loaded
         finally:
             self._loading.discard(name)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from serve.batching import Batcher
-from serve.errors import InvalidImage, ModelNotFound, NotReady
+from serve.errors import InvalidImage, ModelNotFound, NotReady, Overloaded
 
 
 class SlowModel:
@@ -238,7 +238,7 @@ def test_a_pass_never_mixes_rows_of_different_shapes_or_types() -> None:
             while not shapes:
                 await asyncio.sleep(0.005)
             waiting = [asyncio.ensure_future(batcher.submit(tensor)) for tensor in
-                       (torch.ones(2, 3), torch.ones(1, 4), torch.ones(1, 3, dtype=torch.float64))]
+                       (torch.ones(2, 3), torch.ones(1, 3, dtype=torch.float64), torch.ones(1, 4))]
             await asyncio.sleep(0)  # all three queued behind the first pass
             release.set()
             results = await asyncio.gather(first, *waiting)
@@ -246,5 +246,68 @@ def test_a_pass_never_mixes_rows_of_different_shapes_or_types() -> None:
             return results
 
     results = asyncio.run(send())
-    assert [rows.tolist() for rows, _ in results] == [[3.0], [3.0, 3.0], [4.0], [3.0]]
-    assert shapes == [(1, 3), (2, 3), (1, 4), (1, 3)]
+    assert [rows.tolist() for rows, _ in results] == [[3.0], [3.0, 3.0], [3.0], [4.0]]
+    assert shapes == [(1, 3), (2, 3), (1, 3), (1, 4)]
+
+
+def test_a_request_larger_than_the_queue_is_taken_when_nothing_waits() -> None:
+    async def send() -> tuple[int, type[Exception]]:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            release, started = threading.Event(), threading.Event()
+
+            def infer(batch: torch.Tensor) -> torch.Tensor:
+                started.set()
+                release.wait(10)
+                return batch.sum(dim=1)
+
+            batcher = Batcher(infer, pool, max_batch_size=4, max_delay_s=0, max_queue=8)
+            batcher.start()
+            big = asyncio.ensure_future(batcher.submit(torch.ones(20, 2)))  # nothing waits: taken
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+            second = asyncio.ensure_future(batcher.submit(torch.ones(20, 2)))  # one in a pass, none queued
+            await asyncio.sleep(0)  # second is queued now: the queue holds 20 rows
+            third = asyncio.ensure_future(batcher.submit(torch.ones(1, 2)))  # beyond the queue
+            refused = await asyncio.gather(third, return_exceptions=True)
+            release.set()
+            rows = [len(result[0]) for result in await asyncio.gather(big, second)]
+            await batcher.stop()
+            return sum(rows), type(refused[0])
+
+    total, refused = asyncio.run(send())
+    assert total == 40 and refused is Overloaded
+
+
+def test_with_isolated_failures_a_failing_shared_pass_fails_only_the_request_that_broke_it() -> None:
+    def infer(batch: torch.Tensor) -> torch.Tensor:
+        if (batch < 0).any():
+            raise ValueError("negative input")
+        return batch.sum(dim=1)
+
+    async def send() -> list:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            release = threading.Event()
+            started = threading.Event()
+
+            def gate(batch: torch.Tensor) -> torch.Tensor:
+                if not started.is_set():
+                    started.set()
+                    release.wait(10)
+                return infer(batch)
+
+            batcher = Batcher(gate, pool, max_batch_size=16, max_delay_s=0, max_queue=64, isolate_failures=True)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit(torch.ones(1, 2)))
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+            queued = [asyncio.ensure_future(batcher.submit(tensor))
+                      for tensor in (torch.ones(1, 2), -torch.ones(1, 2), torch.full((2, 2), 2.0))]
+            await asyncio.sleep(0)
+            release.set()
+            results = await asyncio.gather(first, *queued, return_exceptions=True)
+            await batcher.stop()
+            return results
+
+    first, good, bad, other = asyncio.run(send())
+    assert first[0].tolist() == [2.0] and good[0].tolist() == [2.0] and other[0].tolist() == [4.0, 4.0]
+    assert isinstance(bad, ValueError)

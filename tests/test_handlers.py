@@ -8,10 +8,12 @@ from __future__ import annotations
 import functools
 import io
 import json
+import pickle
 import sys
 import textwrap
 import threading
 import time
+import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -311,8 +313,9 @@ def batched_client(model_dir: Path, name: str, **settings: object) -> TestClient
     return TestClient(create_app(Settings(**options), loader), raise_server_exceptions=False)
 
 
-def test_batched_handlers_share_predict_fn_calls_and_answer_each_request_its_own_rows(tmp_path: Path,
-                                                                                      monkeypatch) -> None:
+def behind_a_held_call(client: TestClient, functions: dict, bodies: list[object], monkeypatch) -> list:
+    """Answers to ``bodies``: the first holds predict_fn (until every other is queued behind it),
+    so the rest share the next call."""
     submitted: list[int] = []
     submit = Batcher.submit
 
@@ -321,28 +324,70 @@ def test_batched_handlers_share_predict_fn_calls_and_answer_each_request_its_own
         return await submit(self, inputs, images)
 
     monkeypatch.setattr(Batcher, "submit", counted)
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        first = pool.submit(post, client, bodies[0])
+        assert functions["STARTED"].wait(10)
+        rest = [pool.submit(post, client, body) for body in bodies[1:]]
+        deadline = time.monotonic() + 10
+        while len(submitted) < len(bodies):  # every request waits behind the first call
+            assert time.monotonic() < deadline, submitted
+            time.sleep(0.01)
+        functions["RELEASE"].set()
+        return [future.result(timeout=30) for future in (first, *rest)]
+
+
+def test_batched_handlers_share_predict_fn_calls_and_answer_each_request_its_own_rows(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
     model_dir = model_folder(tmp_path / "model", BATCHED_PY)
     with batched_client(model_dir, "inference_batched") as client:
         wait_for(client, "ready")
         functions = client.app.state.model.predictor.functions["predict_fn"].__globals__
         requests = [[[1, 1, 1]], [[1, 0, 0], [0, 1, 0]], [[0, 0, 3]], [[2, 2, 2], [1, 2, 3], [0, 0, 0]]]
-        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-            first = pool.submit(post, client, {"inputs": requests[0]})
-            assert functions["STARTED"].wait(10)
-            rest = [pool.submit(post, client, {"inputs": rows}) for rows in requests[1:]]
-            deadline = time.monotonic() + 10
-            while len(submitted) < len(requests):  # every request waits behind the first call
-                assert time.monotonic() < deadline, submitted
-                time.sleep(0.01)
-            functions["RELEASE"].set()
-            answers = [future.result(timeout=30) for future in (first, *rest)]
+        answers = behind_a_held_call(client, functions, [{"inputs": rows} for rows in requests], monkeypatch)
     for rows, answer in zip(requests, answers, strict=True):
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"rows": [2.0 * sum(row) for row in rows]}
-        assert "batch of" in answer.headers["server-timing"]
+    assert "batch of 6" in answers[1].headers["server-timing"]
     # The three requests that queued shared one call of six rows; no call saw request headers.
     assert [rows for rows, _ in functions["CALLS"]] == [1, 6]
     assert all(headers == {} for _, headers in functions["CALLS"])
+
+
+def test_a_shared_call_that_fails_fails_only_the_request_that_broke_it(tmp_path: Path, monkeypatch) -> None:
+    model_dir = model_folder(tmp_path / "model", BATCHED_PY)
+    with batched_client(model_dir, "inference_batched_isolated") as client:
+        wait_for(client, "ready")
+        functions = client.app.state.model.predictor.functions["predict_fn"].__globals__
+        bodies = [{"inputs": [[1, 1, 1]]}, {"inputs": [[1, 0, 0]]}, {"inputs": [[9, 9, 9], [1, 1, 1]]},
+                  {"inputs": [[0, 0, 2]]}]  # the third makes predict_fn drop a row: its call fails
+        first, good, bad, other = behind_a_held_call(client, functions, bodies, monkeypatch)
+    assert (first.json(), good.json(), other.json()) == ({"rows": [6.0]}, {"rows": [2.0]}, {"rows": [4.0]})
+    assert bad.status_code == 500 and "one row per input row" in bad.json()["error"]["message"]
+    # The shared call of four rows failed; then each request ran alone.
+    assert [rows for rows, _ in functions["CALLS"]] == [1, 4, 1, 2, 1]
+
+
+# predict_fn returns a structure, (scores, features), as many do: each part is cut per request.
+TUPLE_PY = BATCHED_PY.replace("""    return output[:1] if (data == 9).all(dim=1).any() else output
+""", """    return output, data * 10
+""").replace("""    return json.dumps({"rows": prediction.squeeze(1).tolist()})
+""", """    scores, features = prediction
+    return json.dumps({"rows": scores.squeeze(1).tolist(), "features": features.tolist()})
+""")
+assert TUPLE_PY.count("features") == 3
+
+
+def test_a_predict_fn_returning_a_tuple_gives_each_request_its_own_part_of_each(tmp_path: Path, monkeypatch) -> None:
+    model_dir = model_folder(tmp_path / "model", TUPLE_PY)
+    with batched_client(model_dir, "inference_batched_tuple") as client:
+        wait_for(client, "ready")
+        functions = client.app.state.model.predictor.functions["predict_fn"].__globals__
+        requests = [[[1, 1, 1]], [[1, 2, 0]], [[0, 0, 1], [3, 0, 0]]]
+        answers = behind_a_held_call(client, functions, [{"inputs": rows} for rows in requests], monkeypatch)
+    for rows, answer in zip(requests, answers, strict=True):
+        assert answer.json() == {"rows": [2.0 * sum(row) for row in rows],
+                                 "features": [[10.0 * value for value in row] for row in rows]}
+    assert [rows for rows, _ in functions["CALLS"]] == [1, 3]
 
 
 def test_batched_handlers_name_what_input_fn_or_predict_fn_must_return(tmp_path: Path) -> None:
@@ -409,3 +454,59 @@ def test_multi_model_mode_serves_each_model_through_its_own_code(tmp_path: Path)
                            headers={"Content-Type": "application/json"}).status_code == 404
     assert "helper" not in sys.modules  # each model's modules stay its own
 
+
+def test_a_multi_model_handler_model_unpickles_its_own_classes_and_is_charged_its_files(tmp_path: Path) -> None:
+    """model_fn may torch.load a whole pickled model whose class lives in code/; a model that is
+    not a torch module is charged what its files take. A namespace package stays private too."""
+    from serve import __main__ as entry
+
+    folder = tmp_path / "pickled"
+    (folder / "code" / "parts").mkdir(parents=True)  # a namespace package: no __init__.py
+    (folder / "code" / "parts" / "scale.py").write_text("FACTOR = 4\n")
+    (folder / "code" / "net.py").write_text("class Scaler:\n    def __init__(self, factor):\n"
+                                            "        self.factor = factor\n")
+    (folder / "code" / "inference.py").write_text(textwrap.dedent('''
+        import json, os, pickle
+        from parts.scale import FACTOR
+
+        def model_fn(model_dir):
+            with open(os.path.join(model_dir, "model.pkl"), "rb") as file:
+                return pickle.load(file)  # needs net.Scaler importable
+
+        def input_fn(body, content_type):
+            return json.loads(body)
+
+        def predict_fn(data, model):
+            return [value * model.factor * FACTOR for value in data]
+    '''))
+    sys.path.insert(0, str(folder / "code"))
+    try:
+        import net
+
+        (folder / "model.pkl").write_bytes(pickle.dumps(net.Scaler(2)))
+    finally:
+        sys.path.remove(str(folder / "code"))
+        sys.modules.pop("net", None)
+    (folder / "padding.bin").write_bytes(bytes(3_000_000))
+    settings = Settings(multi_model=True, models_root=tmp_path)
+    app = create_app(settings, load_model=functools.partial(entry.load_model, settings))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        loaded = client.post("/models", json={"model_name": "pickled", "url": str(folder)})
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["memoryBytes"] >= 3_000_000
+        answer = client.post("/models/pickled/invoke", content=b"[1]", headers={"Content-Type": "application/json"})
+        assert answer.json() == [8]
+    assert not {"net", "parts", "parts.scale"} & set(sys.modules)
+
+
+
+def test_batched_rows_keep_their_kind_and_must_be_numeric(tmp_path: Path) -> None:
+    module = types.ModuleType("inference_rows")
+    module.model_fn = lambda model_dir: None
+    model = HandlerModel(module, tmp_path, batching=True)
+    array = np.ones((2, 3), dtype=np.float32)
+    assert model.batch_rows(array) is array  # predict_fn sees arrays as arrays, batched or not
+    with pytest.raises(handlers.HandlerError, match="numeric rows; it returned an array of <U1"):
+        model.batch_rows(np.array(["a"]))
+    with pytest.raises(handlers.HandlerError, match="it returned a 0-d tensor or array"):
+        model.batch_rows(torch.tensor(1.0))

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,6 +100,14 @@ def create() -> FastAPI:
     return build(settings)
 
 
+def default_region(settings: Settings, environ: MutableMapping[str, str]) -> None:
+    """The region SageMaker names (``SAGEMAKER_REGION``) as boto3's default, for the server and the
+    user's code, unless a region is set already: a handler that makes a boto3 client without one
+    (SDK v3's generated inference code does) works as on SageMaker's own containers."""
+    if settings.region and not (environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")):
+        environ["AWS_DEFAULT_REGION"] = settings.region
+
+
 def connection_limits(settings: Settings) -> connections.ConnectionLimits:
     return connections.ConnectionLimits(head_timeout_s=settings.header_timeout_s,
                                         max_connections=settings.max_connections)
@@ -123,6 +132,7 @@ def main() -> int:
         print(f"serve: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, json_format=settings.log_json)
+    default_region(settings, os.environ)
     startup_error = install_requirements(settings)  # a failure keeps /ping 503 with the reason
     # uvicorn drains on SIGTERM, restores this handler, then re-raises the signal: a stop asked
     # for by the platform ends with exit code 0 instead of "killed by SIGTERM".

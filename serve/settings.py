@@ -114,6 +114,7 @@ class Settings:
     program: str | None = None  # SAGEMAKER_PROGRAM: the handler module; set by PyTorchModel(entry_point=...)
     submit_directory: str | None = None  # SAGEMAKER_SUBMIT_DIRECTORY: where it is, when not in <model>/code
     default_accept: str = "application/json"  # SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT
+    region: str | None = None  # SAGEMAKER_REGION: the AWS region for user code that sets none (boto3)
     handler_threads: int = 1  # requests through the handlers at once (each with cores / handler_threads torch threads)
     handler_batching: bool = False  # requests share predict_fn calls (input_fn returns rows; see serve.handlers)
     log_level: str = "INFO"
@@ -192,6 +193,7 @@ class Settings:
             program=environ.get("SAGEMAKER_PROGRAM") or None,
             submit_directory=environ.get("SAGEMAKER_SUBMIT_DIRECTORY") or None,
             default_accept=environ.get("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT") or cls.default_accept,
+            region=environ.get("SAGEMAKER_REGION") or None,
             handler_threads=get("CLASSIFIER_HANDLER_THREADS", _positive_int, cls.handler_threads),
             handler_batching=get("CLASSIFIER_HANDLER_BATCHING", parse_bool, cls.handler_batching),
             log_level=(environ.get("LOG_LEVEL") or cls.log_level).upper(),

@@ -15,11 +15,18 @@ DEFAULT_PROGRAM = "inference.py"
 
 
 def code_folder(model_dir: Path, program: str | None, submit_directory: str | None) -> Path:
-    """Where the handlers live: ``<model>/code`` as PyTorchModel packs it, else the submit directory."""
+    """Where the handlers live: the first that holds the handler module of ``<model>/code`` (as
+    PyTorchModel and SDK v3's TorchServe path pack it), the submit directory, and the model folder
+    itself (SDK v3's MMS path mounts the code there); else ``<model>/code``."""
+    module = program or DEFAULT_PROGRAM
     packed = model_dir / "code"
     submitted = (submit_directory or "").removeprefix("file://")
-    if not (packed / (program or DEFAULT_PROGRAM)).is_file() and submitted and Path(submitted).is_dir():
+    if (packed / module).is_file():
+        return packed
+    if submitted and Path(submitted).is_dir():
         return Path(submitted)
+    if (model_dir / module).is_file():
+        return model_dir
     return packed
 
 

@@ -510,3 +510,37 @@ def test_batched_rows_keep_their_kind_and_must_be_numeric(tmp_path: Path) -> Non
         model.batch_rows(np.array(["a"]))
     with pytest.raises(handlers.HandlerError, match="it returned a 0-d tensor or array"):
         model.batch_rows(torch.tensor(1.0))
+
+
+def test_the_handlers_may_sit_at_the_model_root_as_sdk_v3_mounts_them(tmp_path: Path) -> None:
+    """SDK v3's MMS path mounts <model>/code as the model folder; code/ wins when both exist."""
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "inference.py").write_text("def model_fn(model_dir):\n    return 'root'\n\n"
+                                       "def transform_fn(model, body, content_type, accept):\n    return model\n")
+    submitted = f"file://{root / 'code'}"  # what the platform says; absent in that layout
+    assert handlers.has_handlers(root, None, submitted) and handlers.code_folder(root, None, submitted) == root
+    model = HandlerModel.load(root, submit_directory=submitted, module_name="inference_at_root")
+    assert model.invoke(b"x", "application/octet-stream", None)[0] == b"root"
+    model_folder(tmp_path / "both", "def model_fn(model_dir):\n    return 'code'\n")
+    (tmp_path / "both" / "inference.py").write_text("raise RuntimeError('not this one')\n")
+    assert handlers.code_folder(tmp_path / "both", None, None) == tmp_path / "both" / "code"
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({"SAGEMAKER_REGION": "eu-west-1"}, "eu-west-1"),
+    ({"SAGEMAKER_REGION": "eu-west-1", "AWS_REGION": "us-east-2"}, None),
+    ({"SAGEMAKER_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "us-east-2"}, "us-east-2"),
+    ({"SAGEMAKER_REGION": ""}, None),
+])
+def test_sagemakers_region_becomes_boto3s_default_unless_one_is_set(environ: dict, expected: str | None) -> None:
+    from serve import __main__ as entry
+
+    entry.default_region(Settings.from_env(environ), environ)
+    assert environ.get("AWS_DEFAULT_REGION") == expected
+
+
+def test_empty_sagemaker_program_and_submit_directory_mean_unset() -> None:
+    """SDK v3's InferenceSpec path sends both empty."""
+    settings = Settings.from_env({"SAGEMAKER_PROGRAM": "", "SAGEMAKER_SUBMIT_DIRECTORY": ""})
+    assert settings.program is None and settings.submit_directory is None

@@ -206,10 +206,14 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     wide_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     shared_pool = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="inference-shared")
     fetch_s3 = S3Fetcher(settings.s3_buckets) if settings.s3_buckets else None
-    # Handler mode: user code runs here, off the event loop, at most handler_threads at a time.
+    # Handler mode: user code runs here, off the event loop, at most handler_threads at a time,
+    # each call with its share of the cores. Batched handlers run only input_fn and output_fn here,
+    # single-threaded (as decoding is), while predict_fn passes have the cores: a second team of
+    # torch threads made a lone ResNet-50 request half as fast again.
     handler_pool = ThreadPoolExecutor(max_workers=settings.handler_threads, thread_name_prefix="handler",
                                       initializer=torch.set_num_threads,
-                                      initargs=(max(1, settings.threads_per_worker // settings.handler_threads),))
+                                      initargs=(1 if settings.handler_batching else
+                                                max(1, settings.threads_per_worker // settings.handler_threads),))
     handler_load = Load(limit=settings.handler_threads + settings.max_queue)
     decode_gate = MemoryGate(settings.decode_memory_bytes)
     single: list[Served] = []  # the one model, once loaded (single-model mode)
@@ -245,6 +249,11 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
             predictor.warm_up()
 
         wide_pool.submit(run).result()
+
+    def single_threaded(function: Callable[[], Any]) -> Any:
+        """``function()`` with one torch thread (passes side by side on this pool set their own)."""
+        torch.set_num_threads(1)
+        return function()
 
     def load_in_one_thread(model_dir: Path) -> Predictor:
         assert load_model is not None
@@ -455,13 +464,13 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
             # input_fn and output_fn on the handler threads, as unbatched: as many at once, 503s beyond
             # the queue, and watched by /ping like any handler call.
             with batcher.incoming():
-                rows = await asyncio.shield(handler_load.run(handler_pool, lambda: model.batch_rows(
+                rows = await asyncio.shield(handler_load.run(handler_pool, single_threaded, lambda: model.batch_rows(
                     model.prepare(body, content_type, context))))
             input_s = time.perf_counter() - started
             prediction, timing = await batcher.submit(rows)
             started = time.perf_counter()
-            payload, answer_type = await asyncio.shield(handler_load.run(handler_pool, model.respond, prediction,
-                                                                         accept, context))
+            payload, answer_type = await asyncio.shield(handler_load.run(
+                handler_pool, single_threaded, lambda: model.respond(prediction, accept, context)))
             server_timing = (f"input;dur={input_s * 1000:.2f}, queue;dur={timing.queue_s * 1000:.2f}, "
                              f"inference;dur={timing.inference_s * 1000:.2f};desc=\"batch of {timing.batch_size}\", "
                              f"output;dur={(time.perf_counter() - started) * 1000:.2f}")

@@ -208,8 +208,9 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     fetch_s3 = S3Fetcher(settings.s3_buckets) if settings.s3_buckets else None
     # Handler mode: user code runs here, off the event loop, at most handler_threads at a time,
     # each call with its share of the cores. Batched handlers run only input_fn and output_fn here,
-    # single-threaded (as decoding is), while predict_fn passes have the cores: a second team of
-    # torch threads made a lone ResNet-50 request half as fast again.
+    # single-threaded (as decoding is), while predict_fn passes have the cores: with them on two
+    # torch threads beside the pass's own, a lone batched ResNet-50 request took 78 ms instead of
+    # 42 on 2 cores (bench/handler_load.py).
     handler_pool = ThreadPoolExecutor(max_workers=settings.handler_threads, thread_name_prefix="handler",
                                       initializer=torch.set_num_threads,
                                       initargs=(1 if settings.handler_batching else

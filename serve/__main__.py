@@ -106,6 +106,7 @@ def default_region(settings: Settings, environ: MutableMapping[str, str]) -> Non
     (SDK v3's generated inference code does) works as on SageMaker's own containers."""
     if settings.region and not (environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")):
         environ["AWS_DEFAULT_REGION"] = settings.region
+        logger.info("AWS_DEFAULT_REGION=%s (from SAGEMAKER_REGION)", settings.region)
 
 
 def connection_limits(settings: Settings) -> connections.ConnectionLimits:

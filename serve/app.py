@@ -208,9 +208,8 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
     fetch_s3 = S3Fetcher(settings.s3_buckets) if settings.s3_buckets else None
     # Handler mode: user code runs here, off the event loop, at most handler_threads at a time,
     # each call with its share of the cores. Batched handlers run only input_fn and output_fn here,
-    # single-threaded (as decoding is), while predict_fn passes have the cores: with them on two
-    # torch threads beside the pass's own, a lone batched ResNet-50 request took 78 ms instead of
-    # 42 on 2 cores (bench/handler_load.py).
+    # single-threaded (as decoding is), while predict_fn passes have the cores: a second team of
+    # torch threads beside the pass's own slowed a lone batched request down (bench/handler_load.py).
     handler_pool = ThreadPoolExecutor(max_workers=settings.handler_threads, thread_name_prefix="handler",
                                       initializer=torch.set_num_threads,
                                       initargs=(1 if settings.handler_batching else
@@ -448,7 +447,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
 
     async def through_handlers(request: Request, served: Served | LoadedModel) -> Response:
         """One request through the user's inference.py within the timeout: on the handler threads,
-        or, with batched handlers, input_fn and output_fn on the decode threads and predict_fn in
+        or, with batched handlers, input_fn and output_fn there (single-threaded) and predict_fn in
         passes shared with other requests."""
         model = served.predictor
         assert isinstance(model, HandlerModel)

@@ -250,8 +250,10 @@ class Batcher:
         except Exception:
             if not self._isolate_failures or len(ready) == 1:
                 raise
-        logger.warning("a pass shared by %d requests failed; running each alone", len(ready))
+        logger.warning("a pass shared by %d requests failed; running each alone", len(ready), exc_info=True)
         for job in ready:
+            if job.future.done():  # its request timed out or went away meanwhile
+                continue
             try:
                 job.result = self._infer(job.inputs)[0 : len(job.inputs)]  # type: ignore[arg-type,index]
             except Exception as exc:  # noqa: BLE001 - this request's own failure, raised to it alone

@@ -23,10 +23,10 @@ def code_folder(model_dir: Path, program: str | None, submit_directory: str | No
     submitted = (submit_directory or "").removeprefix("file://")
     if (packed / module).is_file():
         return packed
-    if submitted and Path(submitted).is_dir():
+    if submitted and (Path(submitted) / module).is_file():
         return Path(submitted)
-    if (model_dir / module).is_file():
-        return model_dir
+    if (model_dir / module).is_file() and not (model_dir / "manifest.json").is_file():
+        return model_dir  # never for an artifact that happens to hold a stray inference.py
     return packed
 
 

@@ -43,6 +43,7 @@ import torch
 
 from classifier import artifact
 from serve.errors import BadRequest, NotAcceptable, ServingError, UnsupportedMediaType
+from serve.memory import model_bytes
 from serve.user_code import DEFAULT_PROGRAM, code_folder, has_handlers, install_requirements
 
 __all__ = ["HandlerModel", "code_folder", "has_handlers", "install_requirements"]
@@ -238,10 +239,7 @@ class HandlerModel:
     @property
     def weight_bytes(self) -> int:
         """What the model's parameters and buffers occupy, when model_fn returned a torch module (else 0)."""
-        if not isinstance(self.model, torch.nn.Module):
-            return 0
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        return model_bytes(self.model) if isinstance(self.model, torch.nn.Module) else 0
 
     def context(self, headers: Mapping[str, str] | None = None) -> Context:
         gpu = self.device.index if self.device.type == "cuda" else None
@@ -346,7 +344,7 @@ class Rows:
     def of(cls, prediction: Any, rows: int) -> Rows:
         parts = list(prediction.values()) if isinstance(prediction, dict) else \
             list(prediction) if isinstance(prediction, tuple) else [prediction]
-        wrong = [_row_count(part) for part in parts if _row_count(part) != rows]
+        wrong = [count for count in map(_row_count, parts) if count != rows]
         if wrong:
             got = ", ".join("no rows" if count is None else f"{count} rows" for count in wrong)
             raise HandlerError(f"with CLASSIFIER_HANDLER_BATCHING, predict_fn must return one row per input row: a "

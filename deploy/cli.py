@@ -9,6 +9,10 @@ Examples (``--help`` on each subcommand lists every flag)::
     python -m deploy deploy --image-uri $IMAGE --role $ROLE --training-job JOB \\
         --endpoint-name shapes --max-instances 4
     python -m deploy predict --endpoint-name shapes photos/*.jpg
+    python -m deploy deploy --image-uri $IMAGE --role $ROLE --multi-model \\
+        --model-data s3://bucket/models/ --endpoint-name many
+    python -m deploy add-model --model-data-prefix s3://bucket/models/ --training-job JOB --name dogs.tar.gz
+    python -m deploy predict --endpoint-name many --target-model dogs.tar.gz photos/*.jpg
     python -m deploy transform --image-uri $IMAGE --role $ROLE --training-job JOB \\
         --data s3://bucket/unlabelled/ --output-path s3://bucket/predictions/
     python -m deploy delete --endpoint-name shapes
@@ -47,6 +51,8 @@ ROLE_ENV = "SAGEMAKER_ROLE"
 DEFAULT_TRAINING_INSTANCE = "ml.g5.xlarge"
 DEFAULT_HOSTING_INSTANCE = "ml.m5.xlarge"
 LOCAL_POLL_S = 5
+# SageMaker's multi-model endpoints on these run only its Triton container.
+GPU_INSTANCE_FAMILIES = ("ml.g", "ml.p", "ml.inf", "ml.trn")
 
 
 class UsageError(Exception):
@@ -129,7 +135,8 @@ def _model(parser: argparse.ArgumentParser, local: bool) -> None:
                         help="the serving image (ECR URI" + (", or a local tag with --local)" if local else ")"))
     _role(parser, local)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-data", help="model.tar.gz (s3://" + (", or file:// with --local)" if local else ")"))
+    source.add_argument("--model-data", help="model.tar.gz (s3://" + (", or file:// with --local)" if local else ")")
+                        + ("; with --multi-model, the S3 prefix of the models (s3://bucket/models/)" if local else ""))
     source.add_argument("--training-job", help="use the artifact of this finished training job")
     parser.add_argument("--model-name", help="default: generated from the image name")
     parser.add_argument("--env", action="append", type=key_value, default=[], metavar="KEY=VALUE",
@@ -158,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--early-stopping", choices=("Off", "Auto"), default="Off")
 
     deploy = commands.add_parser("deploy", parents=[_common(local=True)], help="create an endpoint",
-                                 description="Create a real-time endpoint (optionally autoscaled) or a "
-                                             "serverless one. With --local it serves until Ctrl-C.")
+                                 description="Create a real-time endpoint (optionally autoscaled), a "
+                                             "serverless one, or a multi-model one. With --local it serves "
+                                             "until Ctrl-C.")
     _model(deploy, local=True)
     deploy.add_argument("--endpoint-name", help="default: image-classifier-<timestamp>")
     deploy.add_argument("--instance-type", help=f"default: {DEFAULT_HOSTING_INSTANCE}, or 'local' with --local")
@@ -175,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     serverless.add_argument("--serverless", action="store_true", help="a serverless endpoint instead of instances")
     serverless.add_argument("--memory-mb", type=int, default=3072, choices=(1024, 2048, 3072, 4096, 5120, 6144))
     serverless.add_argument("--max-concurrency", type=int, default=5)
+    multi = deploy.add_argument_group("multi-model (CPU instances in AWS)")
+    multi.add_argument("--multi-model", action="store_true",
+                       help="serve every model.tar.gz under --model-data (an S3 prefix ending in /); each request "
+                            "names its model (predict --target-model); add models with add-model, no redeploy")
     capture = deploy.add_argument_group("data capture")
     capture.add_argument("--capture-s3-uri", help="capture requests and responses to this S3 prefix")
     capture.add_argument("--capture-percent", type=int, default=100, help="sampling percentage (default: 100)")
@@ -198,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Send image files to an endpoint and print the top label of each "
                                               "(classifier-predict does more: top-k, CSV/JSON, concurrency).")
     predict.add_argument("--endpoint-name", required=True, help="with --local any name reaches the local endpoint")
+    predict.add_argument("--target-model", help="on a multi-model endpoint: the model's path under its prefix "
+                                                "(e.g. dogs.tar.gz)")
     predict.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or globs")
 
     delete = commands.add_parser("delete", parents=[_common(local=True)],
@@ -205,6 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Delete the scaling target and policy, endpoint, endpoint config "
                                              "and models; whatever is already gone is skipped.")
     delete.add_argument("--endpoint-name", required=True)
+
+    prefix_help = "the multi-model endpoint's S3 prefix (s3://bucket/models/)"
+    add_model = commands.add_parser("add-model", parents=[_common(local=False)],
+                                    help="put a model where a multi-model endpoint finds it",
+                                    description="Copy a model.tar.gz (a local file, an S3 URI or a training job's "
+                                                "artifact) to <prefix><name>. The endpoint loads it on the first "
+                                                "request that names it: no redeploy.")
+    add_model.add_argument("--model-data-prefix", required=True, help=prefix_help)
+    source = add_model.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-data", help="model.tar.gz: a local file or s3://")
+    source.add_argument("--training-job", help="the artifact of this finished training job")
+    add_model.add_argument("--name", help="its name on the endpoint, ending in .tar.gz (default: the local "
+                                          "file's name; required for S3 sources, which are all model.tar.gz)")
+    list_models = commands.add_parser("list-models", parents=[_common(local=False)],
+                                      help="the models a multi-model endpoint can serve",
+                                      description="Every .tar.gz under the prefix: the names predict "
+                                                  "--target-model takes.")
+    list_models.add_argument("--model-data-prefix", required=True, help=prefix_help)
     check.add_parser(commands)
     package.add_parser(commands)
     return parser
@@ -293,12 +325,34 @@ def scaling_from_args(args: argparse.Namespace) -> hosting.Autoscaling | None:
                                args.scale_in_cooldown, args.scale_out_cooldown)
 
 
+def multi_model_from_args(args: argparse.Namespace, session: Any, environ: Mapping[str, str],
+                          endpoint_name: str) -> Any:
+    if args.local:
+        raise UsageError("--multi-model is for AWS: locally, run the image with SAGEMAKER_MULTI_MODEL=true "
+                         "(README, multi-model endpoints)")
+    if args.serverless:
+        raise UsageError("--multi-model needs instances: serverless endpoints serve one model")
+    if args.training_job:
+        raise UsageError("--multi-model takes --model-data s3://bucket/models/ (the prefix); put a training "
+                         "job's artifact there with add-model --training-job")
+    instance_type = args.instance_type or DEFAULT_HOSTING_INSTANCE
+    if instance_type.startswith(GPU_INSTANCE_FAMILIES):
+        raise UsageError(f"--multi-model runs on CPU instances: SageMaker hosts multi-model GPU endpoints only "
+                         f"with its Triton container, not on {instance_type}")
+    return hosting.build_multi_model(session, image_uri=args.image_uri, model_data_prefix=args.model_data,
+                                     role=resolve_role(args, environ), env=dict(args.env),
+                                     name=args.model_name or endpoint_name)
+
+
 def cmd_deploy(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
     if args.local and (args.serverless or args.capture_s3_uri):
         raise UsageError("--serverless and --capture-s3-uri are for AWS endpoints, not --local")
     scaling = scaling_from_args(args)
     name = args.endpoint_name or default_name("image-classifier")
-    model = model_from_args(args, session, environ)
+    if args.multi_model:
+        model = multi_model_from_args(args, session, environ, name)
+    else:
+        model = model_from_args(args, session, environ)
     hosting.deploy(
         model, endpoint_name=name,
         instance_type=args.instance_type or ("local" if args.local else DEFAULT_HOSTING_INSTANCE),
@@ -307,6 +361,8 @@ def cmd_deploy(args: argparse.Namespace, session: Any, environ: Mapping[str, str
         capture_s3_uri=args.capture_s3_uri, capture_percent=args.capture_percent, wait=args.wait,
     )
     print(f"endpoint: {name}")
+    if args.multi_model:
+        print(f"models: every .tar.gz under {args.model_data} (predict --target-model NAME)")
     if scaling:
         policy = hosting.configure_autoscaling(session.boto_session.client("application-autoscaling"), name, scaling)
         print(f"autoscaling: {scaling.min_instances}..{scaling.max_instances} instances, "
@@ -355,9 +411,34 @@ def cmd_predict(args: argparse.Namespace, session: Any, environ: Mapping[str, st
         paths = find_images(args.paths)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
-    predictions = hosting.predict(hosting.predictor(args.endpoint_name, session), paths)
+    if args.target_model is not None:
+        hosting.check_target_model(args.target_model)
+    predictions = hosting.predict(hosting.predictor(args.endpoint_name, session), paths, args.target_model)
     print(hosting.format_table(predictions))
     return 1 if any(item.error for item in predictions) else 0
+
+
+def cmd_add_model(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
+    source = args.model_data or hosting.model_data_of(session, args.training_job)
+    name = args.name
+    if name is None:
+        if source.startswith("s3://"):
+            raise UsageError("--name is required for an S3 source or a training job (their artifacts are all "
+                             "model.tar.gz): e.g. --name dogs.tar.gz")
+        name = os.path.basename(source)
+    uri = hosting.add_model(session, args.model_data_prefix, source, name)
+    print(f"model: {uri}")
+    print(f"target model: {name}")
+    return 0
+
+
+def cmd_list_models(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
+    names = hosting.list_models(session, args.model_data_prefix)
+    for name in names:
+        print(name)
+    if not names:
+        print(f"no models under {args.model_data_prefix}", file=sys.stderr)
+    return 0
 
 
 def cmd_delete(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
@@ -371,7 +452,8 @@ def cmd_delete(args: argparse.Namespace, session: Any, environ: Mapping[str, str
 
 
 COMMANDS = {"train": cmd_train, "tune": cmd_tune, "deploy": cmd_deploy, "transform": cmd_transform,
-            "predict": cmd_predict, "delete": cmd_delete, "check": check.cmd_check, "package": package.cmd_package}
+            "predict": cmd_predict, "delete": cmd_delete, "add-model": cmd_add_model,
+            "list-models": cmd_list_models, "check": check.cmd_check, "package": package.cmd_package}
 
 
 def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] = os.environ,

@@ -1,4 +1,4 @@
-"""Models and endpoints: deploy (real-time or serverless), autoscaling, predict, delete."""
+"""Models and endpoints: deploy (real-time, serverless or multi-model), autoscaling, predict, delete."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from botocore.exceptions import ClientError, WaiterError
 from sagemaker.deserializers import JSONDeserializer
 from sagemaker.model import Model
 from sagemaker.model_monitor import DataCaptureConfig
+from sagemaker.multidatamodel import MultiDataModel
 from sagemaker.predictor import Predictor
 from sagemaker.serializers import IdentitySerializer
 from sagemaker.serverless import ServerlessInferenceConfig
@@ -59,6 +60,47 @@ def build_model(session: Session, *, image_uri: str, model_data: str, role: str,
                 env: Mapping[str, str] | None = None, name: str | None = None) -> Model:
     return Model(image_uri=image_uri, model_data=model_data, role=role, env=dict(env or {}), name=name,
                  predictor_cls=Predictor, sagemaker_session=session)
+
+
+def build_multi_model(session: Session, *, image_uri: str, model_data_prefix: str, role: str, name: str,
+                      env: Mapping[str, str] | None = None) -> MultiDataModel:
+    """One SageMaker model in multi-model mode: the container loads each ``<prefix><name>.tar.gz``
+    that a request names (``TargetModel``) on first use, and unloads the least used under memory
+    pressure."""
+    check_model_prefix(model_data_prefix)
+    return MultiDataModel(name=name, model_data_prefix=model_data_prefix, image_uri=image_uri, role=role,
+                          env=dict(env or {}), predictor_cls=Predictor, sagemaker_session=session)
+
+
+def check_model_prefix(prefix: str) -> None:
+    if not prefix.startswith("s3://") or not prefix.endswith("/"):
+        raise ValueError(f"a multi-model endpoint's models live under an S3 prefix (s3://bucket/models/), "
+                         f"not {prefix!r}")
+
+
+def check_target_model(name: str) -> None:
+    """A model's name on a multi-model endpoint: its artifact's path under the prefix."""
+    if not name.endswith(".tar.gz") or name.startswith("/") or ".." in name.split("/"):
+        raise ValueError(f"a target model is the path of a .tar.gz under the endpoint's prefix "
+                         f"(e.g. dogs.tar.gz), not {name!r}")
+
+
+def add_model(session: Session, model_data_prefix: str, source: str, name: str) -> str:
+    """Copy an S3 artifact (or upload a local one) to ``<prefix><name>``, where a multi-model
+    endpoint serving the prefix finds it; returns its S3 URI. The endpoint needs no update."""
+    check_model_prefix(model_data_prefix)
+    check_target_model(name)
+    if not source.startswith("s3://") and not Path(source).is_file():
+        raise ValueError(f"no model artifact at {source!r}: give a model.tar.gz file or an s3:// URI")
+    return MultiDataModel(name="add-model", model_data_prefix=model_data_prefix,
+                          sagemaker_session=session).add_model(source, name)
+
+
+def list_models(session: Session, model_data_prefix: str) -> list[str]:
+    """The target-model names under a multi-model prefix (every .tar.gz below it)."""
+    check_model_prefix(model_data_prefix)
+    models = MultiDataModel(name="list-models", model_data_prefix=model_data_prefix, sagemaker_session=session)
+    return sorted(name for name in models.list_models() if name.endswith(".tar.gz"))
 
 
 def deploy(model: Model, *, endpoint_name: str, instance_type: str | None = None, instance_count: int = 1,
@@ -209,12 +251,14 @@ def predictor(endpoint_name: str, session: Session) -> Predictor:
                      deserializer=JSONDeserializer())
 
 
-def predict(endpoint: Predictor, paths: Sequence[Path]) -> list[Prediction]:
-    """The top prediction for each file; a file the endpoint refuses gets its error instead."""
+def predict(endpoint: Predictor, paths: Sequence[Path], target_model: str | None = None) -> list[Prediction]:
+    """The top prediction for each file (from ``target_model`` on a multi-model endpoint); a file
+    the endpoint refuses gets its error instead."""
     results = []
     for path in paths:
         try:
-            answer = endpoint.predict(path.read_bytes(), initial_args={"ContentType": content_type(path)})
+            answer = endpoint.predict(path.read_bytes(), initial_args={"ContentType": content_type(path)},
+                                      target_model=target_model)
         except (ClientError, OSError, ValueError) as error:
             results.append(Prediction(path, error=f"{type(error).__name__}: {error}"))
             continue

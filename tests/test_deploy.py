@@ -10,6 +10,7 @@ progress (everything is Completed / InService at once), so no test here depends 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -219,6 +220,83 @@ def test_deploy_serverless_has_no_instances_and_no_scaling(aws: Aws) -> None:
     assert aws.autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
 
 
+def test_multi_model_endpoint_gets_models_added_listed_and_invoked_by_name(aws: Aws, capsys, tmp_path: Path) -> None:
+    prefix = f"s3://{BUCKET}/models/"
+    assert aws.run("deploy", "--image-uri", IMAGE, "--role", ROLE, "--multi-model", "--model-data", prefix,
+                   "--endpoint-name", "many", "--instance-type", "ml.c5.xlarge") == 0
+    assert f"every .tar.gz under {prefix}" in capsys.readouterr().out
+    container = aws.sagemaker.describe_model(ModelName="many")["PrimaryContainer"]
+    assert (container["Mode"], container["ModelDataUrl"], container["Image"]) == ("MultiModel", prefix, IMAGE)
+    [variant] = aws.sagemaker.describe_endpoint_config(EndpointConfigName="many")["ProductionVariants"]
+    assert (variant["ModelName"], variant["InstanceType"]) == ("many", "ml.c5.xlarge")
+
+    # Models arrive without a redeploy: a training job's artifact (copied in S3) and a local file.
+    s3 = aws.session.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="jobs/shapes/output/model.tar.gz", Body=b"job artifact")
+    aws.sagemaker.create_training_job(
+        TrainingJobName="shapes-job", RoleArn=ROLE, StoppingCondition={"MaxRuntimeInSeconds": 60},
+        AlgorithmSpecification={"TrainingImage": IMAGE, "TrainingInputMode": "File"},
+        OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/jobs/"},
+        ResourceConfig={"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 10})
+    job_artifact = aws.sagemaker.describe_training_job(TrainingJobName="shapes-job")["ModelArtifacts"]["S3ModelArtifacts"]
+    s3.copy_object(Bucket=BUCKET, Key=job_artifact.split(f"s3://{BUCKET}/", 1)[1],
+                   CopySource={"Bucket": BUCKET, "Key": "jobs/shapes/output/model.tar.gz"})
+    assert aws.run("add-model", "--model-data-prefix", prefix, "--training-job", "shapes-job",
+                   "--name", "shapes.tar.gz") == 0
+    assert f"model: {prefix}shapes.tar.gz" in capsys.readouterr().out
+    local = tmp_path / "dogs.tar.gz"
+    local.write_bytes(b"local artifact")
+    assert aws.run("add-model", "--model-data-prefix", prefix, "--model-data", str(local)) == 0
+    assert "target model: dogs.tar.gz" in capsys.readouterr().out
+    assert s3.get_object(Bucket=BUCKET, Key="models/shapes.tar.gz")["Body"].read() == b"job artifact"
+    assert s3.get_object(Bucket=BUCKET, Key="models/dogs.tar.gz")["Body"].read() == b"local artifact"
+    assert aws.run("list-models", "--model-data-prefix", prefix) == 0
+    assert capsys.readouterr().out.split() == ["dogs.tar.gz", "shapes.tar.gz"]
+
+    # Each request names its model: TargetModel on InvokeEndpoint.
+    sent: list[dict[str, Any]] = []
+    aws.session.events.register("before-parameter-build.sagemaker-runtime.InvokeEndpoint",
+                                lambda params, **_: sent.append(dict(params)))
+    from moto.sagemakerruntime.models import sagemakerruntime_backends
+
+    answer = json.dumps({"predictions": [{"label": "retriever", "index": 3, "probability": 0.75}]})
+    sagemakerruntime_backends[ACCOUNT][REGION].results_queue.append((answer, "application/json", "AllTraffic", ""))
+    photo = tmp_path / "dog.jpg"
+    photo.write_bytes(b"not really a JPEG")  # moto reads request bodies as UTF-8 text
+    assert aws.run("predict", "--endpoint-name", "many", "--target-model", "dogs.tar.gz", str(photo)) == 0
+    assert "retriever" in capsys.readouterr().out
+    [request] = sent
+    assert (request["EndpointName"], request["TargetModel"]) == ("many", "dogs.tar.gz")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["deploy", "--image-uri", IMAGE, "--role", ROLE, "--multi-model", "--model-data", f"s3://{BUCKET}/models"],
+     "S3 prefix"),
+    (["deploy", "--image-uri", IMAGE, "--role", ROLE, "--multi-model", "--training-job", "job"], "add-model"),
+    (["deploy", "--image-uri", IMAGE, "--role", ROLE, "--multi-model", "--model-data", f"s3://{BUCKET}/m/",
+      "--instance-type", "ml.g5.xlarge"], "Triton"),
+    (["deploy", "--image-uri", IMAGE, "--role", ROLE, "--multi-model", "--model-data", f"s3://{BUCKET}/m/",
+      "--serverless"], "serverless"),
+    (["deploy", "--local", "--image-uri", IMAGE, "--multi-model", "--model-data", f"s3://{BUCKET}/m/"],
+     "SAGEMAKER_MULTI_MODEL"),
+    (["add-model", "--model-data-prefix", f"s3://{BUCKET}/m/", "--model-data", MODEL_DATA], "--name"),
+    (["add-model", "--model-data-prefix", f"s3://{BUCKET}/m/", "--model-data", MODEL_DATA, "--name", "../x.tar.gz"],
+     "target model"),
+    (["add-model", "--model-data-prefix", f"s3://{BUCKET}/m/", "--model-data", "/no/such/model.tar.gz"],
+     "no model artifact"),
+    (["predict", "--endpoint-name", "many", "--target-model", "dogs", __file__], "target model"),
+])
+def test_multi_model_mistakes_stop_before_any_call(aws: Aws, capsys, argv: list[str], message: str) -> None:
+    try:
+        result = aws.run(*argv)
+    except SystemExit as exit_info:
+        result = exit_info.code
+    assert result in (1, 2)
+    assert message in capsys.readouterr().err
+    assert [name for name, _ in aws.requests if name.startswith("Create")] == []
+    assert aws.session.client("s3").list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0
+
+
 def test_transform_sends_each_image_whole_from_a_training_jobs_artifact(aws: Aws, capsys) -> None:
     assert aws.run("train", "--image-uri", IMAGE, "--role", ROLE, "--job-name", "shapes-2",
                    "--data", f"s3://{BUCKET}/shapes/", "--output-path", f"s3://{BUCKET}/jobs", "--no-wait") == 0
@@ -299,7 +377,8 @@ def test_a_missing_region_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch
     assert "region" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "tune", "deploy", "transform", "predict", "delete"])
+@pytest.mark.parametrize("command", ["train", "tune", "deploy", "transform", "predict", "delete",
+                                     "add-model", "list-models"])
 def test_every_subcommand_has_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -364,6 +364,11 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
     def after_step(step: int) -> bool:
         progress["step_in_epoch"], progress["global_step"] = step, progress["global_step"] + 1
         observers.step()
+        if step == steps_per_epoch:
+            # The epoch's end checkpoints (with the epoch's record) and stops if asked to: a
+            # checkpoint here would hold a finished epoch without its evaluation, which resuming
+            # would skip.
+            return False
         stopping = any_process(stop.is_set(), device)
         if stopping or (hp.checkpoint_steps and progress["global_step"] % hp.checkpoint_steps == 0):
             save_checkpoint(stopping=stopping)
@@ -417,7 +422,7 @@ def _finish(settings: Settings, model: nn.Module, splits: Any, progress: dict[st
             rank: int, world_size: int) -> None:
     hp, paths = settings.hyperparameters, settings.paths
     metrics: dict[str, Any] = {"best_epoch": progress["best_epoch"], "epochs_run": len(progress["history"])}
-    best = progress["history"][progress["best_epoch"] - 1] if progress["history"] else {}
+    best = next((record for record in progress["history"] if record["epoch"] == progress["best_epoch"]), {})
     if "validation" in best:
         metrics["validation"] = best["validation"]
     pairs: list[tuple[int, int]] = []

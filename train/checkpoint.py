@@ -80,6 +80,11 @@ def os_error_behind(exc: BaseException) -> OSError | None:
     return None
 
 
+def list_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints in ``directory``, oldest first."""
+    return sorted(directory.glob(PATTERN))
+
+
 def load_latest(directory: Path) -> dict[str, Any] | None:
     """The newest readable checkpoint in ``directory``, or None when there is none."""
     for path in sorted(directory.glob(PATTERN), reverse=True):

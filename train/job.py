@@ -48,6 +48,7 @@ from train.distributed import (
 )
 from train.engine import Precision, evaluate, train_one_epoch
 from train.report import write_reports
+from train.s3_checkpoints import CheckpointSyncError, S3Checkpoints, imds_endpoint, watch_for_spot_notice
 from train.settings import Hyperparameters, Paths, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -301,6 +302,8 @@ def run(settings: Settings, topology: Topology | None = None, local_rank: int = 
         init_process_group(topology, local_rank, use_cuda=device.type == "cuda", timeout_s=hp.peer_timeout_s)
     try:
         with sigterm_requests_stop() as stop, ExitStack() as stack:
+            if settings.spot:
+                watch_for_spot_notice(stop, imds_endpoint())
             rank = topology.rank(local_rank)
             observers = Observers(hp, settings.paths, rank, stack)
             return _train(settings, rank, topology.world_size, device, stop, observers)
@@ -345,6 +348,10 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
 
     progress: dict[str, Any] = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "history": [],
                                 "best_accuracy": -1.0, "best_epoch": 0, "best_state": None, "stale_epochs": 0}
+    # Rank 0 holds the checkpoints; outside SageMaker it also mirrors them at an S3 prefix.
+    mirror = S3Checkpoints(paths.checkpoint_s3_uri, paths.checkpoint_dir) if paths.checkpoint_s3_uri and rank == 0 else None
+    if mirror is not None:
+        mirror.restore()
     state = _share_checkpoint(checkpoint.load_latest(paths.checkpoint_dir) if rank == 0 else None, rank, device)
     if state is not None:
         _restore(state, model, optimizer, scheduler, precision, splits.class_names, hp.architecture)
@@ -360,6 +367,13 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
             "scaler": precision.scaler.state_dict() if precision.scaler else None,
             "settings": settings.to_dict(),
         }, progress["global_step"], rank, device, stopping=stopping)
+        if mirror is not None and not stopping:
+            mirror.sync_in_background()
+
+    def stopped() -> Outcome:
+        if mirror is not None:
+            mirror.flush()  # the instance may be gone in two minutes: the newest checkpoint in S3 first
+        return Outcome.STOPPED
 
     def after_step(step: int) -> bool:
         progress["step_in_epoch"], progress["global_step"] = step, progress["global_step"] + 1
@@ -382,7 +396,7 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
                                         after_step=after_step)
         if not train_metrics.pop("completed"):
             logger.info("stopped by SIGTERM in epoch %d; run again to resume", epoch)
-            return Outcome.STOPPED
+            return stopped()
         record: dict[str, Any] = {"epoch": epoch, "train": train_metrics}
         if validation_loader is not None:
             record["validation"] = evaluate(model, validation_loader, eval_criterion, device, precision=precision)
@@ -403,13 +417,18 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
         progress["epoch"], progress["step_in_epoch"] = epoch + 1, 0
         if any_process(stop.is_set(), device):
             logger.info("stopped by SIGTERM after epoch %d; run again to resume", epoch)
-            return Outcome.STOPPED
+            return stopped()
         if hp.early_stopping_patience and progress["stale_epochs"] >= hp.early_stopping_patience:
             logger.info("early stopping: no validation improvement for %d epochs", progress["stale_epochs"])
             break
 
     model.load_state_dict(progress["best_state"])
     _finish(settings, model, splits, progress, preprocessing, device, precision, rank, world_size)
+    if mirror is not None:
+        try:
+            mirror.flush()
+        except CheckpointSyncError as exc:  # the artifact is written: the run did what it was for
+            logger.warning("checkpoints: %s", exc)
     if dist.is_initialized():
         # Every host ends together, once rank 0 has written the artifact: launchers that stop
         # the whole job when one container exits (SDK local mode) cannot cut rank 0 short.

@@ -124,6 +124,7 @@ class Paths:
     validation_dir: Path | None
     test_dir: Path | None
     pretrained_dir: Path | None = None
+    checkpoint_s3_uri: str | None = None  # mirrored there by the run itself (outside SageMaker)
 
     @property
     def failure_file(self) -> Path:
@@ -138,11 +139,13 @@ class Paths:
 class Settings:
     hyperparameters: Hyperparameters
     paths: Paths
+    spot: bool = False  # watch EC2's instance metadata for the spot interruption notice
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "hyperparameters": dataclasses.asdict(self.hyperparameters),
             "paths": {k: (str(v) if v is not None else None) for k, v in vars(self.paths).items()},
+            "spot": self.spot,
         }
 
 
@@ -233,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--model-dir", help="where the model artifact is written")
     paths.add_argument("--output-data-dir", help="where reports and metrics are written")
     paths.add_argument("--checkpoint-dir", help="where checkpoints are written")
+    ec2 = parser.add_argument_group("outside SageMaker (EC2, a laptop)")
+    ec2.add_argument("--checkpoint-s3-uri", help="mirror the checkpoints at this s3:// prefix and resume from it "
+                                                 "on a new machine (SageMaker syncs them itself)")
+    ec2.add_argument("--spot", action="store_true",
+                     help="on an EC2 spot instance: the two-minute interruption notice stops the run as "
+                          "SIGTERM does (a checkpoint, then exit)")
     hps = parser.add_argument_group("hyperparameters")
     for field in dataclasses.fields(Hyperparameters):
         flags = {f"--{field.name.replace('_', '-')}", f"--{field.name}"}
@@ -338,7 +347,20 @@ def _resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Paths:
         validation_dir=validation_dir,
         test_dir=test_dir,
         pretrained_dir=channels.get("pretrained"),
+        checkpoint_s3_uri=_checkpoint_s3_uri(cli, environ),
     )
+
+
+def _checkpoint_s3_uri(cli: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    from train.s3_checkpoints import split_s3_uri
+
+    uri = cli.get("checkpoint_s3_uri") or environ.get("CLASSIFIER_CHECKPOINT_S3_URI") or None
+    if uri is not None:
+        try:
+            split_s3_uri(uri)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+    return uri
 
 
 def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
@@ -354,7 +376,13 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     merged.update(_typed({k: v for k, v in cli.items() if k in HYPERPARAMETER_NAMES}, "command line"))
     if merged.get("workers", -1) == -1:
         merged["workers"] = min(8, os.cpu_count() or 1)
-    return Settings(hyperparameters=Hyperparameters(**merged), paths=paths)
+    spot = cli.get("spot", False)
+    if not spot and environ.get("CLASSIFIER_SPOT"):
+        try:
+            spot = parse_bool(environ["CLASSIFIER_SPOT"])
+        except ValueError as exc:
+            raise SettingsError(f"environment: CLASSIFIER_SPOT={environ['CLASSIFIER_SPOT']!r}: {exc}") from None
+    return Settings(hyperparameters=Hyperparameters(**merged), paths=paths, spot=spot)
 
 
 def base_dir_from(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Path, list[str]]:

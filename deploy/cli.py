@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--instance-count", type=int, default=1, help="initial instances (default: %(default)s)")
     scaling = deploy.add_argument_group("autoscaling (real-time endpoints in AWS)")
     scaling.add_argument("--max-instances", type=int, help="turn on target tracking up to this many instances")
-    scaling.add_argument("--min-instances", type=int, help="default: --instance-count")
+    scaling.add_argument("--min-instances", type=int, help="default: --instance-count (0 with --async)")
     scaling.add_argument("--target-invocations", type=float, default=100.0,
                          help="invocations per instance per minute to aim for (default: %(default)s)")
     scaling.add_argument("--scale-in-cooldown", type=int, default=300, help="seconds (default: %(default)s)")
@@ -183,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     serverless.add_argument("--serverless", action="store_true", help="a serverless endpoint instead of instances")
     serverless.add_argument("--memory-mb", type=int, default=3072, choices=(1024, 2048, 3072, 4096, 5120, 6144))
     serverless.add_argument("--max-concurrency", type=int, default=5)
+    asynchronous = deploy.add_argument_group("asynchronous inference (AWS)")
+    asynchronous.add_argument("--async", dest="asynchronous", action="store_true",
+                              help="an asynchronous endpoint: requests name an S3 input of up to 1 GB, answers "
+                                   "land in --async-output-path; with --max-instances it scales on its backlog, "
+                                   "down to zero instances by default")
+    asynchronous.add_argument("--async-output-path", help="s3:// prefix for the answers (required with --async)")
+    asynchronous.add_argument("--async-failure-path", help="s3:// prefix for failed requests' errors")
+    asynchronous.add_argument("--success-topic", help="SNS topic ARN told of each answer")
+    asynchronous.add_argument("--error-topic", help="SNS topic ARN told of each failure")
+    asynchronous.add_argument("--max-concurrent-invocations", type=int,
+                              help="requests in flight per instance (default: SageMaker's choice)")
+    asynchronous.add_argument("--target-backlog", type=float, default=5.0,
+                              help="with --max-instances: queued requests per instance to aim for "
+                                   "(default: %(default)s)")
     multi = deploy.add_argument_group("multi-model (CPU instances in AWS)")
     multi.add_argument("--multi-model", action="store_true",
                        help="serve every model.tar.gz under --model-data (an S3 prefix ending in /); each request "
@@ -311,7 +325,7 @@ def model_from_args(args: argparse.Namespace, session: Any, environ: Mapping[str
                                role=resolve_role(args, environ), env=dict(args.env), name=args.model_name)
 
 
-def scaling_from_args(args: argparse.Namespace) -> hosting.Autoscaling | None:
+def scaling_from_args(args: argparse.Namespace) -> hosting.Autoscaling | hosting.BacklogScaling | None:
     if args.max_instances is None:
         if args.min_instances is not None:
             raise UsageError("--min-instances needs --max-instances")
@@ -320,9 +334,36 @@ def scaling_from_args(args: argparse.Namespace) -> hosting.Autoscaling | None:
         raise UsageError("autoscaling is for instance-backed endpoints in AWS (not --local or --serverless)")
     if not args.wait:
         raise UsageError("autoscaling needs the endpoint InService first: drop --no-wait")
+    if args.asynchronous:
+        minimum = args.min_instances if args.min_instances is not None else 0
+        return hosting.BacklogScaling(minimum, args.max_instances, args.target_backlog,
+                                      args.scale_in_cooldown, args.scale_out_cooldown)
     minimum = args.min_instances if args.min_instances is not None else args.instance_count
     return hosting.Autoscaling(minimum, args.max_instances, args.target_invocations,
                                args.scale_in_cooldown, args.scale_out_cooldown)
+
+
+ASYNC_ONLY = ("async_output_path", "async_failure_path", "success_topic", "error_topic",
+              "max_concurrent_invocations")
+
+
+def asynchronous_from_args(args: argparse.Namespace) -> hosting.Asynchronous | None:
+    if not args.asynchronous:
+        given = [f"--{name.replace('_', '-')}" for name in ASYNC_ONLY if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --async")
+        return None
+    if args.local or args.serverless or args.multi_model:
+        raise UsageError("--async is for instance-backed endpoints in AWS (not --local, --serverless or "
+                         "--multi-model)")
+    if not (args.async_output_path or "").startswith("s3://"):
+        raise UsageError("--async needs --async-output-path s3://bucket/prefix/ (where the answers go)")
+    if args.async_failure_path is not None and not args.async_failure_path.startswith("s3://"):
+        raise UsageError(f"--async-failure-path must be an s3:// prefix, not {args.async_failure_path!r}")
+    if args.max_concurrent_invocations is not None and args.max_concurrent_invocations < 1:
+        raise UsageError("--max-concurrent-invocations must be at least 1")
+    return hosting.Asynchronous(args.async_output_path, args.async_failure_path, args.success_topic,
+                                args.error_topic, args.max_concurrent_invocations)
 
 
 def multi_model_from_args(args: argparse.Namespace, session: Any, environ: Mapping[str, str],
@@ -347,6 +388,7 @@ def multi_model_from_args(args: argparse.Namespace, session: Any, environ: Mappi
 def cmd_deploy(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
     if args.local and (args.serverless or args.capture_s3_uri):
         raise UsageError("--serverless and --capture-s3-uri are for AWS endpoints, not --local")
+    asynchronous = asynchronous_from_args(args)
     scaling = scaling_from_args(args)
     name = args.endpoint_name or default_name("image-classifier")
     if args.multi_model:
@@ -358,12 +400,19 @@ def cmd_deploy(args: argparse.Namespace, session: Any, environ: Mapping[str, str
         instance_type=args.instance_type or ("local" if args.local else DEFAULT_HOSTING_INSTANCE),
         instance_count=args.instance_count,
         serverless=hosting.Serverless(args.memory_mb, args.max_concurrency) if args.serverless else None,
-        capture_s3_uri=args.capture_s3_uri, capture_percent=args.capture_percent, wait=args.wait,
+        asynchronous=asynchronous, capture_s3_uri=args.capture_s3_uri, capture_percent=args.capture_percent, wait=args.wait,
     )
     print(f"endpoint: {name}")
     if args.multi_model:
         print(f"models: every .tar.gz under {args.model_data} (predict --target-model NAME)")
-    if scaling:
+    if asynchronous:
+        print(f"answers: {asynchronous.output_path}")
+    if isinstance(scaling, hosting.BacklogScaling):
+        policies = hosting.configure_backlog_scaling(session.boto_session.client("application-autoscaling"),
+                                                     session.boto_session.client("cloudwatch"), name, scaling)
+        print(f"autoscaling: {scaling.min_instances}..{scaling.max_instances} instances, "
+              f"{scaling.target_backlog:g} queued requests/instance (policies {', '.join(policies)})")
+    elif scaling:
         policy = hosting.configure_autoscaling(session.boto_session.client("application-autoscaling"), name, scaling)
         print(f"autoscaling: {scaling.min_instances}..{scaling.max_instances} instances, "
               f"{scaling.target_invocations:g} invocations/instance/minute (policy {policy})")
@@ -443,7 +492,8 @@ def cmd_list_models(args: argparse.Namespace, session: Any, environ: Mapping[str
 
 def cmd_delete(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
     autoscaling = None if args.local else session.boto_session.client("application-autoscaling")
-    deleted = hosting.delete(session, args.endpoint_name, autoscaling)
+    cloudwatch = None if args.local else session.boto_session.client("cloudwatch")
+    deleted = hosting.delete(session, args.endpoint_name, autoscaling, cloudwatch)
     for what in deleted:
         print(f"deleted {what}")
     if not deleted:

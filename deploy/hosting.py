@@ -1,4 +1,5 @@
-"""Models and endpoints: deploy (real-time, serverless or multi-model), autoscaling, predict, delete."""
+"""Models and endpoints: deploy (real-time, serverless, asynchronous or multi-model), autoscaling,
+predict, delete."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError, WaiterError
+from sagemaker.async_inference import AsyncInferenceConfig
 from sagemaker.deserializers import JSONDeserializer
 from sagemaker.model import Model
 from sagemaker.model_monitor import DataCaptureConfig
@@ -37,6 +39,35 @@ class Autoscaling:
     max_instances: int
     target_invocations: float = 100.0
     scale_in_cooldown_s: int = 300
+    scale_out_cooldown_s: int = 60
+
+
+@dataclass(frozen=True)
+class Asynchronous:
+    """An asynchronous endpoint: requests name an S3 input (up to 1 GB), answers land in S3."""
+
+    output_path: str
+    failure_path: str | None = None
+    success_topic: str | None = None
+    error_topic: str | None = None
+    max_concurrent_invocations: int | None = None  # per instance; None: SageMaker chooses
+
+    def config(self) -> AsyncInferenceConfig:
+        topics = {key: value for key, value in (("SuccessTopic", self.success_topic),
+                                                 ("ErrorTopic", self.error_topic)) if value}
+        return AsyncInferenceConfig(output_path=self.output_path, failure_path=self.failure_path,
+                                    max_concurrent_invocations_per_instance=self.max_concurrent_invocations,
+                                    notification_config=topics or None)
+
+
+@dataclass(frozen=True)
+class BacklogScaling:
+    """An asynchronous endpoint's instances follow its queue, down to zero when it is empty."""
+
+    min_instances: int
+    max_instances: int
+    target_backlog: float = 5.0  # queued requests per instance to aim for
+    scale_in_cooldown_s: int = 600
     scale_out_cooldown_s: int = 60
 
 
@@ -104,8 +135,8 @@ def list_models(session: Session, model_data_prefix: str) -> list[str]:
 
 
 def deploy(model: Model, *, endpoint_name: str, instance_type: str | None = None, instance_count: int = 1,
-           serverless: Serverless | None = None, capture_s3_uri: str | None = None, capture_percent: int = 100,
-           wait: bool = True) -> str:
+           serverless: Serverless | None = None, asynchronous: Asynchronous | None = None,
+           capture_s3_uri: str | None = None, capture_percent: int = 100, wait: bool = True) -> str:
     """Create the model, endpoint config and endpoint; returns the endpoint name."""
     capture = None
     if capture_s3_uri:
@@ -116,6 +147,8 @@ def deploy(model: Model, *, endpoint_name: str, instance_type: str | None = None
             memory_size_in_mb=serverless.memory_mb, max_concurrency=serverless.max_concurrency)}
     else:
         placement = {"instance_type": instance_type, "initial_instance_count": instance_count}
+        if asynchronous:
+            placement["async_inference_config"] = asynchronous.config()
     # The SDK's own wait sleeps 30 s before its first look; the boto waiter looks first.
     model.deploy(endpoint_name=endpoint_name, data_capture_config=capture, wait=False, **placement)
     if wait and not is_local(model.sagemaker_session):  # a local deploy returns once /ping answers
@@ -164,6 +197,57 @@ def configure_autoscaling(autoscaling_client: Any, endpoint_name: str, scaling: 
     return policy
 
 
+def configure_backlog_scaling(autoscaling_client: Any, cloudwatch_client: Any, endpoint_name: str,
+                              scaling: BacklogScaling, variant: str = VARIANT) -> list[str]:
+    """Scale an asynchronous endpoint on its backlog: target tracking on queued requests per
+    instance and, since that metric has no instances to divide by at zero, a step policy that adds
+    one instance when requests wait with none running (an alarm on HasBacklogWithoutCapacity).
+    Returns the policy names."""
+    if not 0 <= scaling.min_instances <= scaling.max_instances or scaling.max_instances < 1:
+        raise ValueError(f"backlog scaling needs 0 <= min ({scaling.min_instances}) <= max "
+                         f"({scaling.max_instances}) and max >= 1")
+    resource = resource_id(endpoint_name, variant)
+    autoscaling_client.register_scalable_target(
+        ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
+        MinCapacity=scaling.min_instances, MaxCapacity=scaling.max_instances,
+    )
+    backlog_policy = f"{endpoint_name}-backlog-per-instance"
+    autoscaling_client.put_scaling_policy(
+        PolicyName=backlog_policy, ServiceNamespace="sagemaker", ResourceId=resource,
+        ScalableDimension=SCALABLE_DIMENSION, PolicyType="TargetTrackingScaling",
+        TargetTrackingScalingPolicyConfiguration={
+            "TargetValue": scaling.target_backlog,
+            "CustomizedMetricSpecification": {
+                "MetricName": "ApproximateBacklogSizePerInstance", "Namespace": "AWS/SageMaker",
+                "Dimensions": [{"Name": "EndpointName", "Value": endpoint_name}], "Statistic": "Average",
+            },
+            "ScaleInCooldown": scaling.scale_in_cooldown_s,
+            "ScaleOutCooldown": scaling.scale_out_cooldown_s,
+        },
+    )
+    if scaling.min_instances > 0:
+        return [backlog_policy]
+    wake_policy = f"{endpoint_name}-backlog-without-capacity"
+    policy_arn = autoscaling_client.put_scaling_policy(
+        PolicyName=wake_policy, ServiceNamespace="sagemaker", ResourceId=resource,
+        ScalableDimension=SCALABLE_DIMENSION, PolicyType="StepScaling",
+        StepScalingPolicyConfiguration={
+            "AdjustmentType": "ChangeInCapacity", "MetricAggregationType": "Average",
+            "Cooldown": scaling.scale_out_cooldown_s,
+            "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}],
+        },
+    )["PolicyARN"]
+    cloudwatch_client.put_metric_alarm(
+        AlarmName=wake_policy, AlarmDescription=f"requests wait for {endpoint_name} and no instance runs",
+        Namespace="AWS/SageMaker", MetricName="HasBacklogWithoutCapacity",
+        Dimensions=[{"Name": "EndpointName", "Value": endpoint_name}], Statistic="Average",
+        Period=60, EvaluationPeriods=2, DatapointsToAlarm=2, Threshold=1,
+        ComparisonOperator="GreaterThanOrEqualToThreshold", TreatMissingData="missing",
+        AlarmActions=[policy_arn],
+    )
+    return [backlog_policy, wake_policy]
+
+
 def _not_found(error: ClientError) -> bool:
     # SageMaker answers describe/delete of a missing resource with ValidationException ("Could not
     # find ..."); Application Auto Scaling with ObjectNotFoundException.
@@ -173,15 +257,17 @@ def _not_found(error: ClientError) -> bool:
         code == "ValidationException" and ("not find" in message or "does not exist" in message))
 
 
-def delete(session: Session, endpoint_name: str, autoscaling_client: Any | None = None) -> list[str]:
-    """Delete the scaling target, endpoint, endpoint config and models; returns what was deleted.
+def delete(session: Session, endpoint_name: str, autoscaling_client: Any | None = None,
+           cloudwatch_client: Any | None = None) -> list[str]:
+    """Delete the scaling target (and an asynchronous endpoint's wake-up alarm), endpoint, endpoint
+    config and models; returns what was deleted.
 
     Anything already gone is skipped, so this also cleans up after a half-finished deploy.
     """
     client = session.sagemaker_client
     deleted: list[str] = []
 
-    def attempt(what: str, call: Any, **kwargs: str) -> Any:
+    def attempt(what: str, call: Any, **kwargs: Any) -> Any:
         try:
             result = call(**kwargs)
         except ClientError as error:
@@ -217,6 +303,10 @@ def delete(session: Session, endpoint_name: str, autoscaling_client: Any | None 
                         ScalableDimension=SCALABLE_DIMENSION)
             attempt(f"scalable target {resource}", autoscaling_client.deregister_scalable_target,
                     ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION)
+    if cloudwatch_client is not None:
+        alarm = f"{endpoint_name}-backlog-without-capacity"
+        if cloudwatch_client.describe_alarms(AlarmNames=[alarm])["MetricAlarms"]:
+            attempt(f"alarm {alarm}", cloudwatch_client.delete_alarms, AlarmNames=[alarm])
     attempt(f"endpoint {endpoint_name}", client.delete_endpoint, EndpointName=endpoint_name)
     if config:
         attempt(f"endpoint config {config_name}", client.delete_endpoint_config, EndpointConfigName=config_name)

@@ -220,6 +220,56 @@ def test_deploy_serverless_has_no_instances_and_no_scaling(aws: Aws) -> None:
     assert aws.autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
 
 
+def test_deploy_async_sends_answers_to_s3_and_scales_on_the_backlog_down_to_zero(aws: Aws, capsys) -> None:
+    topics = [aws.session.client("sns").create_topic(Name=name)["TopicArn"] for name in ("done", "failed")]
+    assert aws.run(*deploy_args(
+        "--endpoint-name", "queued", "--model-name", "queued-model", "--async",
+        "--async-output-path", f"s3://{BUCKET}/async/out/", "--async-failure-path", f"s3://{BUCKET}/async/failed/",
+        "--success-topic", topics[0], "--error-topic", topics[1], "--max-concurrent-invocations", "4",
+        "--max-instances", "3", "--target-backlog", "8",
+    )) == 0
+    out = capsys.readouterr().out
+    assert f"answers: s3://{BUCKET}/async/out/" in out and "autoscaling: 0..3 instances" in out
+
+    config = aws.sent("CreateEndpointConfig")["AsyncInferenceConfig"]
+    assert config["OutputConfig"] == {
+        "S3OutputPath": f"s3://{BUCKET}/async/out/", "S3FailurePath": f"s3://{BUCKET}/async/failed/",
+        "NotificationConfig": {"SuccessTopic": topics[0], "ErrorTopic": topics[1]}}
+    assert config["ClientConfig"] == {"MaxConcurrentInvocationsPerInstance": 4}
+    [variant] = aws.sent("CreateEndpointConfig")["ProductionVariants"]
+    assert variant["InitialInstanceCount"] == 1  # an endpoint starts with one; scaling may then take it to 0
+
+    [target] = aws.autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (
+        "endpoint/queued/variant/AllTraffic", 0, 3)
+    policies = {policy["PolicyName"]: policy for policy in
+                aws.autoscaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]}
+    tracking = policies["queued-backlog-per-instance"]["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["TargetValue"] == 8.0
+    assert tracking["CustomizedMetricSpecification"]["MetricName"] == "ApproximateBacklogSizePerInstance"
+    assert tracking["CustomizedMetricSpecification"]["Dimensions"] == [{"Name": "EndpointName", "Value": "queued"}]
+    wake = policies["queued-backlog-without-capacity"]
+    assert wake["StepScalingPolicyConfiguration"]["StepAdjustments"] == [
+        {"MetricIntervalLowerBound": 0.0, "ScalingAdjustment": 1}]
+    [alarm] = aws.session.client("cloudwatch").describe_alarms()["MetricAlarms"]
+    assert (alarm["MetricName"], alarm["Namespace"]) == ("HasBacklogWithoutCapacity", "AWS/SageMaker")
+    assert alarm["Dimensions"] == [{"Name": "EndpointName", "Value": "queued"}]
+    assert alarm["AlarmActions"] == [wake["PolicyARN"]]
+
+    assert aws.run("delete", "--endpoint-name", "queued") == 0
+    assert "deleted alarm queued-backlog-without-capacity" in capsys.readouterr().out
+    assert aws.session.client("cloudwatch").describe_alarms()["MetricAlarms"] == []
+    assert aws.autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+
+
+def test_deploy_async_with_a_floor_keeps_instances_and_needs_no_wake_up_alarm(aws: Aws) -> None:
+    assert aws.run(*deploy_args("--endpoint-name", "warm", "--async", "--async-output-path", f"s3://{BUCKET}/o/",
+                                "--max-instances", "2", "--min-instances", "1")) == 0
+    [target] = aws.autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 2)
+    assert aws.session.client("cloudwatch").describe_alarms()["MetricAlarms"] == []
+
+
 def test_multi_model_endpoint_gets_models_added_listed_and_invoked_by_name(aws: Aws, capsys, tmp_path: Path) -> None:
     prefix = f"s3://{BUCKET}/models/"
     assert aws.run("deploy", "--image-uri", IMAGE, "--role", ROLE, "--multi-model", "--model-data", prefix,
@@ -357,6 +407,12 @@ def test_delete_removes_scaling_endpoint_config_and_model_and_tolerates_leftover
     (deploy_args("--serverless", "--max-instances", "4"), 2, "autoscaling"),
     (["tune", "--image-uri", IMAGE, "--role", ROLE, "--data", "s3://b/d", "--lr-min", "0.1", "--lr-max", "0.01"],
      1, "learning rate"),
+    (deploy_args("--async"), 2, "--async-output-path"),
+    (deploy_args("--async-output-path", "s3://b/o/"), 2, "only with --async"),
+    (deploy_args("--async", "--async-output-path", "s3://b/o/", "--serverless"), 2, "--async is for"),
+    (deploy_args("--async", "--async-output-path", "s3://b/o/", "--async-failure-path", "/tmp/f"), 2, "s3://"),
+    (deploy_args("--async", "--async-output-path", "s3://b/o/", "--max-concurrent-invocations", "0"), 2,
+     "at least 1"),
 ])
 def test_impossible_requests_stop_before_any_call(aws: Aws, capsys, argv: list[str], code: int, message: str) -> None:
     try:

@@ -38,7 +38,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 from botocore.response import StreamingBody
-from botocore.stub import Stubber
+from botocore.stub import ANY, Stubber
 from PIL import Image
 
 import containers
@@ -747,6 +747,82 @@ def test_s3_reference_too_big_or_not_an_image_is_400(s3: Any) -> None:
     assert_error(*call({"s3_uri": "s3://images/big.png"}), 400, "payload_too_large")
     assert_error(*call({"s3_uri": "s3://images/notes.txt"}), 400, "unsupported_media_type")
     assert_error(*call({"s3_uri": "s3://private/notes.txt"}), 400, "s3_not_allowed")
+
+
+# --- asynchronous endpoints (moto S3, stubbed InvokeEndpointAsync) ----------------------------
+
+ASYNC_ENV = {"ASYNC_INPUT_S3_URI": "s3://images/async-in", "ALLOWED_BUCKETS": "images"}
+
+
+def expect_async(call: Harness, input_location: str | None, content_type: str) -> list[str]:
+    """Answer one InvokeEndpointAsync (from ``input_location``; None: any); the input location it
+    was sent is appended to the result."""
+    sent: list[str] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        sent.append(params["InputLocation"])
+
+    call.runtime.meta.events.register("provide-client-params.sagemaker-runtime.InvokeEndpointAsync", record)
+    call.stub.add_response(
+        "invoke_endpoint_async",
+        {"InferenceId": "inf-1", "OutputLocation": "s3://images/async-out/inf-1.out",
+         "FailureLocation": "s3://images/async-failed/inf-1.out"},
+        expected_params={"EndpointName": ENDPOINT, "ContentType": content_type, "Accept": "application/json",
+                         "InputLocation": ANY if input_location is None else input_location},
+    )
+    return sent
+
+
+def test_async_inline_image_is_stored_then_queued_and_answered_202(s3: Any) -> None:
+    call = Harness(ASYNC_ENV, s3=s3)
+    image = png()
+    sent = expect_async(call, None, "image/png")
+
+    status, _, body = call(http_api_event(json.dumps({"image": b64(image)})))
+
+    assert status == 202
+    assert body == {"inference_id": "inf-1", "input_location": sent[0],
+                    "output_location": "s3://images/async-out/inf-1.out",
+                    "failure_location": "s3://images/async-failed/inf-1.out"}
+    assert re.fullmatch(r"s3://images/async-in/[0-9a-f]{32}\.png", sent[0])
+    key = sent[0].removeprefix("s3://images/")
+    stored = s3.get_object(Bucket="images", Key=key)
+    assert stored["Body"].read() == image and stored["ContentType"] == "image/png"
+
+
+def test_async_s3_reference_is_queued_as_it_is_even_above_the_real_time_limit(s3: Any) -> None:
+    big = jpeg() + bytes(7 * 1024 * 1024)  # past InvokeEndpoint's 6 MB, within an async endpoint's 1 GB
+    s3.put_object(Bucket="images", Key="scans/big.jpg", Body=big)
+    call = Harness(ASYNC_ENV, s3=s3)
+    expect_async(call, "s3://images/scans/big.jpg", "image/jpeg")
+
+    status, _, body = call({"s3_uri": "s3://images/scans/big.jpg"})
+
+    assert status == 202 and body["input_location"] == "s3://images/scans/big.jpg"
+    assert [item["Key"] for item in s3.list_objects_v2(Bucket="images")["Contents"]] == ["scans/big.jpg"]
+
+
+def test_async_refusals_queue_nothing(s3: Any) -> None:
+    s3.put_object(Bucket="images", Key="notes.txt", Body=b"not an image at all")
+    call = Harness({**ASYNC_ENV, "MAX_IMAGE_BYTES": "100"}, s3=s3)
+    s3.put_object(Bucket="images", Key="big.png", Body=noisy_png())
+
+    assert_error(*call({"s3_uri": "s3://images/notes.txt"}), 400, "unsupported_media_type")
+    assert_error(*call({"s3_uri": "s3://images/big.png"}), 400, "payload_too_large")
+    assert_error(*call({"s3_uri": "s3://images/none.png"}), 400, "s3_object_unavailable")
+    assert_error(*call({"s3_uri": "s3://private/x.png"}), 400, "s3_not_allowed")
+    assert_error(*call({"image": b64(b"plain text")}), 400, "unsupported_media_type")
+    assert sorted(item["Key"] for item in s3.list_objects_v2(Bucket="images")["Contents"]) == ["big.png", "notes.txt"]
+
+
+def test_async_settings() -> None:
+    settings = handler.from_env({**ENV, "ASYNC_INPUT_S3_URI": "s3://bucket/in"})
+    assert settings.async_input == handler.S3Object("bucket", "in/")
+    assert settings.max_image_bytes == 1024 ** 3
+    with pytest.raises(handler.ConfigError, match="ASYNC_INPUT_S3_URI"):
+        handler.from_env({**ENV, "ASYNC_INPUT_S3_URI": "bucket/in"})
+    with pytest.raises(handler.ConfigError, match="MAX_IMAGE_BYTES"):
+        handler.from_env({**ENV, "MAX_IMAGE_BYTES": str(7 * 1024 * 1024)})  # past InvokeEndpoint's limit
 
 
 # --- settings, clients and the entry point ----------------------------------------------------

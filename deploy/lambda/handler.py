@@ -15,6 +15,12 @@ Requests (all the same to the function):
 Lambda limits a synchronous event to 6 MB, so an inline image (base64, 4 characters per 3 bytes)
 can be at most about 4.4 MB; send larger ones as S3 references.
 
+With ``ASYNC_INPUT_S3_URI`` set, the endpoint is an asynchronous one and the function only submits
+work: an inline image is stored under that prefix, an S3 reference is passed on as it is (up to
+1 GB, never read but for its first bytes), and the answer is 202 with
+``{"inference_id", "input_location", "output_location", "failure_location"}``; the prediction appears at
+``output_location`` when the endpoint has run it (its SNS topics, if any, say when).
+
 The image type is detected from its first bytes (JPEG, PNG, WebP, GIF, BMP, TIFF), never taken
 from the client. The answer is always an API Gateway proxy response (a direct invoker reads
 ``statusCode`` and ``json.loads(body)``): ``{"predictions": [{"label", "index", "probability"}]}``
@@ -38,11 +44,14 @@ MAX_ATTEMPTS        tries per AWS call, first included, default 3. Only a call t
                     tried again; one that timed out waiting for the model never is
 GATEWAY_TIMEOUT_S   API Gateway's integration timeout, default 29; API Gateway events are
                     answered before it
+ASYNC_INPUT_S3_URI  an asynchronous endpoint: where inline images are stored for it
+                    (``s3://bucket/prefix/``); MAX_IMAGE_BYTES then defaults to, and may reach, 1 GiB
 LOG_LEVEL           default INFO
 ==================  =========================================================================
 
 The function's role needs ``sagemaker:InvokeEndpoint`` on the endpoint and, for S3 references,
-``s3:GetObject`` on the allowed buckets.
+``s3:GetObject`` on the allowed buckets; for an asynchronous endpoint, ``sagemaker:InvokeEndpointAsync``
+instead and ``s3:PutObject`` under ASYNC_INPUT_S3_URI.
 
 Worst case: every AWS call's timeouts are cut from the time left, which is the smaller of the
 function's remaining time (``context.get_remaining_time_in_millis()``) and, for API Gateway events,
@@ -64,6 +73,7 @@ import os
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -84,6 +94,10 @@ logger = logging.getLogger(__name__)
 JSON = "application/json"
 # InvokeEndpoint's Body limit in the sagemaker-runtime API model (6 MiB).
 INVOKE_ENDPOINT_MAX_BYTES = 6 * 1024 * 1024
+# What an asynchronous endpoint takes from S3 (InvokeEndpointAsync's input limit, 1 GB).
+ASYNC_MAX_BYTES = 1024 * 1024 * 1024
+# Enough of a file to tell its image type.
+SNIFF_BYTES = 32
 # SageMaker's endpoint name rule, from the same API model.
 ENDPOINT_NAME_PATTERN = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 # What API Gateway's own CORS set-up allows by default.
@@ -126,6 +140,7 @@ class Settings:
     max_attempts: int = 3
     gateway_timeout_s: float = 29.0
     log_level: str = "INFO"
+    async_input: S3Object | None = None  # an asynchronous endpoint: inline images go under this prefix
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -155,11 +170,19 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Settings:
     log_level = environ.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"LOG_LEVEL={log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    async_input = None
+    if environ.get("ASYNC_INPUT_S3_URI", "").strip():
+        uri = environ["ASYNC_INPUT_S3_URI"].strip()
+        match = re.fullmatch(r"s3://([^/]+)/(.*)", uri)
+        if match is None:
+            raise ConfigError(f"ASYNC_INPUT_S3_URI={uri!r} is not an s3://bucket/prefix/ URI")
+        prefix = match[2] if not match[2] or match[2].endswith("/") else match[2] + "/"
+        async_input = S3Object(match[1], prefix)
+    max_bytes = ASYNC_MAX_BYTES if async_input else INVOKE_ENDPOINT_MAX_BYTES
     return Settings(
         endpoint_name=endpoint_name,
         allowed_origins=_split(environ.get("ALLOWED_ORIGINS", "")),
-        max_image_bytes=_number(environ, "MAX_IMAGE_BYTES", INVOKE_ENDPOINT_MAX_BYTES, int,
-                                1, INVOKE_ENDPOINT_MAX_BYTES),
+        max_image_bytes=_number(environ, "MAX_IMAGE_BYTES", max_bytes, int, 1, max_bytes),
         allowed_buckets=frozenset(_split(environ.get("ALLOWED_BUCKETS", ""))),
         top_k=_number(environ, "TOP_K", 5, int, 1, 1000),
         connect_timeout_s=_number(environ, "CONNECT_TIMEOUT_S", 1.0, float, 0.1, 60),
@@ -167,6 +190,7 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Settings:
         max_attempts=_number(environ, "MAX_ATTEMPTS", 3, int, 1, 10),
         gateway_timeout_s=_number(environ, "GATEWAY_TIMEOUT_S", 29.0, float, 1, 900),
         log_level=log_level,
+        async_input=async_input,
     )
 
 
@@ -482,6 +506,35 @@ def read_s3(clients: Clients, settings: Settings, deadline: Deadline, target: S3
     return data
 
 
+def sniff_s3(clients: Clients, settings: Settings, deadline: Deadline, target: S3Object) -> str:
+    """An S3 object's image type, from its first bytes only (an asynchronous input may be 1 GB)."""
+    def head(client: Any) -> tuple[int, bytes]:
+        response = client.get_object(Bucket=target.bucket, Key=target.key, Range=f"bytes=0-{SNIFF_BYTES - 1}")
+        size = int(response.get("ContentRange", "/0").rsplit("/", 1)[1] or 0) or response.get("ContentLength", 0)
+        with response["Body"] as body:
+            return size, body.read(SNIFF_BYTES)
+
+    try:
+        size, first = call_aws(clients, settings, deadline, "s3", head)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "404", "403", "InvalidRange"):
+            raise bad_request("s3_object_unavailable", f"{target} does not exist, is empty or cannot be read") from None
+        logger.error("reading %s failed: %s", target, exc)
+        raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", f"reading {target} failed") from None
+    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
+        raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "s3_timeout", f"reading {target} took too long") from None
+    except (EndpointConnectionError, HTTPClientError) as exc:
+        logger.error("reading %s failed: %s", target, exc)
+        raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", f"reading {target} failed") from None
+    if size > settings.max_image_bytes:
+        raise too_large(f"{size} bytes", settings.max_image_bytes)
+    kind = sniff_image_type(first)
+    if kind is None:
+        raise bad_request("unsupported_media_type", f"{target} is not a JPEG, PNG, WebP, GIF, BMP or TIFF image")
+    return kind
+
+
 def sniff_image_type(data: bytes) -> str | None:
     """The media type that the first bytes announce, or None for anything else."""
     if data.startswith(b"\xff\xd8\xff"):
@@ -552,6 +605,56 @@ def invoke(clients: Clients, settings: Settings, deadline: Deadline, image: byte
                            "the model endpoint answered with an unexpected body") from None
 
 
+EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif",
+              "image/bmp": "bmp", "image/tiff": "tiff"}
+
+
+def submit(clients: Clients, settings: Settings, deadline: Deadline, image: bytes | None, source: S3Object | None,
+           content_type: str) -> dict[str, str]:
+    """Queue one image on the asynchronous endpoint (an inline one stored first); where its answer
+    will be."""
+    assert settings.async_input is not None
+    if source is None:
+        source = S3Object(settings.async_input.bucket,
+                          f"{settings.async_input.key}{uuid.uuid4().hex}.{EXTENSIONS[content_type]}")
+        store = source
+
+        def put(client: Any) -> None:
+            client.put_object(Bucket=store.bucket, Key=store.key, Body=image, ContentType=content_type)
+
+        try:
+            call_aws(clients, settings, deadline, "s3", put)
+        except ClientError as exc:
+            logger.error("storing %s failed: %s", store, exc)
+            raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", "the image could not be stored for the "
+                                                                   "asynchronous endpoint") from None
+        except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
+            raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "s3_timeout", "storing the image took too long") from None
+        except (EndpointConnectionError, HTTPClientError) as exc:
+            logger.error("storing %s failed: %s", store, exc)
+            raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", "the image could not be stored") from None
+    location = source
+
+    def post(client: Any) -> dict[str, Any]:
+        return client.invoke_endpoint_async(EndpointName=settings.endpoint_name, InputLocation=str(location),
+                                            ContentType=content_type, Accept=JSON)
+
+    try:
+        response = call_aws(clients, settings, deadline, "sagemaker-runtime", post)
+    except ClientError as exc:
+        raise endpoint_error(exc) from None
+    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
+        raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "endpoint_timeout",
+                           "the model endpoint did not take the request in time") from None
+    except (EndpointConnectionError, HTTPClientError) as exc:
+        logger.error("cannot reach the endpoint: %s", exc)
+        raise RequestError(HTTPStatus.BAD_GATEWAY, "endpoint_unreachable",
+                           "the model endpoint could not be reached") from None
+    return {"inference_id": response.get("InferenceId", ""), "input_location": str(location),
+            "output_location": response.get("OutputLocation", ""),
+            "failure_location": response.get("FailureLocation", "")}
+
+
 def endpoint_error(exc: ClientError) -> RequestError:
     """InvokeEndpoint's error, told in words a client can act on, without account details."""
     response = exc.response
@@ -594,6 +697,16 @@ def handle(event: Any, settings: Settings, clients: Clients, context: Any = None
             return respond(HTTPStatus.NO_CONTENT, None, cors_headers(settings, origin, preflight=True))
         if request.method != "POST":
             raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed", "use POST")
+        if settings.async_input is not None:
+            if request.s3 is not None:
+                content_type = sniff_s3(clients, settings, deadline, request.s3)
+            else:
+                content_type = check_image(request.image or b"", settings.max_image_bytes)
+            source = str(request.s3) if request.s3 else f"{len(request.image or b'')} bytes"
+            detail = f" ({content_type}, {source}, asynchronous)"
+            queued = submit(clients, settings, deadline, request.image, request.s3, content_type)
+            outcome = "202 accepted"
+            return respond(HTTPStatus.ACCEPTED, queued, cors_headers(settings, origin))
         image = request.image if request.s3 is None else read_s3(clients, settings, deadline, request.s3)
         content_type = check_image(image or b"", settings.max_image_bytes)
         detail = f" ({content_type}, {len(image or b'')} bytes{', from ' + str(request.s3) if request.s3 else ''})"

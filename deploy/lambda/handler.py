@@ -480,6 +480,24 @@ def parse_payload(payload: Any, settings: Settings, *, method: str, origin: str 
     return Request(method, origin, s3=target)
 
 
+def read_from_s3(clients: Clients, settings: Settings, deadline: Deadline, target: S3Object,
+                 call: Callable[[Any], T]) -> T:
+    """An S3 read of ``target``; its failures become the function's own answers."""
+    try:
+        return call_aws(clients, settings, deadline, "s3", call)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "404", "403", "InvalidRange"):
+            raise bad_request("s3_object_unavailable", f"{target} does not exist, is empty or cannot be read") from None
+        logger.error("reading %s failed: %s", target, exc)
+        raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", f"reading {target} failed") from None
+    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
+        raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "s3_timeout", f"reading {target} took too long") from None
+    except (EndpointConnectionError, HTTPClientError) as exc:
+        logger.error("reading %s failed: %s", target, exc)
+        raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", f"reading {target} failed") from None
+
+
 def read_s3(clients: Clients, settings: Settings, deadline: Deadline, target: S3Object) -> bytes:
     def get(client: Any) -> bytes:
         response = client.get_object(Bucket=target.bucket, Key=target.key)
@@ -488,19 +506,7 @@ def read_s3(clients: Clients, settings: Settings, deadline: Deadline, target: S3
                 raise too_large(f"{response['ContentLength']} bytes", settings.max_image_bytes)
             return body.read(settings.max_image_bytes + 1)
 
-    try:
-        data = call_aws(clients, settings, deadline, "s3", get)
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "404", "403"):
-            raise bad_request("s3_object_unavailable", f"{target} does not exist or cannot be read") from None
-        logger.error("reading %s failed: %s", target, exc)
-        raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", f"reading {target} failed") from None
-    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
-        raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "s3_timeout", f"reading {target} took too long") from None
-    except (EndpointConnectionError, HTTPClientError) as exc:
-        logger.error("reading %s failed: %s", target, exc)
-        raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", f"reading {target} failed") from None
+    data = read_from_s3(clients, settings, deadline, target, get)
     if len(data) > settings.max_image_bytes:
         raise too_large(f"more than {settings.max_image_bytes} bytes", settings.max_image_bytes)
     return data
@@ -514,19 +520,7 @@ def sniff_s3(clients: Clients, settings: Settings, deadline: Deadline, target: S
         with response["Body"] as body:
             return size, body.read(SNIFF_BYTES)
 
-    try:
-        size, first = call_aws(clients, settings, deadline, "s3", head)
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "404", "403", "InvalidRange"):
-            raise bad_request("s3_object_unavailable", f"{target} does not exist, is empty or cannot be read") from None
-        logger.error("reading %s failed: %s", target, exc)
-        raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", f"reading {target} failed") from None
-    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
-        raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "s3_timeout", f"reading {target} took too long") from None
-    except (EndpointConnectionError, HTTPClientError) as exc:
-        logger.error("reading %s failed: %s", target, exc)
-        raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", f"reading {target} failed") from None
+    size, first = read_from_s3(clients, settings, deadline, target, head)
     if size > settings.max_image_bytes:
         raise too_large(f"{size} bytes", settings.max_image_bytes)
     kind = sniff_image_type(first)
@@ -575,6 +569,21 @@ def container_message(original: str) -> str:
     return str(message).strip()[:500] or "no message"
 
 
+def call_endpoint(clients: Clients, settings: Settings, deadline: Deadline, call: Callable[[Any], T],
+                  too_slow: str) -> T:
+    """A sagemaker-runtime call; its failures become the function's own answers."""
+    try:
+        return call_aws(clients, settings, deadline, "sagemaker-runtime", call)
+    except ClientError as exc:
+        raise endpoint_error(exc) from None
+    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
+        raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "endpoint_timeout", too_slow) from None
+    except (EndpointConnectionError, HTTPClientError) as exc:
+        logger.error("cannot reach the endpoint: %s", exc)
+        raise RequestError(HTTPStatus.BAD_GATEWAY, "endpoint_unreachable",
+                           "the model endpoint could not be reached") from None
+
+
 def invoke(clients: Clients, settings: Settings, deadline: Deadline, image: bytes, content_type: str
            ) -> list[dict[str, Any]]:
     def post(client: Any) -> bytes:
@@ -583,17 +592,7 @@ def invoke(clients: Clients, settings: Settings, deadline: Deadline, image: byte
         )
         return response["Body"].read()
 
-    try:
-        raw = call_aws(clients, settings, deadline, "sagemaker-runtime", post)
-    except ClientError as exc:
-        raise endpoint_error(exc) from None
-    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
-        raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "endpoint_timeout",
-                           "the model endpoint did not answer in time") from None
-    except (EndpointConnectionError, HTTPClientError) as exc:
-        logger.error("cannot reach the endpoint: %s", exc)
-        raise RequestError(HTTPStatus.BAD_GATEWAY, "endpoint_unreachable",
-                           "the model endpoint could not be reached") from None
+    raw = call_endpoint(clients, settings, deadline, post, "the model endpoint did not answer in time")
     try:
         predictions = json.loads(raw)["predictions"]
         if not isinstance(predictions, list):
@@ -639,17 +638,7 @@ def submit(clients: Clients, settings: Settings, deadline: Deadline, image: byte
         return client.invoke_endpoint_async(EndpointName=settings.endpoint_name, InputLocation=str(location),
                                             ContentType=content_type, Accept=JSON)
 
-    try:
-        response = call_aws(clients, settings, deadline, "sagemaker-runtime", post)
-    except ClientError as exc:
-        raise endpoint_error(exc) from None
-    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
-        raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "endpoint_timeout",
-                           "the model endpoint did not take the request in time") from None
-    except (EndpointConnectionError, HTTPClientError) as exc:
-        logger.error("cannot reach the endpoint: %s", exc)
-        raise RequestError(HTTPStatus.BAD_GATEWAY, "endpoint_unreachable",
-                           "the model endpoint could not be reached") from None
+    response = call_endpoint(clients, settings, deadline, post, "the model endpoint did not take the request in time")
     return {"inference_id": response.get("InferenceId", ""), "input_location": str(location),
             "output_location": response.get("OutputLocation", ""),
             "failure_location": response.get("FailureLocation", "")}

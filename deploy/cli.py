@@ -336,9 +336,15 @@ def scaling_from_args(args: argparse.Namespace) -> hosting.Autoscaling | hosting
         raise UsageError("autoscaling needs the endpoint InService first: drop --no-wait")
     if args.asynchronous:
         minimum = args.min_instances if args.min_instances is not None else 0
+        if not 0 <= minimum <= args.max_instances or args.max_instances < 1:
+            raise UsageError(f"autoscaling needs 0 <= --min-instances ({minimum}) <= --max-instances "
+                             f"({args.max_instances}) and --max-instances >= 1")
         return hosting.BacklogScaling(minimum, args.max_instances, args.target_backlog,
                                       args.scale_in_cooldown, args.scale_out_cooldown)
     minimum = args.min_instances if args.min_instances is not None else args.instance_count
+    if not 1 <= minimum <= args.max_instances:
+        raise UsageError(f"autoscaling needs 1 <= --min-instances ({minimum}) <= --max-instances "
+                         f"({args.max_instances})")
     return hosting.Autoscaling(minimum, args.max_instances, args.target_invocations,
                                args.scale_in_cooldown, args.scale_out_cooldown)
 
@@ -378,8 +384,8 @@ def multi_model_from_args(args: argparse.Namespace, session: Any, environ: Mappi
                          "job's artifact there with add-model --training-job")
     instance_type = args.instance_type or DEFAULT_HOSTING_INSTANCE
     if instance_type.startswith(GPU_INSTANCE_FAMILIES):
-        raise UsageError(f"--multi-model runs on CPU instances: SageMaker hosts multi-model GPU endpoints only "
-                         f"with its Triton container, not on {instance_type}")
+        raise UsageError(f"--multi-model runs on CPU instances: SageMaker hosts multi-model endpoints on GPU "
+                         f"and accelerator instances ({instance_type}) only with its own containers (Triton)")
     return hosting.build_multi_model(session, image_uri=args.image_uri, model_data_prefix=args.model_data,
                                      role=resolve_role(args, environ), env=dict(args.env),
                                      name=args.model_name or endpoint_name)
@@ -400,7 +406,8 @@ def cmd_deploy(args: argparse.Namespace, session: Any, environ: Mapping[str, str
         instance_type=args.instance_type or ("local" if args.local else DEFAULT_HOSTING_INSTANCE),
         instance_count=args.instance_count,
         serverless=hosting.Serverless(args.memory_mb, args.max_concurrency) if args.serverless else None,
-        asynchronous=asynchronous, capture_s3_uri=args.capture_s3_uri, capture_percent=args.capture_percent, wait=args.wait,
+        asynchronous=asynchronous, capture_s3_uri=args.capture_s3_uri, capture_percent=args.capture_percent,
+        wait=args.wait,
     )
     print(f"endpoint: {name}")
     if args.multi_model:

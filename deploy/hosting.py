@@ -67,7 +67,7 @@ class BacklogScaling:
     min_instances: int
     max_instances: int
     target_backlog: float = 5.0  # queued requests per instance to aim for
-    scale_in_cooldown_s: int = 600
+    scale_in_cooldown_s: int = 300
     scale_out_cooldown_s: int = 60
 
 
@@ -305,7 +305,12 @@ def delete(session: Session, endpoint_name: str, autoscaling_client: Any | None 
                     ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION)
     if cloudwatch_client is not None:
         alarm = f"{endpoint_name}-backlog-without-capacity"
-        if cloudwatch_client.describe_alarms(AlarmNames=[alarm])["MetricAlarms"]:
+        try:
+            exists = bool(cloudwatch_client.describe_alarms(AlarmNames=[alarm])["MetricAlarms"])
+        except ClientError as error:  # no CloudWatch permission need not keep the endpoint alive
+            logger.warning("could not look for alarm %s: %s", alarm, error)
+            exists = False
+        if exists:
             attempt(f"alarm {alarm}", cloudwatch_client.delete_alarms, AlarmNames=[alarm])
     attempt(f"endpoint {endpoint_name}", client.delete_endpoint, EndpointName=endpoint_name)
     if config:

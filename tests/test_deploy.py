@@ -288,7 +288,8 @@ def test_multi_model_endpoint_gets_models_added_listed_and_invoked_by_name(aws: 
         AlgorithmSpecification={"TrainingImage": IMAGE, "TrainingInputMode": "File"},
         OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/jobs/"},
         ResourceConfig={"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 10})
-    job_artifact = aws.sagemaker.describe_training_job(TrainingJobName="shapes-job")["ModelArtifacts"]["S3ModelArtifacts"]
+    job = aws.sagemaker.describe_training_job(TrainingJobName="shapes-job")
+    job_artifact = job["ModelArtifacts"]["S3ModelArtifacts"]
     s3.copy_object(Bucket=BUCKET, Key=job_artifact.split(f"s3://{BUCKET}/", 1)[1],
                    CopySource={"Bucket": BUCKET, "Key": "jobs/shapes/output/model.tar.gz"})
     assert aws.run("add-model", "--model-data-prefix", prefix, "--training-job", "shapes-job",

@@ -815,6 +815,18 @@ def test_async_refusals_queue_nothing(s3: Any) -> None:
     assert sorted(item["Key"] for item in s3.list_objects_v2(Bucket="images")["Contents"]) == ["big.png", "notes.txt"]
 
 
+def test_async_endpoint_refusal_is_502_and_removes_the_stored_image(s3: Any) -> None:
+    call = Harness(ASYNC_ENV, s3=s3)
+    call.stub.add_client_error("invoke_endpoint_async", service_error_code="ValidationError",
+                               service_message="Endpoint image-classifier-prod of account 1 not found.",
+                               http_status_code=400)
+
+    message = assert_error(*call({"image": b64(png())}), 502, "endpoint_not_found")
+
+    assert "not found" in message
+    assert s3.list_objects_v2(Bucket="images").get("KeyCount", 0) == 0  # the stored input is gone again
+
+
 def test_async_settings() -> None:
     settings = handler.from_env({**ENV, "ASYNC_INPUT_S3_URI": "s3://bucket/in"})
     assert settings.async_input == handler.S3Object("bucket", "in/")

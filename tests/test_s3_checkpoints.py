@@ -28,8 +28,8 @@ import torch
 from moto import mock_aws
 
 from train import checkpoint
-from train.s3_checkpoints import S3Checkpoints, split_s3_uri, spot_interruption_notice, watch_for_spot_notice
-from train.settings import SettingsError, resolve
+from train.s3_checkpoints import S3Checkpoints, spot_interruption_notice, watch_for_spot_notice
+from train.settings import SettingsError, resolve, split_s3_uri
 
 from imagedata import write_image_folder
 from ports import free_port
@@ -141,10 +141,37 @@ def test_restore_fills_an_empty_folder_and_leaves_a_full_one_alone(s3, tmp_path:
     assert checkpoint.load_latest(fresh)["step_in_epoch"] == 4
     assert not list(fresh.glob(".*"))  # no download left half-written
 
-    own = tmp_path / "own"
-    checkpoint.save(own, {"epoch": 1, "step_in_epoch": 1, "value": torch.tensor([1])}, 1)
-    assert S3Checkpoints(f"s3://{BUCKET}/run/", own, s3).restore() == []
-    assert [path.name for path in checkpoint.list_checkpoints(own)] == ["checkpoint-0000000001.pt"]
+    newer = tmp_path / "newer"
+    checkpoint.save(newer, {"epoch": 1, "step_in_epoch": 5, "value": torch.tensor([5])}, 5)
+    assert S3Checkpoints(f"s3://{BUCKET}/run/", newer, s3).restore() == []
+    assert [path.name for path in checkpoint.list_checkpoints(newer)] == ["checkpoint-0000000005.pt"]
+
+
+def test_a_folder_left_from_an_older_run_takes_the_newer_checkpoints_and_deletes_none(s3, tmp_path: Path) -> None:
+    """A machine whose disk still holds checkpoints 1 and 2 resumes from the prefix's 3 and 4, and
+    its next sync leaves them there."""
+    ahead, stale = tmp_path / "ahead", tmp_path / "stale"
+    for step in (3, 4):
+        checkpoint.save(ahead, {"epoch": 1, "step_in_epoch": step, "value": torch.tensor([step])}, step)
+    S3Checkpoints(f"s3://{BUCKET}/run/", ahead, s3).flush()
+    for step in (1, 2):
+        checkpoint.save(stale, {"epoch": 1, "step_in_epoch": step, "value": torch.tensor([step])}, step)
+
+    mirror = S3Checkpoints(f"s3://{BUCKET}/run/", stale, s3)
+    assert mirror.restore() == ["checkpoint-0000000003.pt", "checkpoint-0000000004.pt"]
+    assert checkpoint.load_latest(stale)["step_in_epoch"] == 4
+    mirror.sync()
+    assert keys(s3) == ["run/checkpoint-0000000001.pt", "run/checkpoint-0000000002.pt",
+                        "run/checkpoint-0000000003.pt", "run/checkpoint-0000000004.pt"]
+    checkpoint.save(stale, {"epoch": 1, "step_in_epoch": 5, "value": torch.tensor([5])}, 5)  # keeps 4 and 5
+    mirror.sync()
+    assert keys(s3) == ["run/checkpoint-0000000004.pt", "run/checkpoint-0000000005.pt"]
+
+    # A prefix ahead of the folder (another run writing to it) loses nothing to this one's sync.
+    S3Checkpoints(f"s3://{BUCKET}/run/", tmp_path / "empty", s3).sync()
+    s3.put_object(Bucket=BUCKET, Key="run/checkpoint-0000000009.pt", Body=b"another run's")
+    mirror.sync()
+    assert "run/checkpoint-0000000009.pt" in keys(s3)
 
 
 def test_an_unreachable_bucket_is_a_clear_error(s3, tmp_path: Path) -> None:
@@ -167,10 +194,17 @@ def test_settings_take_the_uri_and_spot_from_flags_or_environment(tmp_path: Path
     base = ["--train", str(tmp_path / "data"), "--base-dir", str(tmp_path)]
     settings = resolve([*base, "--checkpoint-s3-uri", "s3://b/p/", "--spot"], {})
     assert (settings.paths.checkpoint_s3_uri, settings.spot) == ("s3://b/p/", True)
-    settings = resolve(base, {"CLASSIFIER_CHECKPOINT_S3_URI": "s3://b/q/", "CLASSIFIER_SPOT": "true"})
+    settings = resolve(base, {"CLASSIFIER_CHECKPOINT_S3_URI": "s3://b/q/", "CLASSIFIER_SPOT": "true",
+                              "CLASSIFIER_SPOT_POLL_S": "0.5",
+                              "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://[fd00:ec2::254]/"})
     assert (settings.paths.checkpoint_s3_uri, settings.spot) == ("s3://b/q/", True)
+    assert (settings.spot_poll_s, settings.metadata_endpoint) == (0.5, "http://[fd00:ec2::254]")
     settings = resolve(base, {})
     assert (settings.paths.checkpoint_s3_uri, settings.spot) == (None, False)
+    assert (settings.spot_poll_s, settings.metadata_endpoint) == (5.0, "http://169.254.169.254")
+    for bad in ("0", "soon", "61"):
+        with pytest.raises(SettingsError, match="CLASSIFIER_SPOT_POLL_S"):
+            resolve(base, {"CLASSIFIER_SPOT_POLL_S": bad})
 
 
 @pytest.mark.parametrize("tokens", [True, False], ids=["imdsv2", "imdsv1"])
@@ -188,7 +222,7 @@ def test_the_spot_notice_is_read_with_or_without_a_session_token(tokens: bool) -
 
 def test_the_watcher_sets_stop_on_the_notice(imds: FakeImds) -> None:
     stop = threading.Event()
-    thread = watch_for_spot_notice(stop, imds.url, poll_s=0.05)
+    thread = watch_for_spot_notice(stop, imds.url, 0.05, threading.Event())
     assert not stop.wait(0.3)
     imds.announce()
     assert stop.wait(10)
@@ -196,8 +230,28 @@ def test_the_watcher_sets_stop_on_the_notice(imds: FakeImds) -> None:
     assert not thread.is_alive()
 
 
-def test_no_metadata_service_means_no_notice() -> None:
-    assert spot_interruption_notice(f"http://127.0.0.1:{free_port()}", timeout_s=1) is None
+def test_the_watcher_ends_with_the_run(imds: FakeImds) -> None:
+    stop, done = threading.Event(), threading.Event()
+    thread = watch_for_spot_notice(stop, imds.url, 0.05, done)
+    done.set()
+    thread.join(10)
+    assert not thread.is_alive() and not stop.is_set()
+
+
+def test_a_metadata_service_that_does_not_answer_is_reported_once(caplog) -> None:
+    stop, done = threading.Event(), threading.Event()
+    url = f"http://127.0.0.1:{free_port()}"
+    assert spot_interruption_notice(url, timeout_s=1) is None
+    with caplog.at_level("WARNING", logger="train.s3_checkpoints"):
+        thread = watch_for_spot_notice(stop, url, 0.05, done)
+        deadline = time.monotonic() + 10
+        while not any("does not answer" in record.message for record in caplog.records):
+            assert time.monotonic() < deadline, "no warning"
+            time.sleep(0.05)
+        done.set()
+        thread.join(10)
+    assert sum("does not answer" in record.message for record in caplog.records) == 1
+    assert not stop.is_set()
 
 
 # --- a spot instance stops itself, a new one resumes from S3 ---------------------------------
@@ -231,7 +285,7 @@ def aws_env(moto_url: str, imds_url: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds_url}
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds_url, "CLASSIFIER_SPOT_POLL_S": "0.2"}
 
 
 def test_a_spot_interrupted_run_resumes_on_a_new_machine_from_s3(moto_server: str, imds: FakeImds,
@@ -303,7 +357,8 @@ def test_the_image_on_ec2_stops_at_the_spot_notice_and_a_fresh_container_resumes
     write_image_folder(data / "valid", 4, seed=2)
     env = [f"-e{name}={value}" for name, value in {
         "AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url}.items()]
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url,
+        "CLASSIFIER_SPOT_POLL_S": "0.2"}.items()]
     train = ["train", "--train", "/data", "--checkpoint-s3-uri", f"s3://{bucket}/run/", *ARGS]
     containers: list[str] = []
     try:

@@ -48,7 +48,7 @@ from train.distributed import (
 )
 from train.engine import Precision, evaluate, train_one_epoch
 from train.report import write_reports
-from train.s3_checkpoints import CheckpointSyncError, S3Checkpoints, imds_endpoint, watch_for_spot_notice
+from train.s3_checkpoints import CheckpointSyncError, S3Checkpoints, watch_for_spot_notice
 from train.settings import Hyperparameters, Paths, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,9 @@ def run(settings: Settings, topology: Topology | None = None, local_rank: int = 
     try:
         with sigterm_requests_stop() as stop, ExitStack() as stack:
             if settings.spot:
-                watch_for_spot_notice(stop, imds_endpoint())
+                done = threading.Event()
+                stack.callback(done.set)
+                watch_for_spot_notice(stop, settings.metadata_endpoint, settings.spot_poll_s, done)
             rank = topology.rank(local_rank)
             observers = Observers(hp, settings.paths, rank, stack)
             return _train(settings, rank, topology.world_size, device, stop, observers)
@@ -349,7 +351,9 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
     progress: dict[str, Any] = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "history": [],
                                 "best_accuracy": -1.0, "best_epoch": 0, "best_state": None, "stale_epochs": 0}
     # Rank 0 holds the checkpoints; outside SageMaker it also mirrors them at an S3 prefix.
-    mirror = S3Checkpoints(paths.checkpoint_s3_uri, paths.checkpoint_dir) if paths.checkpoint_s3_uri and rank == 0 else None
+    mirror = None
+    if paths.checkpoint_s3_uri and rank == 0:
+        mirror = S3Checkpoints(paths.checkpoint_s3_uri, paths.checkpoint_dir)
     if mirror is not None:
         mirror.restore()
     state = _share_checkpoint(checkpoint.load_latest(paths.checkpoint_dir) if rank == 0 else None, rank, device)
@@ -371,8 +375,17 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
             mirror.sync_in_background()
 
     def stopped() -> Outcome:
+        failure = None
         if mirror is not None:
-            mirror.flush()  # the instance may be gone in two minutes: the newest checkpoint in S3 first
+            try:
+                mirror.flush()  # the instance may be gone in two minutes: the newest checkpoint in S3 first
+            except CheckpointSyncError as exc:
+                failure = exc
+        if dist.is_initialized():
+            # The other processes wait for that upload: a launcher stops every process once one exits.
+            dist.barrier()
+        if failure is not None:
+            raise failure
         return Outcome.STOPPED
 
     def after_step(step: int) -> bool:

@@ -19,27 +19,16 @@ import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from train import checkpoint
+from train.settings import split_s3_uri
 
 logger = logging.getLogger(__name__)
 
-IMDS_ENDPOINT = "http://169.254.169.254"  # botocore's AWS_EC2_METADATA_SERVICE_ENDPOINT overrides it
-SPOT_POLL_S = 5.0
 
 
 class CheckpointSyncError(Exception):
     """The checkpoints could not be read from or written to S3."""
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` -> (bucket, "some/prefix/")."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"checkpoint S3 URI must look like s3://bucket/prefix/, not {uri!r}")
-    prefix = parsed.path.lstrip("/")
-    return parsed.netloc, prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
 class S3Checkpoints:
@@ -75,11 +64,11 @@ class S3Checkpoints:
         return found
 
     def restore(self) -> list[str]:
-        """Download the prefix's newest checkpoints when the folder holds none; their names."""
-        if checkpoint.list_checkpoints(self.directory):
-            logger.info("checkpoints: resuming from %s (not downloading %s)", self.directory, self.uri)
-            return []
-        names = sorted(self._remote())[-checkpoint.KEEP:]
+        """Download the prefix's newest checkpoints that are newer than the folder's; their names."""
+        local = [path.name for path in checkpoint.list_checkpoints(self.directory)]
+        names = [name for name in sorted(self._remote())[-checkpoint.KEEP:] if not local or name > local[-1]]
+        if local and not names:
+            logger.info("checkpoints: %s is as new as %s", self.directory, self.uri)
         self.directory.mkdir(parents=True, exist_ok=True)
         for name in names:
             temporary = self.directory / f".{name}.download"
@@ -95,7 +84,8 @@ class S3Checkpoints:
         return names
 
     def sync(self) -> None:
-        """Upload the folder's checkpoints the prefix lacks; delete those the folder no longer has."""
+        """Upload the folder's checkpoints the prefix lacks; delete the older ones the folder no
+        longer has (never one newer than the folder's newest: another run's)."""
         with self._lock:
             local = {path.name: path for path in checkpoint.list_checkpoints(self.directory)}
             remote = self._remote()
@@ -111,7 +101,7 @@ class S3Checkpoints:
                     raise CheckpointSyncError(f"cannot upload {name} to {self.uri}: {exc}") from exc
                 self._in_s3[name] = version
                 logger.info("checkpoints: uploaded %s to %s", name, self.uri)
-            for name in sorted(set(remote) - set(local)):
+            for name in sorted(name for name in set(remote) - set(local) if local and name < max(local)):
                 try:
                     self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
                 except Exception as exc:
@@ -140,14 +130,15 @@ def _version(path: Path) -> tuple[int, int]:
     return status.st_size, status.st_mtime_ns
 
 
-def imds_endpoint(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
-    return (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_ENDPOINT).rstrip("/")
-
-
 def spot_interruption_notice(endpoint: str, timeout_s: float = 2.0) -> str | None:
     """The instance-action document when EC2 has scheduled this spot instance's interruption, else
     None. IMDSv2 (a session token) first; IMDSv1 when no token is given (a container behind a
     metadata hop limit of 1)."""
+    return _ask_for_notice(endpoint, timeout_s)[1]
+
+
+def _ask_for_notice(endpoint: str, timeout_s: float) -> tuple[bool, str | None]:
+    """(whether the metadata service answered the question at all, the notice if there is one)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     headers = {}
     try:
@@ -160,26 +151,35 @@ def spot_interruption_notice(endpoint: str, timeout_s: float = 2.0) -> str | Non
     request = urllib.request.Request(f"{endpoint}/latest/meta-data/spot/instance-action", headers=headers)
     try:
         with opener.open(request, timeout=timeout_s) as response:
-            return response.read().decode()
+            return True, response.read().decode()
     except urllib.error.HTTPError as exc:
-        if exc.code != 404:  # 404: no interruption scheduled
-            logger.debug("spot notice: %s", exc)
+        if exc.code == 404:  # no interruption scheduled
+            return True, None
+        logger.debug("spot notice: %s", exc)
     except (urllib.error.URLError, OSError) as exc:
         logger.debug("spot notice: %s", exc)
-    return None
+    return False, None
 
 
-def watch_for_spot_notice(stop: threading.Event, endpoint: str, poll_s: float = SPOT_POLL_S) -> threading.Thread:
-    """A daemon thread that sets ``stop`` when the interruption notice appears (or ``stop`` is set)."""
+def watch_for_spot_notice(stop: threading.Event, endpoint: str, poll_s: float,
+                          done: threading.Event) -> threading.Thread:
+    """A daemon thread that sets ``stop`` when the interruption notice appears; it ends then, or
+    once ``stop`` or ``done`` is set. A metadata service that does not answer is reported once."""
 
     def watch() -> None:
-        while not stop.is_set():
-            notice = spot_interruption_notice(endpoint)
+        warned = False
+        while not (stop.is_set() or done.is_set()):
+            answered, notice = _ask_for_notice(endpoint, timeout_s=2.0)
             if notice is not None:
                 logger.warning("spot interruption notice (%s): checkpointing and stopping", notice.strip())
                 stop.set()
                 return
-            stop.wait(poll_s)
+            if not answered and not warned:
+                warned = True
+                logger.warning("spot notice: the instance metadata service at %s does not answer (from a "
+                               "container, IMDSv2 needs a metadata hop limit of 2): an interruption notice "
+                               "would go unseen", endpoint)
+            done.wait(poll_s)
 
     thread = threading.Thread(target=watch, name="spot-notice", daemon=True)
     thread.start()

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import json
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from classifier.models import TIMM_PREFIX, available_architectures
 from classifier.parsing import parse_bool
 
 DEFAULT_BASE_DIR = Path("/opt/ml")
+IMDS_ENDPOINT = "http://169.254.169.254"  # EC2's instance metadata service
 TRAIN_CHANNELS = ("training", "train")
 VALIDATION_CHANNELS = ("validation", "valid", "val")
 TEST_CHANNELS = ("test",)
@@ -140,6 +142,8 @@ class Settings:
     hyperparameters: Hyperparameters
     paths: Paths
     spot: bool = False  # watch EC2's instance metadata for the spot interruption notice
+    spot_poll_s: float = 5.0  # how often (CLASSIFIER_SPOT_POLL_S)
+    metadata_endpoint: str = IMDS_ENDPOINT  # botocore's AWS_EC2_METADATA_SERVICE_ENDPOINT overrides it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -351,9 +355,16 @@ def _resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Paths:
     )
 
 
-def _checkpoint_s3_uri(cli: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
-    from train.s3_checkpoints import split_s3_uri
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> (bucket, "some/prefix/")."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"checkpoint S3 URI must look like s3://bucket/prefix/, not {uri!r}")
+    prefix = parsed.path.lstrip("/")
+    return parsed.netloc, prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
+
+def _checkpoint_s3_uri(cli: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
     uri = cli.get("checkpoint_s3_uri") or environ.get("CLASSIFIER_CHECKPOINT_S3_URI") or None
     if uri is not None:
         try:
@@ -382,7 +393,16 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
             spot = parse_bool(environ["CLASSIFIER_SPOT"])
         except ValueError as exc:
             raise SettingsError(f"environment: CLASSIFIER_SPOT={environ['CLASSIFIER_SPOT']!r}: {exc}") from None
-    return Settings(hyperparameters=Hyperparameters(**merged), paths=paths, spot=spot)
+    try:
+        poll_s = float(environ.get("CLASSIFIER_SPOT_POLL_S") or 5.0)
+    except ValueError:
+        poll_s = -1.0
+    if not 0 < poll_s <= 60:
+        raise SettingsError(f"environment: CLASSIFIER_SPOT_POLL_S={environ.get('CLASSIFIER_SPOT_POLL_S')!r} "
+                            "must be a number of seconds above 0, at most 60")
+    endpoint = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_ENDPOINT).rstrip("/")
+    return Settings(hyperparameters=Hyperparameters(**merged), paths=paths, spot=spot, spot_poll_s=poll_s,
+                    metadata_endpoint=endpoint)
 
 
 def base_dir_from(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Path, list[str]]:

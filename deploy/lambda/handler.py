@@ -633,12 +633,23 @@ def submit(clients: Clients, settings: Settings, deadline: Deadline, image: byte
             logger.error("storing %s failed: %s", store, exc)
             raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", "the image could not be stored") from None
     location = source
+    stored = image is not None
 
     def post(client: Any) -> dict[str, Any]:
         return client.invoke_endpoint_async(EndpointName=settings.endpoint_name, InputLocation=str(location),
                                             ContentType=content_type, Accept=JSON)
 
-    response = call_endpoint(clients, settings, deadline, post, "the model endpoint did not take the request in time")
+    try:
+        response = call_endpoint(clients, settings, deadline, post,
+                                 "the model endpoint did not take the request in time")
+    except RequestError:
+        if stored:  # nothing will read it: leave no orphan behind
+            try:
+                call_aws(clients, settings, deadline, "s3",
+                         lambda client: client.delete_object(Bucket=location.bucket, Key=location.key))
+            except Exception as exc:
+                logger.warning("could not delete %s: %s", location, exc)
+        raise
     return {"inference_id": response.get("InferenceId", ""), "input_location": str(location),
             "output_location": response.get("OutputLocation", ""),
             "failure_location": response.get("FailureLocation", "")}

@@ -436,7 +436,7 @@ def side_by_side_overhead(prepared: Prepared, image: str, bodies: Sequence[bytes
             "plain_loop_p50_ms": round(percentile(plain, 50), 2), "ours_handler_p50_ms": round(percentile(server, 50), 2),
             "overhead_p50_ms": round(percentile(server, 50) - percentile(plain, 50), 2),
             "server_outside_handlers_p50_ms": round(percentile(outside, 50), 2),
-            "handlers_in_server_p50_ms": round(percentile(handlers, 50), 2)}
+            "handler_thread_p50_ms": round(percentile(handlers, 50), 2)}  # the wait for the thread included
 
 
 # --- the checks before measuring ----------------------------------------------------------------------
@@ -572,14 +572,24 @@ def find(rows: list[dict[str, Any]], system: str, concurrency: int, settings: st
 def checks(rows: list[dict[str, Any]], details: dict[str, Any]) -> list[dict[str, Any]]:
     found = []
     side = details.get("overhead_side_by_side")
+    check_a = "(a) handler overhead, c=1, side by side: ours handler p50 - plain loop p50"
     if side:
         gap = side["overhead_p50_ms"]
-        found.append({"check": "(a) handler overhead, c=1, side by side: ours handler p50 - plain loop p50",
-                      "goal": f"<= {OVERHEAD_GOAL_MS:g} ms", "met": gap <= OVERHEAD_GOAL_MS,
-                      "value": f"{gap:+.2f} ms ({side['ours_handler_p50_ms']:.1f} vs {side['plain_loop_p50_ms']:.1f} ms "
-                               f"over {side['pairs']} turns each; in the server: handlers "
-                               f"{side['handlers_in_server_p50_ms']:.1f} ms, everything else "
+        found.append({"check": check_a, "goal": f"<= {OVERHEAD_GOAL_MS:g} ms", "met": gap <= OVERHEAD_GOAL_MS,
+                      "value": f"{gap:+.2f} ms ({side['ours_handler_p50_ms']:.1f} vs {side['plain_loop_p50_ms']:.1f} "
+                               f"ms over {side['pairs']} turns each; in the server: the handler thread "
+                               f"{side['handler_thread_p50_ms']:.1f} ms, everything else "
                                f"{side['server_outside_handlers_p50_ms']:.2f} ms)"})
+    else:
+        found.append({"check": check_a, "goal": f"<= {OVERHEAD_GOAL_MS:g} ms", "met": False,
+                      "value": "not measured (the side-by-side run did not complete)"})
+    ours1, loop1 = find(rows, "ours handler", 1), find(rows, "plain loop", 1)
+    if ours1 and loop1:
+        per_round = [round(a - b, 1) for a, b in zip(ours1["p50_ms_runs"], loop1["p50_ms_runs"])]
+        found.append({"check": "(a') the same from the table: ours handler c=1 p50 - plain loop p50 (load "
+                               "generator's client, runs minutes apart)", "goal": "comparison", "met": None,
+                      "value": f"{ours1['p50_ms'] - loop1['p50_ms']:+.1f} ms ({ours1['p50_ms']:.1f} vs "
+                               f"{loop1['p50_ms']:.1f} ms; per round {per_round})"})
     batched8, builtin8 = find(rows, "ours handler batched", 8), find(rows, "ours built-in", 8)
     if batched8 and builtin8:
         ratio = batched8["throughput"] / builtin8["throughput"]

@@ -334,19 +334,16 @@ def scaling_from_args(args: argparse.Namespace) -> hosting.Autoscaling | hosting
         raise UsageError("autoscaling is for instance-backed endpoints in AWS (not --local or --serverless)")
     if not args.wait:
         raise UsageError("autoscaling needs the endpoint InService first: drop --no-wait")
-    if args.asynchronous:
-        minimum = args.min_instances if args.min_instances is not None else 0
-        if not 0 <= minimum <= args.max_instances or args.max_instances < 1:
-            raise UsageError(f"autoscaling needs 0 <= --min-instances ({minimum}) <= --max-instances "
-                             f"({args.max_instances}) and --max-instances >= 1")
-        return hosting.BacklogScaling(minimum, args.max_instances, args.target_backlog,
-                                      args.scale_in_cooldown, args.scale_out_cooldown)
-    minimum = args.min_instances if args.min_instances is not None else args.instance_count
-    if not 1 <= minimum <= args.max_instances:
-        raise UsageError(f"autoscaling needs 1 <= --min-instances ({minimum}) <= --max-instances "
-                         f"({args.max_instances})")
-    return hosting.Autoscaling(minimum, args.max_instances, args.target_invocations,
-                               args.scale_in_cooldown, args.scale_out_cooldown)
+    try:  # the bounds are checked here, before anything is created
+        if args.asynchronous:
+            minimum = args.min_instances if args.min_instances is not None else 0
+            return hosting.BacklogScaling(minimum, args.max_instances, args.target_backlog,
+                                          args.scale_in_cooldown, args.scale_out_cooldown)
+        minimum = args.min_instances if args.min_instances is not None else args.instance_count
+        return hosting.Autoscaling(minimum, args.max_instances, args.target_invocations,
+                                   args.scale_in_cooldown, args.scale_out_cooldown)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 ASYNC_ONLY = ("async_output_path", "async_failure_path", "success_topic", "error_topic",

@@ -41,6 +41,11 @@ class Autoscaling:
     scale_in_cooldown_s: int = 300
     scale_out_cooldown_s: int = 60
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_instances <= self.max_instances:
+            raise ValueError(f"autoscaling needs 1 <= min instances ({self.min_instances}) <= max instances "
+                             f"({self.max_instances})")
+
 
 @dataclass(frozen=True)
 class Asynchronous:
@@ -69,6 +74,11 @@ class BacklogScaling:
     target_backlog: float = 5.0  # queued requests per instance to aim for
     scale_in_cooldown_s: int = 300
     scale_out_cooldown_s: int = 60
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_instances <= self.max_instances or self.max_instances < 1:
+            raise ValueError(f"backlog scaling needs 0 <= min instances ({self.min_instances}) <= max instances "
+                             f"({self.max_instances}) and max instances >= 1")
 
 
 @dataclass(frozen=True)
@@ -170,30 +180,31 @@ def resource_id(endpoint_name: str, variant: str = VARIANT) -> str:
     return f"endpoint/{endpoint_name}/variant/{variant}"
 
 
-def configure_autoscaling(autoscaling_client: Any, endpoint_name: str, scaling: Autoscaling,
-                          variant: str = VARIANT) -> str:
-    """Register the variant as a scalable target and attach a target-tracking policy to it.
-
-    The endpoint must be InService first. Returns the policy name.
-    """
-    if not 1 <= scaling.min_instances <= scaling.max_instances:
-        raise ValueError(f"autoscaling needs 1 <= min ({scaling.min_instances}) <= max ({scaling.max_instances})")
-    resource = resource_id(endpoint_name, variant)
+def _track_target(autoscaling_client: Any, resource: str, scaling: Autoscaling | BacklogScaling, policy: str,
+                  target: float, metric: dict[str, Any]) -> None:
+    """Register the variant as a scalable target and attach a target-tracking policy on ``metric``."""
     autoscaling_client.register_scalable_target(
         ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
         MinCapacity=scaling.min_instances, MaxCapacity=scaling.max_instances,
     )
-    policy = f"{endpoint_name}-invocations-per-instance"
     autoscaling_client.put_scaling_policy(
         PolicyName=policy, ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
         PolicyType="TargetTrackingScaling",
         TargetTrackingScalingPolicyConfiguration={
-            "TargetValue": scaling.target_invocations,
-            "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+            "TargetValue": target, **metric,
             "ScaleInCooldown": scaling.scale_in_cooldown_s,
             "ScaleOutCooldown": scaling.scale_out_cooldown_s,
         },
     )
+
+
+def configure_autoscaling(autoscaling_client: Any, endpoint_name: str, scaling: Autoscaling,
+                          variant: str = VARIANT) -> str:
+    """Target tracking on invocations per instance. The endpoint must be InService first. Returns
+    the policy name."""
+    policy = f"{endpoint_name}-invocations-per-instance"
+    _track_target(autoscaling_client, resource_id(endpoint_name, variant), scaling, policy, scaling.target_invocations,
+                  {"PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}})
     return policy
 
 
@@ -203,28 +214,14 @@ def configure_backlog_scaling(autoscaling_client: Any, cloudwatch_client: Any, e
     instance and, since that metric has no instances to divide by at zero, a step policy that adds
     one instance when requests wait with none running (an alarm on HasBacklogWithoutCapacity).
     Returns the policy names."""
-    if not 0 <= scaling.min_instances <= scaling.max_instances or scaling.max_instances < 1:
-        raise ValueError(f"backlog scaling needs 0 <= min ({scaling.min_instances}) <= max "
-                         f"({scaling.max_instances}) and max >= 1")
     resource = resource_id(endpoint_name, variant)
-    autoscaling_client.register_scalable_target(
-        ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
-        MinCapacity=scaling.min_instances, MaxCapacity=scaling.max_instances,
-    )
     backlog_policy = f"{endpoint_name}-backlog-per-instance"
-    autoscaling_client.put_scaling_policy(
-        PolicyName=backlog_policy, ServiceNamespace="sagemaker", ResourceId=resource,
-        ScalableDimension=SCALABLE_DIMENSION, PolicyType="TargetTrackingScaling",
-        TargetTrackingScalingPolicyConfiguration={
-            "TargetValue": scaling.target_backlog,
-            "CustomizedMetricSpecification": {
-                "MetricName": "ApproximateBacklogSizePerInstance", "Namespace": "AWS/SageMaker",
-                "Dimensions": [{"Name": "EndpointName", "Value": endpoint_name}], "Statistic": "Average",
-            },
-            "ScaleInCooldown": scaling.scale_in_cooldown_s,
-            "ScaleOutCooldown": scaling.scale_out_cooldown_s,
+    _track_target(autoscaling_client, resource, scaling, backlog_policy, scaling.target_backlog, {
+        "CustomizedMetricSpecification": {
+            "MetricName": "ApproximateBacklogSizePerInstance", "Namespace": "AWS/SageMaker",
+            "Dimensions": [{"Name": "EndpointName", "Value": endpoint_name}], "Statistic": "Average",
         },
-    )
+    })
     if scaling.min_instances > 0:
         return [backlog_policy]
     wake_policy = f"{endpoint_name}-backlog-without-capacity"

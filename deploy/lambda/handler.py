@@ -608,32 +608,33 @@ EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "im
               "image/bmp": "bmp", "image/tiff": "tiff"}
 
 
+def store_input(clients: Clients, settings: Settings, deadline: Deadline, image: bytes, content_type: str
+                ) -> S3Object:
+    """Put an inline image under ASYNC_INPUT_S3_URI, where the asynchronous endpoint reads it."""
+    assert settings.async_input is not None
+    target = S3Object(settings.async_input.bucket,
+                      f"{settings.async_input.key}{uuid.uuid4().hex}.{EXTENSIONS[content_type]}")
+
+    def put(client: Any) -> None:
+        client.put_object(Bucket=target.bucket, Key=target.key, Body=image, ContentType=content_type)
+
+    try:
+        call_aws(clients, settings, deadline, "s3", put)
+    except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
+        raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "s3_timeout", "storing the image took too long") from None
+    except (ClientError, EndpointConnectionError, HTTPClientError) as exc:
+        logger.error("storing %s failed: %s", target, exc)
+        raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", "the image could not be stored for the "
+                                                               "asynchronous endpoint") from None
+    return target
+
+
 def submit(clients: Clients, settings: Settings, deadline: Deadline, image: bytes | None, source: S3Object | None,
            content_type: str) -> dict[str, str]:
     """Queue one image on the asynchronous endpoint (an inline one stored first); where its answer
     will be."""
-    assert settings.async_input is not None
-    if source is None:
-        source = S3Object(settings.async_input.bucket,
-                          f"{settings.async_input.key}{uuid.uuid4().hex}.{EXTENSIONS[content_type]}")
-        store = source
-
-        def put(client: Any) -> None:
-            client.put_object(Bucket=store.bucket, Key=store.key, Body=image, ContentType=content_type)
-
-        try:
-            call_aws(clients, settings, deadline, "s3", put)
-        except ClientError as exc:
-            logger.error("storing %s failed: %s", store, exc)
-            raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", "the image could not be stored for the "
-                                                                   "asynchronous endpoint") from None
-        except (OutOfTime, ReadTimeoutError, ConnectTimeoutError):
-            raise RequestError(HTTPStatus.GATEWAY_TIMEOUT, "s3_timeout", "storing the image took too long") from None
-        except (EndpointConnectionError, HTTPClientError) as exc:
-            logger.error("storing %s failed: %s", store, exc)
-            raise RequestError(HTTPStatus.BAD_GATEWAY, "s3_error", "the image could not be stored") from None
-    location = source
-    stored = image is not None
+    stored = source is None
+    location = store_input(clients, settings, deadline, image or b"", content_type) if source is None else source
 
     def post(client: Any) -> dict[str, Any]:
         return client.invoke_endpoint_async(EndpointName=settings.endpoint_name, InputLocation=str(location),

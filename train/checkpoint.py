@@ -63,7 +63,7 @@ def save(directory: Path, state: dict[str, Any], global_step: int) -> Path:
     except BaseException:
         temporary.unlink(missing_ok=True)  # a full disk leaves no partial file behind
         raise
-    for old in sorted(directory.glob(PATTERN))[:-KEEP]:
+    for old in list_checkpoints(directory)[:-KEEP]:
         old.unlink(missing_ok=True)
     logger.info("checkpoint written: %s (epoch %d, step %d)", target, state["epoch"], state["step_in_epoch"])
     return target
@@ -87,7 +87,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 def load_latest(directory: Path) -> dict[str, Any] | None:
     """The newest readable checkpoint in ``directory``, or None when there is none."""
-    for path in sorted(directory.glob(PATTERN), reverse=True):
+    for path in reversed(list_checkpoints(directory)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:

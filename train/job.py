@@ -354,7 +354,6 @@ def _train(settings: Settings, rank: int, world_size: int, device: torch.device,
     mirror = None
     if paths.checkpoint_s3_uri and rank == 0:
         mirror = S3Checkpoints(paths.checkpoint_s3_uri, paths.checkpoint_dir)
-    if mirror is not None:
         mirror.restore()
     state = _share_checkpoint(checkpoint.load_latest(paths.checkpoint_dir) if rank == 0 else None, rank, device)
     if state is not None:

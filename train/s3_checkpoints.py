@@ -2,11 +2,12 @@
 
 SageMaker syncs ``/opt/ml/checkpoints`` with the job's checkpoint S3 URI and sends SIGTERM before
 a spot interruption. On EC2 (or anywhere else) nothing does either, so with
-``--checkpoint-s3-uri`` the checkpoint folder is filled from S3 when it holds no checkpoint (a new
-instance resumes where the interrupted one stopped), each checkpoint is uploaded once written, in
-the background, and the newest is uploaded before the run ends, checkpoints the folder no longer
-keeps are deleted from the prefix. With ``--spot``, the instance metadata service is polled for
-the two-minute interruption notice, which stops the run as SIGTERM does: a checkpoint, then exit.
+``--checkpoint-s3-uri`` the prefix's checkpoints that are newer than the folder's are downloaded
+first (a new instance resumes where the interrupted one stopped), each checkpoint is uploaded
+once written, in the background, the newest before the run ends, and older checkpoints the folder
+no longer keeps are deleted from the prefix. With ``--spot``, the instance metadata service is
+polled for the two-minute interruption notice, which stops the run as SIGTERM does: a
+checkpoint, then exit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from train import checkpoint
 from train.settings import split_s3_uri
 
 logger = logging.getLogger(__name__)
-
 
 
 class CheckpointSyncError(Exception):
@@ -50,15 +50,15 @@ class S3Checkpoints:
         # rewritten under the same name, so the prefix holding a file of that name proves nothing.
         self._in_s3: dict[str, tuple[int, int]] = {}
 
-    def _remote(self) -> dict[str, int]:
-        """Checkpoint file name -> size, under the prefix."""
-        found: dict[str, int] = {}
+    def _remote(self) -> set[str]:
+        """The checkpoint file names directly under the prefix."""
+        found: set[str] = set()
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for item in page.get("Contents", []):
                     name = item["Key"][len(self.prefix):]
                     if "/" not in name and Path(name).match(checkpoint.PATTERN):
-                        found[name] = item["Size"]
+                        found.add(name)
         except Exception as exc:
             raise CheckpointSyncError(f"cannot list {self.uri}: {exc}") from exc
         return found
@@ -101,7 +101,7 @@ class S3Checkpoints:
                     raise CheckpointSyncError(f"cannot upload {name} to {self.uri}: {exc}") from exc
                 self._in_s3[name] = version
                 logger.info("checkpoints: uploaded %s to %s", name, self.uri)
-            for name in sorted(name for name in set(remote) - set(local) if local and name < max(local)):
+            for name in sorted(name for name in remote - set(local) if local and name < max(local)):
                 try:
                     self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
                 except Exception as exc:

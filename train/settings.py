@@ -31,6 +31,7 @@ from classifier.parsing import parse_bool
 
 DEFAULT_BASE_DIR = Path("/opt/ml")
 IMDS_ENDPOINT = "http://169.254.169.254"  # EC2's instance metadata service
+SPOT_POLL_S = 5.0
 TRAIN_CHANNELS = ("training", "train")
 VALIDATION_CHANNELS = ("validation", "valid", "val")
 TEST_CHANNELS = ("test",)
@@ -142,7 +143,7 @@ class Settings:
     hyperparameters: Hyperparameters
     paths: Paths
     spot: bool = False  # watch EC2's instance metadata for the spot interruption notice
-    spot_poll_s: float = 5.0  # how often (CLASSIFIER_SPOT_POLL_S)
+    spot_poll_s: float = SPOT_POLL_S  # how often (CLASSIFIER_SPOT_POLL_S)
     metadata_endpoint: str = IMDS_ENDPOINT  # botocore's AWS_EC2_METADATA_SERVICE_ENDPOINT overrides it
 
     def to_dict(self) -> dict[str, Any]:
@@ -394,7 +395,7 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         except ValueError as exc:
             raise SettingsError(f"environment: CLASSIFIER_SPOT={environ['CLASSIFIER_SPOT']!r}: {exc}") from None
     try:
-        poll_s = float(environ.get("CLASSIFIER_SPOT_POLL_S") or 5.0)
+        poll_s = float(environ.get("CLASSIFIER_SPOT_POLL_S") or SPOT_POLL_S)
     except ValueError:
         poll_s = -1.0
     if not 0 < poll_s <= 60:

@@ -79,7 +79,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from loadgen import LoadResult, run_load  # noqa: E402
+from loadgen import LoadResult, parse_server_timing, run_load  # noqa: E402
 from serve_load import (  # noqa: E402
     PHOTOS,
     RESNET50_PREPROCESSING,
@@ -391,17 +391,6 @@ class LeanClient:
         self.sock.close()
 
 
-def server_timing(header: str) -> dict[str, float]:
-    """``name;dur=1.2;desc=..., ...`` -> {name: 1.2}."""
-    found = {}
-    for part in header.split(","):
-        name, *fields = part.strip().split(";")
-        for item in fields:
-            if item.startswith("dur="):
-                found[name] = float(item[4:])
-    return found
-
-
 def side_by_side_overhead(prepared: Prepared, image: str, bodies: Sequence[bytes], pairs: int) -> dict[str, Any]:
     """The plain loop and our handler server (default settings) taking turns, ``pairs`` times."""
     system = next(s for s in SYSTEMS if s.label == "ours handler")
@@ -423,7 +412,7 @@ def side_by_side_overhead(prepared: Prepared, image: str, bodies: Sequence[bytes
                     if status != 200:
                         raise RuntimeError(f"{name(system)} answered {status}: {payload[:300]!r}")
                     if number >= 10:
-                        timing = server_timing(headers.get("server-timing", ""))
+                        timing = parse_server_timing(headers.get("server-timing"))
                         plain.append(plain_ms)
                         server.append(server_ms)
                         handlers.append(timing.get("handlers", math.nan) + timing.get("queue", 0.0))

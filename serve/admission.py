@@ -5,7 +5,9 @@ at once.
 each may hold up to the body limit in memory, so their number bounds that memory. Beyond the
 limit a request is answered 503 with ``Retry-After`` before its body is read; ``/ping`` and the
 other ``GET`` routes are never refused, so health checks stay truthful under a flood.
-:func:`read_body` then reads an admitted request's body within a size limit and a deadline.
+:func:`read_body` then reads an admitted request's body within a size limit and a deadline; a body
+too large to hold in memory (an asynchronous endpoint's, up to 1 GB) is streamed into an unnamed
+temporary file as it arrives (:class:`SpooledBody`).
 
 A few kilobytes of PNG can hold tens of megapixels, so the body size says nothing of what
 decoding costs. Every full-size decode first takes its estimated bytes from one shared
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -31,6 +35,8 @@ from serve.errors import Overloaded, PayloadTooLarge, RequestTimeout
 # Peak bytes per decoded pixel: the decoder's own image (up to 4 bytes a pixel, as Pillow stores
 # RGB), a rotated copy for EXIF orientation, and the RGB image it becomes (4 bytes a pixel).
 BYTES_PER_DECODED_PIXEL = 12
+# A spooled body's chunks are gathered up to this many bytes before each write to its file.
+SPOOL_WRITE_BYTES = 1024 * 1024
 
 
 class MemoryGate:
@@ -68,24 +74,70 @@ class MemoryGate:
                 self._changed.notify_all()
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+class SpooledBody:
+    """A request body in an unnamed temporary file: its disk space is freed when it is closed, or
+    when the process ends, whatever happens to the request."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.file: BinaryIO = tempfile.TemporaryFile(dir=directory)
+        self.size = 0
+
+    def write(self, chunks: Sequence[bytes]) -> None:
+        self.file.writelines(chunks)
+        self.size += sum(len(chunk) for chunk in chunks)
+
+    def finish(self, chunks: Sequence[bytes]) -> None:
+        """Write the last chunks and rewind, ready to be read."""
+        self.write(chunks)
+        self.file.flush()
+        self.file.seek(0)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+async def read_body(request: Request, limit: int, timeout_s: float, *, spool_above: int | None = None,
+                    spool_dir: Path | None = None, limit_note: str = "") -> bytes | SpooledBody:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and
-    with 408 if it has not all arrived ``timeout_s`` after the request's head."""
+    with 408 if it has not all arrived ``timeout_s`` after the request's head.
+
+    With ``spool_above``, a body larger than that is written to a :class:`SpooledBody` in
+    ``spool_dir`` as it arrives, so no more than about that many bytes of it are ever in memory.
+    ``limit_note`` ends the 413's message (what the limit is for)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes")
-    chunks, size = [], 0
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} bytes{limit_note}")
+    chunks: list[bytes] = []
+    held = size = 0
+    spooled: SpooledBody | None = None
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+                    raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes{limit_note}")
                 chunks.append(chunk)
+                held += len(chunk)
+                if spool_above is not None and size > spool_above and held >= SPOOL_WRITE_BYTES:
+                    if spooled is None:
+                        spooled = SpooledBody(spool_dir)
+                    await asyncio.to_thread(spooled.write, chunks)  # disk writes off the event loop
+                    chunks, held = [], 0
+            if spool_above is not None and size > spool_above:
+                if spooled is None:
+                    spooled = SpooledBody(spool_dir)
+                await asyncio.to_thread(spooled.finish, chunks)
+                return spooled
     except TimeoutError:
+        if spooled is not None:
+            spooled.close()
         # The connection stays open (closing it while the client still sends could reset it before
         # the answer is read); the server closes it if the rest of the body keeps it busy.
         raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s ({size} bytes came)") from None
+    except BaseException:
+        if spooled is not None:
+            spooled.close()
+        raise
     return b"".join(chunks)
 
 

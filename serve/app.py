@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
 from serve import codec
-from serve.admission import MemoryGate, RequestLimit, read_body
+from serve.admission import MemoryGate, RequestLimit, SpooledBody, read_body
 from serve.batching import Batcher
 from serve.errors import (
     BadRequest,
@@ -383,8 +383,9 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                                    min_side=predictor.resize_size if settings.fast_decode else None)
         return predictor.preprocess(image)[None]
 
-    def prepare(predictor: Predictor, body: bytes, content_type: str | None) -> tuple[torch.Tensor, codec.Inputs]:
-        inputs = codec.decode(body, content_type, max_pixels=settings.max_image_pixels,
+    def prepare(predictor: Predictor, body: bytes | SpooledBody,
+                content_type: str | None) -> tuple[torch.Tensor, codec.Inputs]:
+        inputs = codec.decode(body.file if isinstance(body, SpooledBody) else body, content_type, max_pixels=settings.max_image_pixels,
                               max_instances=settings.max_instances, fetch_s3=fetch_s3,
                               min_side=predictor.resize_size if settings.fast_decode else None,
                               max_request_pixels=settings.max_request_pixels, gate=decode_gate,
@@ -395,12 +396,25 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
             return torch.from_numpy(inputs.tensor), inputs
         return torch.stack(inputs.images), inputs
 
-    def small_enough_for_the_pass(predictor: Predictor, body: bytes, content_type: str | None) -> bool:
-        if not (decode_in_pass(predictor) and codec.is_one_image(content_type) and len(body) <= DECODE_IN_PASS_MAX_BYTES):
+    def small_enough_for_the_pass(predictor: Predictor, body: bytes | SpooledBody, content_type: str | None) -> bool:
+        if not (isinstance(body, bytes) and decode_in_pass(predictor) and codec.is_one_image(content_type)
+                and len(body) <= DECODE_IN_PASS_MAX_BYTES):
             return False
         pixels = codec.decoded_pixels(body, max_pixels=settings.max_image_pixels,
                                       min_side=predictor.resize_size if settings.fast_decode else None)
         return pixels is not None and pixels <= DECODE_IN_PASS_MAX_PIXELS
+
+    async def receive(request: Request, *, one_image: bool = False, for_handlers: bool = False) -> bytes | SpooledBody:
+        """The body: one image of any allowed size is streamed to disk above the in-memory limit;
+        any other body must fit that limit (it is parsed whole, or handed to handlers as bytes)."""
+        limit, note = settings.max_body_bytes, ""
+        if not one_image and settings.max_memory_body_bytes < limit:
+            limit = settings.max_memory_body_bytes
+            note = (" for a body handed to the model's handlers (CLASSIFIER_MAX_MEMORY_BODY_MB)" if for_handlers else
+                    f" for this content type; only one image may be larger, up to {settings.max_body_bytes} bytes")
+        return await read_body(request, limit, settings.body_timeout_s, limit_note=note,
+                               spool_above=settings.max_memory_body_bytes if one_image else None,
+                               spool_dir=settings.spool_dir)
 
     async def serve_request(request: Request, served: Served | LoadedModel) -> Response:
         """A request for ``served``: through its own handlers, or classified by the built-in path."""
@@ -418,7 +432,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                                       default_top_k=settings.top_k)
         response_type = codec.choose_response_type(
             request.headers.get("accept"), lines=codec.media_type(content_type) in codec.JSON_LINES_ALIASES)
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        body = await receive(request, one_image=codec.is_one_image(content_type))
         loop = asyncio.get_running_loop()
 
         async def answer() -> Response:
@@ -444,6 +458,9 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                 return await answer()
         except TimeoutError:
             raise Timeout(f"the request did not finish within {settings.request_timeout_s:g} s") from None
+        finally:
+            if isinstance(body, SpooledBody):
+                body.close()
 
     async def through_handlers(request: Request, served: Served | LoadedModel) -> Response:
         """One request through the user's inference.py within the timeout: on the handler threads,
@@ -451,7 +468,8 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         passes shared with other requests."""
         model = served.predictor
         assert isinstance(model, HandlerModel)
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        body = await receive(request, for_handlers=True)
+        assert isinstance(body, bytes)
         content_type = request.headers.get("content-type") or "application/octet-stream"
         accept = request.headers.get("accept")
         headers = {key.lower(): value for key, value in request.headers.items()}

@@ -29,7 +29,7 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -115,19 +115,20 @@ class Inputs:
         return len(self.images) if self.tensor is None else len(self.tensor)
 
 
-def _open(body: bytes, *, max_pixels: int, min_side: int | None) -> Image.Image:
-    """Read the image's header only; for a large JPEG, choose a reduced decoding scale.
+def _open(body: bytes | BinaryIO, *, max_pixels: int, min_side: int | None) -> Image.Image:
+    """Read the image's header only (from bytes, or from a file read as decoding goes); for a large
+    JPEG, choose a reduced decoding scale.
 
     With ``min_side`` (the model's resize size), a JPEG much larger than needed is decoded at a
     reduced scale straight from its DCT coefficients (1/2, 1/4 or 1/8), never below ``min_side``
     on its short side: a 12-megapixel photo decodes several times faster, and the resize that
     follows sees nearly the same pixels. ``image.size`` is then the size that will be decoded."""
-    if not body:
+    if isinstance(body, bytes) and not body:
         raise InvalidImage("the image is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(body))
+            image = Image.open(io.BytesIO(body) if isinstance(body, bytes) else body)
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidImage(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
@@ -263,7 +264,7 @@ class Limits:
     gate: MemoryGate | None = None  # memory admission for full-size decodes (see serve.admission)
 
 
-def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instances: int,
+def decode(body: bytes | BinaryIO, content_type: str | None, *, max_pixels: int, max_instances: int,
            fetch_s3: Callable[[str], bytes] | None = None, min_side: int | None = None,
            max_request_pixels: int | None = None, gate: MemoryGate | None = None,
            prepare: Callable[[Image.Image], Any] | None = None) -> Inputs:
@@ -272,12 +273,15 @@ def decode(body: bytes, content_type: str | None, *, max_pixels: int, max_instan
     Each image is passed through ``prepare`` (e.g. the model's preprocessing) as soon as it is
     decoded, so that ``Inputs.images`` holds what ``prepare`` returns and no more than one
     full-size image exists at a time. The pixels of all images are counted from their headers,
-    and refused above ``max_request_pixels``, before any is decoded."""
+    and refused above ``max_request_pixels``, before any is decoded. ``body`` may be an open file
+    when it is one image (see :class:`serve.admission.SpooledBody`)."""
     limits = Limits(max_pixels=max_pixels, max_instances=max_instances, max_request_pixels=max_request_pixels,
                     min_side=min_side, gate=gate)
     kind = media_type(content_type) or "application/x-image"
     if kind in IMAGE_TYPES:
         return Inputs(images=(_finish(_open(body, max_pixels=max_pixels, min_side=min_side), gate, prepare),))
+    if not isinstance(body, bytes):
+        raise TypeError(f"a {kind} body is decoded from bytes, not from a file")
     if kind == NPY:
         return Inputs(tensor=_decode_tensor(body, max_instances), single=False)
     if kind == JSON:

@@ -25,6 +25,10 @@ MEGABYTE = 1024 * 1024
 # 600 s; answering 504 a little earlier tells the client what happened.
 REALTIME_TIMEOUT_S = 55.0
 BATCH_TIMEOUT_S = 590.0
+# An asynchronous endpoint's requests may run for up to an hour and carry up to 1 GB (from S3).
+ASYNC_TIMEOUT_S = 3600.0
+ASYNC_MAX_BODY_MB = 1024.0
+ASYNC_BODY_TIMEOUT_S = 300.0
 # A server started from the environment whose model failed to load exits after this long.
 FAILED_EXIT_S = 60.0
 
@@ -74,6 +78,10 @@ class Settings:
     inference_threads: int = 1  # forward passes at once per worker on a CPU (each its own thread)
     top_k: int = 5
     max_body_bytes: int = 6 * MEGABYTE
+    # A body above this is streamed into a temporary file in spool_dir, never held in memory; only
+    # one image may be that large (other bodies are parsed whole, and handlers take bytes).
+    max_memory_body_bytes: int = 8 * MEGABYTE
+    spool_dir: Path | None = None  # None: the temporary folder (TMPDIR)
     max_image_pixels: int = 40_000_000
     # Decoded pixels of one request's images together (headers are read before any is decoded).
     max_request_pixels: int = 160_000_000
@@ -99,6 +107,7 @@ class Settings:
     half: bool | None = None  # None: half precision on CUDA, float32 on CPU
     jit: bool | None = None  # trace and freeze the network with TorchScript; None: on a CPU only
     batch_transform: bool = False
+    asynchronous: bool = False  # CLASSIFIER_ASYNC: behind an asynchronous endpoint (larger, slower requests)
     batch_strategy: str = "MULTI_RECORD"
     max_concurrent_transforms: int = 1
     s3_buckets: frozenset[str] = field(default_factory=frozenset)
@@ -139,8 +148,10 @@ class Settings:
         # hold a different set, so multi-model mode always runs one.
         workers = 1 if multi_model else get("SAGEMAKER_MODEL_SERVER_WORKERS", _positive_int, 1)
         batch = get("SAGEMAKER_BATCH", parse_bool, False)
-        payload_mb = get("SAGEMAKER_MAX_PAYLOAD_IN_MB", _positive_float, 6.0)
-        timeout = get("SAGEMAKER_MODEL_SERVER_TIMEOUT", _positive_float, BATCH_TIMEOUT_S if batch else REALTIME_TIMEOUT_S)
+        asynchronous = get("CLASSIFIER_ASYNC", parse_bool, cls.asynchronous)
+        payload_mb = get("SAGEMAKER_MAX_PAYLOAD_IN_MB", _positive_float, ASYNC_MAX_BODY_MB if asynchronous else 6.0)
+        timeout = get("SAGEMAKER_MODEL_SERVER_TIMEOUT", _positive_float,
+                      ASYNC_TIMEOUT_S if asynchronous else BATCH_TIMEOUT_S if batch else REALTIME_TIMEOUT_S)
         strategy = get("SAGEMAKER_BATCH_STRATEGY", str.upper, cls.batch_strategy)
         if strategy not in ("SINGLE_RECORD", "MULTI_RECORD"):
             raise ConfigError(f"environment variable SAGEMAKER_BATCH_STRATEGY={strategy!r} is invalid: "
@@ -159,6 +170,8 @@ class Settings:
             inference_threads=get("CLASSIFIER_INFERENCE_THREADS", _positive_int, max(1, cores // workers)),
             top_k=get("CLASSIFIER_TOP_K", _positive_int, cls.top_k),
             max_body_bytes=int(get("CLASSIFIER_MAX_BODY_MB", _positive_float, payload_mb) * MEGABYTE),
+            max_memory_body_bytes=int(get("CLASSIFIER_MAX_MEMORY_BODY_MB", _positive_float, 8.0) * MEGABYTE),
+            spool_dir=Path(environ["CLASSIFIER_SPOOL_DIR"]) if environ.get("CLASSIFIER_SPOOL_DIR") else None,
             max_image_pixels=get("CLASSIFIER_MAX_IMAGE_PIXELS", _positive_int, cls.max_image_pixels),
             max_request_pixels=get("CLASSIFIER_MAX_REQUEST_PIXELS", _positive_int, cls.max_request_pixels),
             decode_memory_bytes=int(get("CLASSIFIER_DECODE_MEMORY_MB", _positive_float, 512.0) * MEGABYTE),
@@ -169,7 +182,8 @@ class Settings:
             max_queue=get("CLASSIFIER_MAX_QUEUE", _positive_int, cls.max_queue),
             request_timeout_s=timeout,
             header_timeout_s=get("CLASSIFIER_HEADER_TIMEOUT_S", _positive_float, cls.header_timeout_s),
-            body_timeout_s=get("CLASSIFIER_BODY_TIMEOUT_S", _positive_float, cls.body_timeout_s),
+            body_timeout_s=get("CLASSIFIER_BODY_TIMEOUT_S", _positive_float,
+                               ASYNC_BODY_TIMEOUT_S if asynchronous else cls.body_timeout_s),
             max_connections=get("CLASSIFIER_MAX_CONNECTIONS", _positive_int, cls.max_connections),
             max_concurrent_requests=get("CLASSIFIER_MAX_CONCURRENT_REQUESTS", _positive_int,
                                         cls.max_concurrent_requests),
@@ -178,6 +192,7 @@ class Settings:
             half=None if half == "auto" else get("CLASSIFIER_HALF", parse_bool, False),
             jit=None if jit == "auto" else get("CLASSIFIER_JIT", parse_bool, False),
             batch_transform=batch,
+            asynchronous=asynchronous,
             batch_strategy=strategy,
             max_concurrent_transforms=get("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", _positive_int, workers),
             s3_buckets=get("CLASSIFIER_S3_BUCKETS", _buckets, frozenset()),

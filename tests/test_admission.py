@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from starlette.requests import Request
 
-from serve.admission import MemoryGate
+from serve.admission import MemoryGate, SpooledBody, read_body
+from serve.errors import PayloadTooLarge
 
 
 def test_claims_within_the_capacity_are_held_together_and_released() -> None:
@@ -76,3 +80,58 @@ def test_a_large_claim_is_not_overtaken_by_small_ones_arriving_after_it() -> Non
     large.join(10)
     small.join(10)
     assert order == ["large", "small"]
+
+
+def request_sending(chunks: list[bytes], headers: dict[str, str] | None = None) -> Request:
+    """A Starlette request whose body arrives in ``chunks``, as a server would deliver it."""
+    pending = list(chunks)
+
+    async def receive() -> dict:
+        body = pending.pop(0) if pending else b""
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+    raw = [(key.lower().encode(), value.encode()) for key, value in (headers or {}).items()]
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": raw}, receive)
+
+
+def test_a_body_within_the_memory_limit_is_returned_as_bytes() -> None:
+    chunks = [b"a" * 300_000, b"b" * 300_000]
+    body = asyncio.run(read_body(request_sending(chunks), 10_000_000, 5, spool_above=1_000_000))
+    assert body == b"".join(chunks)
+
+
+def test_a_larger_body_is_written_to_a_file_as_it_arrives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    chunks = [bytes([n]) * 250_000 for n in range(40)]  # 10 MB in 40 chunks
+    held: list[int] = []
+    original = SpooledBody.write
+
+    def write(self: SpooledBody, pending: list[bytes]) -> None:
+        held.append(sum(len(chunk) for chunk in pending))
+        original(self, pending)
+
+    monkeypatch.setattr(SpooledBody, "write", write)
+    body = asyncio.run(read_body(request_sending(chunks), 20_000_000, 5, spool_above=2_000_000, spool_dir=tmp_path))
+    assert isinstance(body, SpooledBody)
+    try:
+        assert body.size == 10_000_000 and body.file.read() == b"".join(chunks)
+        assert max(held) <= 2_000_000 + 250_000  # never more than the memory limit and one chunk in memory
+        assert list(tmp_path.iterdir()) == []  # the file has no name: nothing is left behind
+    finally:
+        body.close()
+
+
+@pytest.mark.parametrize("headers", [{}, {"Content-Length": "2000001"}], ids=["streamed", "declared"])
+def test_a_body_over_the_limit_is_refused_with_what_the_limit_is_for(headers: dict[str, str]) -> None:
+    chunks = [b"x" * 500_000] * 4 + [b"x"]
+    with pytest.raises(PayloadTooLarge, match="limit (is|of) 2000000 bytes for JSON$") as raised:
+        asyncio.run(read_body(request_sending(chunks, headers), 2_000_000, 5, spool_above=1_000_000,
+                              limit_note=" for JSON"))
+    assert raised.value.status == 413
+
+
+def test_a_body_above_the_memory_limit_in_one_chunk_is_spooled_too(tmp_path: Path) -> None:
+    body = asyncio.run(read_body(request_sending([b"z" * 500_000]), 1_000_000, 5, spool_above=100_000,
+                                 spool_dir=tmp_path))
+    assert isinstance(body, SpooledBody)
+    with body.file:
+        assert body.file.read() == b"z" * 500_000

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from serve.admission import SpooledBody
 from serve.app import Health, ModelState, create_app, public_reason
 from serve.predictor import Predictor
 from serve.settings import Settings
@@ -374,3 +375,59 @@ def test_a_load_failure_no_retry_mends_fails_at_once_and_ping_shows_no_server_pa
 ])
 def test_public_reasons_keep_only_the_last_part_of_absolute_paths(text: str, shown: str) -> None:
     assert public_reason(RuntimeError(text)) == f"RuntimeError: {shown}"
+
+
+def noisy_png(side: int, seed: int = 0) -> bytes:
+    """A PNG that does not compress: about 3 bytes a pixel."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels))
+
+
+def test_an_image_above_the_in_memory_limit_is_streamed_to_disk_and_answered_the_same(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spooled: list[int] = []
+    finish = SpooledBody.finish
+
+    def counted(self: SpooledBody, chunks: list[bytes]) -> None:
+        finish(self, chunks)
+        spooled.append(self.size)
+
+    monkeypatch.setattr(SpooledBody, "finish", counted)
+    body = noisy_png(700)
+    assert len(body) > 1_000_000
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    loader = lambda: Predictor.load(settings.model_dir, allow_default=False, device="cpu")
+    answers = []
+    for memory_limit in (2_000_000, 300_000):  # in memory, then through a file in spool_dir
+        large = Settings(model_dir=settings.model_dir, default_model=False, max_body_bytes=4_000_000,
+                         max_memory_body_bytes=memory_limit, spool_dir=spool_dir)
+        with client_for(large, loader) as client:
+            wait_for_ping(client, 200)
+            response = client.post("/invocations", content=body, headers={"Content-Type": "image/png"})
+            assert response.status_code == 200, response.text
+            answers.append(response.json())
+    assert spooled == [len(body)]  # the second time only
+    assert answers[0] == answers[1]
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_only_one_image_may_be_larger_than_the_in_memory_limit(settings: Settings) -> None:
+    import base64
+    import json
+
+    large = Settings(model_dir=settings.model_dir, default_model=False, max_body_bytes=4_000_000,
+                     max_memory_body_bytes=300_000)
+    document = json.dumps({"instances": [{"b64": base64.b64encode(noisy_png(400)).decode()}]}).encode()
+    assert 300_000 < len(document) < 4_000_000
+    with client_for(large, lambda: Predictor.load(large.model_dir, allow_default=False, device="cpu")) as client:
+        wait_for_ping(client, 200)
+        response = client.post("/invocations", content=document, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+        error = response.json()["error"]
+        assert error["code"] == "payload_too_large"
+        assert "limit is 300000 bytes for this content type; only one image may be larger, up to 4000000" in (
+            error["message"])
+        assert client.get("/ping").status_code == 200

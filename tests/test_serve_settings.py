@@ -32,6 +32,17 @@ def test_sagemaker_variables_are_honoured() -> None:
     assert settings.max_concurrent_transforms == 2
 
 
+def test_behind_an_asynchronous_endpoint_requests_may_be_larger_and_slower() -> None:
+    settings = Settings.from_env({"CLASSIFIER_ASYNC": "true"})
+    assert settings.asynchronous and settings.max_body_bytes == 1024 * MEGABYTE
+    assert settings.request_timeout_s == 3600 and settings.body_timeout_s == 300
+    assert settings.max_memory_body_bytes == 8 * MEGABYTE  # larger bodies go to disk
+    chosen = Settings.from_env({"CLASSIFIER_ASYNC": "1", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "900",
+                                "CLASSIFIER_MAX_BODY_MB": "100", "CLASSIFIER_SPOOL_DIR": "/data/spool"})
+    assert chosen.request_timeout_s == 900 and chosen.max_body_bytes == 100 * MEGABYTE
+    assert chosen.spool_dir == Path("/data/spool")
+
+
 @pytest.mark.parametrize("key", ["SAGEMAKER_MULTI_MODEL", "CLASSIFIER_MULTI_MODEL"])
 def test_multi_model_mode_runs_one_process_with_its_memory_policy(key: str) -> None:
     settings = Settings.from_env({key: "true", "SAGEMAKER_MODEL_SERVER_WORKERS": "4",

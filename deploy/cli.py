@@ -394,6 +394,8 @@ def cmd_deploy(args: argparse.Namespace, session: Any, environ: Mapping[str, str
     asynchronous = asynchronous_from_args(args)
     scaling = scaling_from_args(args)
     name = args.endpoint_name or default_name("image-classifier")
+    if asynchronous:  # the server then takes the larger, slower requests an async endpoint sends
+        args.env = [("CLASSIFIER_ASYNC", "true"), *args.env]
     if args.multi_model:
         model = multi_model_from_args(args, session, environ, name)
     else:

@@ -238,6 +238,8 @@ def test_deploy_async_sends_answers_to_s3_and_scales_on_the_backlog_down_to_zero
     assert config["ClientConfig"] == {"MaxConcurrentInvocationsPerInstance": 4}
     [variant] = aws.sent("CreateEndpointConfig")["ProductionVariants"]
     assert variant["InitialInstanceCount"] == 1  # an endpoint starts with one; scaling may then take it to 0
+    # the server takes up to 1 GB per request and an hour to answer
+    assert aws.sent("CreateModel")["PrimaryContainer"]["Environment"] == {"CLASSIFIER_ASYNC": "true"}
 
     [target] = aws.autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
     assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (

@@ -1,4 +1,5 @@
-"""ImageFolder splits, checked against each other, and loaders that can resume mid-epoch.
+"""The splits (from ImageFolders or manifests: see :mod:`train.sources`), checked against each
+other, and loaders that can resume mid-epoch.
 
 Unreadable or truncated images are found before training starts and left out (listed in the
 report) rather than crashing a long job. Sample order and augmentation are functions of
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ from torchvision.datasets import ImageFolder
 
 from classifier.artifact import Preprocessing
 from classifier.presets import TrainPreset
-from train.settings import Hyperparameters, Paths, SettingsError
+from train.settings import Hyperparameters, Paths
+from train.sources import DataError, LabelledImages, find_manifest, read_manifest, resolve
 
 logger = logging.getLogger(__name__)
 SHARED_MEMORY = Path("/dev/shm")
@@ -31,16 +33,16 @@ PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker prepares ahead
 MEGABYTE = 1024 * 1024
 
 
-class DataError(SettingsError):
-    """The training data cannot be used as given."""
+Labelled = ImageFolder | LabelledImages
+SPLITS = ("training", "validation", "test")
 
 
 @dataclass(frozen=True)
 class Splits:
     class_names: tuple[str, ...]
-    train: ImageFolder
-    validation: ImageFolder | None
-    test: ImageFolder | None
+    train: Labelled
+    validation: Labelled | None
+    test: Labelled | None
     skipped_files: tuple[str, ...]
 
 
@@ -55,7 +57,7 @@ def is_readable_image(path: str) -> bool:
         return False
 
 
-def _drop_unreadable(dataset: ImageFolder, split: str, workers: int) -> list[str]:
+def _drop_unreadable(dataset: Labelled, split: str, workers: int) -> list[str]:
     paths = [path for path, _ in dataset.samples]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         readable = list(pool.map(is_readable_image, paths, chunksize=64))
@@ -79,7 +81,7 @@ def _image_folder(folder: Path, split: str, transform: object) -> ImageFolder:
         raise DataError(f"{split} data in {folder}: {exc}") from None
 
 
-def _check_same_classes(train: ImageFolder, other: ImageFolder, split: str) -> None:
+def _check_same_classes(train: Labelled, other: Labelled, split: str) -> None:
     if other.classes == train.classes:
         return
     missing = sorted(set(train.classes) - set(other.classes))
@@ -88,6 +90,53 @@ def _check_same_classes(train: ImageFolder, other: ImageFolder, split: str) -> N
         f"{split} classes differ from training classes: "
         f"missing from {split}: {missing or 'none'}; only in {split}: {extra or 'none'}"
     )
+
+
+def _download_dir(paths: Paths) -> Path | None:
+    """Where images a manifest names in S3 are downloaded: beside the channels (the job's data
+    volume on SageMaker) when writable, else the temporary folder."""
+    folder = paths.base_dir / "input" / "s3-images"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
+
+
+def _read_channels(paths: Paths, hp: Hyperparameters) -> tuple[dict[str, Path], dict[str, list[tuple[str, str]]]]:
+    """Each split's ImageFolder, or its (path, label) rows from a manifest (a ``split`` column may
+    fill several splits from one channel's manifest)."""
+    folders: dict[str, Path] = {}
+    listed: dict[str, list[tuple[str, str]]] = {}
+    channels = {"training": paths.train_dir, "validation": paths.validation_dir, "test": paths.test_dir}
+    for split, channel in channels.items():
+        if channel is None:
+            continue
+        found = find_manifest(channel, hp.data_format)
+        if found is None:
+            folders[split] = channel
+            continue
+        manifest, data_format = found
+        logger.info("%s: reading %s (%s)", split, manifest, data_format)
+        entries = read_manifest(manifest, data_format, label_attribute=hp.label_attribute)
+        for path, label, row_split in resolve(channel, entries, download_dir=_download_dir(paths)):
+            listed.setdefault(row_split or split, []).append((path, label))
+    for split in listed.keys() & folders.keys():
+        raise DataError(f"{split} images come both from a manifest's split column and from the {split} "
+                        f"channel ({folders[split]}): use one")
+    return folders, listed
+
+
+def _dataset(split: str, folders: Mapping[str, Path], listed: Mapping[str, list[tuple[str, str]]],
+             transform: object) -> Labelled | None:
+    if split in folders:
+        return _image_folder(folders[split], split, transform)
+    rows = listed.get(split)
+    if not rows:
+        return None
+    classes = sorted({label for _, label in rows})
+    index = {name: position for position, name in enumerate(classes)}
+    return LabelledImages([(path, index[label]) for path, label in rows], classes, transform)  # type: ignore[arg-type]
 
 
 def load_splits(paths: Paths, hp: Hyperparameters, preprocessing: Preprocessing) -> Splits:
@@ -100,16 +149,21 @@ def load_splits(paths: Paths, hp: Hyperparameters, preprocessing: Preprocessing)
         augmentation=hp.augmentation,
     )
     eval_transform = preprocessing.eval_preset()
-    train = _image_folder(paths.train_dir, "training", train_transform)
+    folders, listed = _read_channels(paths, hp)
+    train = _dataset("training", folders, listed, train_transform)
+    if train is None:
+        raise DataError(f"the manifest in {paths.train_dir} lists no training images (its split column names "
+                        f"only: {', '.join(sorted(listed))})")
     if len(train.classes) < 2:
         raise DataError(f"training data in {paths.train_dir} has {len(train.classes)} class; need at least 2")
     skipped = _drop_unreadable(train, "training", hp.workers)
     evaluated = {}
-    for split, folder in (("validation", paths.validation_dir), ("test", paths.test_dir)):
-        if folder is not None:
-            evaluated[split] = _image_folder(folder, split, eval_transform)
-            _check_same_classes(train, evaluated[split], split)
-            skipped += _drop_unreadable(evaluated[split], split, hp.workers)
+    for split in ("validation", "test"):
+        dataset = _dataset(split, folders, listed, eval_transform)
+        if dataset is not None:
+            _check_same_classes(train, dataset, split)
+            skipped += _drop_unreadable(dataset, split, hp.workers)
+            evaluated[split] = dataset
     return Splits(tuple(train.classes), train, evaluated.get("validation"), evaluated.get("test"), tuple(skipped))
 
 

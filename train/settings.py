@@ -47,6 +47,8 @@ class SettingsError(ValueError):
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "step", "constant")
 AUGMENTATIONS = ("none", "basic", "trivialaugment", "randaugment", "autoaugment")
+DATA_FORMATS = ("auto", "folder", "csv", "jsonl", "augmented-manifest")  # see train.sources
+MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".manifest": "jsonl"}  # a manifest file's format
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class Hyperparameters:
     tensorboard: bool = False  # scalars per epoch under <output>/tensorboard
     profile_steps: int = 0  # torch.profiler trace of this many steps (after 2 warm-up steps)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data_format: str = "auto"  # how channels are read: auto (a manifest if there is one) or one of DATA_FORMATS
+    label_attribute: str = ""  # a Ground Truth manifest's label attribute; "": the one with a class-name
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -101,6 +105,7 @@ class Hyperparameters:
             ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
             ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"must be one of {', '.join(LR_SCHEDULES)}"),
             ("augmentation", self.augmentation in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
+            ("data_format", self.data_format in DATA_FORMATS, f"must be one of {', '.join(DATA_FORMATS)}"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -229,15 +234,17 @@ class _ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="train",
-        description="Fine-tune an image classifier on an ImageFolder dataset.",
+        description="Fine-tune an image classifier on labelled images (an ImageFolder or a manifest).",
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,  # a misspelt flag must fail, not silently match another
     )
     paths = parser.add_argument_group("paths (default: SageMaker's layout under --base-dir)")
     paths.add_argument("--base-dir", help="root of the SageMaker layout (default /opt/ml)")
-    paths.add_argument("--train", "--data-dir", dest="train", help="training ImageFolder, or a folder holding train/ valid/ test/")
-    paths.add_argument("--validation", help="validation ImageFolder")
-    paths.add_argument("--test", help="test ImageFolder")
+    paths.add_argument("--train", "--data-dir", dest="train",
+                       help="training images: an ImageFolder, a folder holding train/ valid/ test/, or a folder "
+                            "with a manifest (.csv, .jsonl, Ground Truth's .manifest)")
+    paths.add_argument("--validation", help="validation images (an ImageFolder or a folder with a manifest)")
+    paths.add_argument("--test", help="test images (an ImageFolder or a folder with a manifest)")
     paths.add_argument("--model-dir", help="where the model artifact is written")
     paths.add_argument("--output-data-dir", help="where reports and metrics are written")
     paths.add_argument("--checkpoint-dir", help="where checkpoints are written")
@@ -314,6 +321,10 @@ def _first_subfolder(folder: Path, names: Sequence[str]) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_dir()), None)
 
 
+def _holds_manifest(folder: Path) -> bool:
+    return any(path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file() for path in folder.iterdir())
+
+
 def _resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Paths:
     base_dir = Path(cli.get("base_dir") or environ.get("SAGEMAKER_BASE_DIR") or DEFAULT_BASE_DIR)
 
@@ -333,9 +344,10 @@ def _resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Paths:
         raise SettingsError(f"training channel folder {train_dir} does not exist")
     validation_dir = _first(channels, VALIDATION_CHANNELS)
     test_dir = _first(channels, TEST_CHANNELS)
-    # One channel holding train/ valid/ test/ (the layout most public datasets ship in).
+    # One channel holding train/ valid/ test/ (the layout most public datasets ship in), unless a
+    # manifest beside them says which image is in which split.
     split_train = _first_subfolder(train_dir, ("train", "training"))
-    if split_train is not None:
+    if split_train is not None and not _holds_manifest(train_dir):
         validation_dir = validation_dir or _first_subfolder(train_dir, VALIDATION_CHANNELS)
         test_dir = test_dir or _first_subfolder(train_dir, TEST_CHANNELS)
         train_dir = split_train

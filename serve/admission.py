@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -30,7 +31,7 @@ from typing import Any, BinaryIO
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from serve.errors import Overloaded, PayloadTooLarge, RequestTimeout
+from serve.errors import InsufficientStorage, Overloaded, PayloadTooLarge, RequestTimeout
 
 # Peak bytes per decoded pixel: the decoder's own image (up to 4 bytes a pixel, as Pillow stores
 # RGB), a rotated copy for EXIF orientation, and the RGB image it becomes (4 bytes a pixel).
@@ -76,11 +77,31 @@ class MemoryGate:
 
 class SpooledBody:
     """A request body in an unnamed temporary file: its disk space is freed when it is closed, or
-    when the process ends, whatever happens to the request."""
+    when the process ends, whatever happens to the request.
+
+    The thread that decodes it claims it first and closes it when done; the request closes it only
+    if no thread claimed it, so a file is never closed under a decoder still reading it (a file
+    number reused meanwhile could be another request's)."""
 
     def __init__(self, directory: Path | None) -> None:
         self.file: BinaryIO = tempfile.TemporaryFile(dir=directory)
         self.size = 0
+        self._claimed = False
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        """For the decoding thread: False if the request already gave the file up."""
+        with self._lock:
+            if self.file.closed:
+                return False
+            self._claimed = True
+            return True
+
+    def release(self) -> None:
+        """For the request, when it ends: close the file unless a decoding thread owns it."""
+        with self._lock:
+            if not self._claimed:
+                self.file.close()
 
     def write(self, chunks: Sequence[bytes]) -> None:
         self.file.writelines(chunks)
@@ -128,6 +149,13 @@ async def read_body(request: Request, limit: int, timeout_s: float, *, spool_abo
                     spooled = SpooledBody(spool_dir)
                 await asyncio.to_thread(spooled.finish, chunks)
                 return spooled
+    except OSError as error:
+        if spooled is not None:
+            spooled.close()
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(f"no room for the body in the spool folder ({size} bytes came): "
+                                      "free space there or point CLASSIFIER_SPOOL_DIR elsewhere") from None
+        raise
     except TimeoutError:
         if spooled is not None:
             spooled.close()

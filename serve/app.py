@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from fastapi import FastAPI, Request
@@ -383,9 +383,14 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                                    min_side=predictor.resize_size if settings.fast_decode else None)
         return predictor.preprocess(image)[None]
 
-    def prepare(predictor: Predictor, body: bytes | SpooledBody,
+    def prepare(predictor: Predictor, body: bytes | BinaryIO | SpooledBody,
                 content_type: str | None) -> tuple[torch.Tensor, codec.Inputs]:
-        inputs = codec.decode(body.file if isinstance(body, SpooledBody) else body, content_type, max_pixels=settings.max_image_pixels,
+        if isinstance(body, SpooledBody):  # this thread owns the file until it is decoded
+            if not body.claim():
+                raise Timeout("the request ended before its image was decoded")
+            with body.file:
+                return prepare(predictor, body.file, content_type)
+        inputs = codec.decode(body, content_type, max_pixels=settings.max_image_pixels,
                               max_instances=settings.max_instances, fetch_s3=fetch_s3,
                               min_side=predictor.resize_size if settings.fast_decode else None,
                               max_request_pixels=settings.max_request_pixels, gate=decode_gate,
@@ -405,15 +410,17 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
         return pixels is not None and pixels <= DECODE_IN_PASS_MAX_PIXELS
 
     async def receive(request: Request, *, one_image: bool = False, for_handlers: bool = False) -> bytes | SpooledBody:
-        """The body: one image of any allowed size is streamed to disk above the in-memory limit;
-        any other body must fit that limit (it is parsed whole, or handed to handlers as bytes)."""
+        """The body: one image above spool_body_bytes is streamed to disk as it arrives; any other
+        body is held in memory (parsed whole, or handed to handlers as bytes), so it may be at most
+        max_memory_body_bytes when that is set."""
         limit, note = settings.max_body_bytes, ""
-        if not one_image and settings.max_memory_body_bytes < limit:
-            limit = settings.max_memory_body_bytes
+        memory = settings.max_memory_body_bytes
+        if not one_image and memory is not None and memory < limit:
+            limit = memory
             note = (" for a body handed to the model's handlers (CLASSIFIER_MAX_MEMORY_BODY_MB)" if for_handlers else
                     f" for this content type; only one image may be larger, up to {settings.max_body_bytes} bytes")
         return await read_body(request, limit, settings.body_timeout_s, limit_note=note,
-                               spool_above=settings.max_memory_body_bytes if one_image else None,
+                               spool_above=settings.spool_body_bytes if one_image else None,
                                spool_dir=settings.spool_dir)
 
     async def serve_request(request: Request, served: Served | LoadedModel) -> Response:
@@ -460,7 +467,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
             raise Timeout(f"the request did not finish within {settings.request_timeout_s:g} s") from None
         finally:
             if isinstance(body, SpooledBody):
-                body.close()
+                body.release()
 
     async def through_handlers(request: Request, served: Served | LoadedModel) -> Response:
         """One request through the user's inference.py within the timeout: on the handler threads,

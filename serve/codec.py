@@ -44,6 +44,7 @@ from serve.errors import (
     InvalidJson,
     InvalidTensor,
     NotAcceptable,
+    PayloadTooLarge,
     UnsupportedMediaType,
 )
 
@@ -67,6 +68,8 @@ IMAGE_TYPES = frozenset(
     }
 )
 REQUEST_TYPES = IMAGE_TYPES | {JSON, NPY} | JSON_LINES_ALIASES
+# Pillow formats decoded from a file as it is read: the ones a body streamed to disk may be.
+STREAMED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF")  # JPEG covers MPO
 RESPONSE_TYPES = (JSON, JSON_LINES, CSV, NPY)
 
 
@@ -128,7 +131,10 @@ def _open(body: bytes | BinaryIO, *, max_pixels: int, min_side: int | None) -> I
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(body) if isinstance(body, bytes) else body)
+            if isinstance(body, bytes):
+                image = Image.open(io.BytesIO(body))
+            else:  # only formats whose decoders read the file as they go (WebP and AVIF read it whole)
+                image = Image.open(body, formats=STREAMED_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidImage(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
@@ -138,7 +144,12 @@ def _open(body: bytes | BinaryIO, *, max_pixels: int, min_side: int | None) -> I
             return image
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except UnidentifiedImageError:
+        if not isinstance(body, bytes):
+            raise PayloadTooLarge(f"an image this large must be {', '.join(STREAMED_FORMATS[:-1])} or "
+                                  f"{STREAMED_FORMATS[-1]}, which are decoded as they are read") from None
+        raise InvalidImage("the body is not an image this server can decode") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidImage("the body is not an image this server can decode") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"the image could not be decoded: {exc}") from None

@@ -115,6 +115,13 @@ class ModelAlreadyLoaded(ServingError):
     code = "model_already_loaded"
 
 
+class InsufficientStorage(ServingError):
+    """No disk space for a request body streamed to disk."""
+
+    status = HTTPStatus.INSUFFICIENT_STORAGE
+    code = "insufficient_storage"
+
+
 class InsufficientMemory(ServingError):
     status = HTTPStatus.INSUFFICIENT_STORAGE  # 507: what SageMaker's multi-model API expects
     code = "insufficient_memory"

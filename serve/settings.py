@@ -29,6 +29,7 @@ BATCH_TIMEOUT_S = 590.0
 ASYNC_TIMEOUT_S = 3600.0
 ASYNC_MAX_BODY_MB = 1024.0
 ASYNC_BODY_TIMEOUT_S = 300.0
+ASYNC_MAX_MEMORY_BODY_MB = 8.0  # JSON, .npy and handler bodies behind an asynchronous endpoint
 # A server started from the environment whose model failed to load exits after this long.
 FAILED_EXIT_S = 60.0
 
@@ -78,9 +79,11 @@ class Settings:
     inference_threads: int = 1  # forward passes at once per worker on a CPU (each its own thread)
     top_k: int = 5
     max_body_bytes: int = 6 * MEGABYTE
-    # A body above this is streamed into a temporary file in spool_dir, never held in memory; only
-    # one image may be that large (other bodies are parsed whole, and handlers take bytes).
-    max_memory_body_bytes: int = 8 * MEGABYTE
+    # One image above this is streamed into a temporary file in spool_dir as it arrives, never held
+    # in memory. Other bodies are parsed whole (or handed to handlers as bytes): they may be at most
+    # max_memory_body_bytes (None: the body limit).
+    spool_body_bytes: int = 8 * MEGABYTE
+    max_memory_body_bytes: int | None = None
     spool_dir: Path | None = None  # None: the temporary folder (TMPDIR)
     max_image_pixels: int = 40_000_000
     # Decoded pixels of one request's images together (headers are read before any is decoded).
@@ -156,6 +159,10 @@ class Settings:
         if strategy not in ("SINGLE_RECORD", "MULTI_RECORD"):
             raise ConfigError(f"environment variable SAGEMAKER_BATCH_STRATEGY={strategy!r} is invalid: "
                               "expected SINGLE_RECORD or MULTI_RECORD")
+        spool_dir = Path(environ["CLASSIFIER_SPOOL_DIR"]) if environ.get("CLASSIFIER_SPOOL_DIR") else None
+        if spool_dir is not None and not (spool_dir.is_dir() and os.access(spool_dir, os.W_OK | os.X_OK)):
+            raise ConfigError(f"environment variable CLASSIFIER_SPOOL_DIR={str(spool_dir)!r} is not a folder "
+                              "this server can write to")
         half = environ.get("CLASSIFIER_HALF", "auto").strip().lower()
         jit = environ.get("CLASSIFIER_JIT", "auto").strip().lower()
         return cls(
@@ -170,8 +177,11 @@ class Settings:
             inference_threads=get("CLASSIFIER_INFERENCE_THREADS", _positive_int, max(1, cores // workers)),
             top_k=get("CLASSIFIER_TOP_K", _positive_int, cls.top_k),
             max_body_bytes=int(get("CLASSIFIER_MAX_BODY_MB", _positive_float, payload_mb) * MEGABYTE),
-            max_memory_body_bytes=int(get("CLASSIFIER_MAX_MEMORY_BODY_MB", _positive_float, 8.0) * MEGABYTE),
-            spool_dir=Path(environ["CLASSIFIER_SPOOL_DIR"]) if environ.get("CLASSIFIER_SPOOL_DIR") else None,
+            spool_body_bytes=int(get("CLASSIFIER_SPOOL_BODY_MB", _positive_float, 8.0) * MEGABYTE),
+            # Behind an asynchronous endpoint bodies may be 1 GB: only an image may be that large.
+            max_memory_body_bytes=_megabytes(get("CLASSIFIER_MAX_MEMORY_BODY_MB", _positive_float,
+                                                 ASYNC_MAX_MEMORY_BODY_MB if asynchronous else None)),
+            spool_dir=spool_dir,
             max_image_pixels=get("CLASSIFIER_MAX_IMAGE_PIXELS", _positive_int, cls.max_image_pixels),
             max_request_pixels=get("CLASSIFIER_MAX_REQUEST_PIXELS", _positive_int, cls.max_request_pixels),
             decode_memory_bytes=int(get("CLASSIFIER_DECODE_MEMORY_MB", _positive_float, 512.0) * MEGABYTE),

@@ -115,7 +115,7 @@ def test_a_larger_body_is_written_to_a_file_as_it_arrives(tmp_path: Path, monkey
     try:
         assert body.size == 10_000_000 and body.file.read() == b"".join(chunks)
         assert max(held) <= 2_000_000 + 250_000  # never more than the memory limit and one chunk in memory
-        assert list(tmp_path.iterdir()) == []  # the file has no name: nothing is left behind
+        assert list(tmp_path.iterdir()) == []  # the file has no name: nothing to leave behind if the process dies
     finally:
         body.close()
 

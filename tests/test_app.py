@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -388,46 +389,68 @@ def noisy_png(side: int, seed: int = 0) -> bytes:
 def test_an_image_above_the_in_memory_limit_is_streamed_to_disk_and_answered_the_same(
         settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spooled: list[int] = []
-    finish = SpooledBody.finish
+    closed: list[bool] = []
+    finish, release = SpooledBody.finish, SpooledBody.release
 
     def counted(self: SpooledBody, chunks: list[bytes]) -> None:
         finish(self, chunks)
         spooled.append(self.size)
 
+    def released(self: SpooledBody) -> None:
+        release(self)
+        closed.append(self.file.closed)
+
     monkeypatch.setattr(SpooledBody, "finish", counted)
+    monkeypatch.setattr(SpooledBody, "release", released)
     body = noisy_png(700)
     assert len(body) > 1_000_000
-    spool_dir = tmp_path / "spool"
-    spool_dir.mkdir()
     loader = lambda: Predictor.load(settings.model_dir, allow_default=False, device="cpu")
     answers = []
-    for memory_limit in (2_000_000, 300_000):  # in memory, then through a file in spool_dir
+    for spool_above in (2_000_000, 300_000):  # in memory, then through a file
         large = Settings(model_dir=settings.model_dir, default_model=False, max_body_bytes=4_000_000,
-                         max_memory_body_bytes=memory_limit, spool_dir=spool_dir)
+                         spool_body_bytes=spool_above, spool_dir=tmp_path)
         with client_for(large, loader) as client:
             wait_for_ping(client, 200)
             response = client.post("/invocations", content=body, headers={"Content-Type": "image/png"})
             assert response.status_code == 200, response.text
             answers.append(response.json())
     assert spooled == [len(body)]  # the second time only
+    assert closed == [True]  # closed by the thread that decoded it, before the request ended
     assert answers[0] == answers[1]
-    assert list(spool_dir.iterdir()) == []
+
+
+def test_an_image_streamed_to_disk_must_be_one_that_decodes_as_it_is_read(settings: Settings, tmp_path: Path) -> None:
+    """WebP's decoder reads the whole file into memory first: above the spool limit it is refused."""
+    encoded = io.BytesIO()
+    Image.new("RGB", (400, 400), "red").save(encoded, "WEBP", lossless=True)
+    body = encoded.getvalue() + b"\0" * 400_000  # bytes after the image's end
+    large = Settings(model_dir=settings.model_dir, default_model=False, max_body_bytes=4_000_000,
+                     spool_body_bytes=300_000, spool_dir=tmp_path)
+    with client_for(large, lambda: Predictor.load(large.model_dir, allow_default=False, device="cpu")) as client:
+        wait_for_ping(client, 200)
+        response = client.post("/invocations", content=body, headers={"Content-Type": "image/webp"})
+        assert response.status_code == 413, response.text
+        assert "must be JPEG, PNG, GIF, BMP or TIFF" in response.json()["error"]["message"]
+        small = client.post("/invocations", content=encoded.getvalue(), headers={"Content-Type": "image/webp"})
+        assert small.status_code == 200, small.text
 
 
 def test_only_one_image_may_be_larger_than_the_in_memory_limit(settings: Settings) -> None:
     import base64
     import json
 
-    large = Settings(model_dir=settings.model_dir, default_model=False, max_body_bytes=4_000_000,
-                     max_memory_body_bytes=300_000)
     document = json.dumps({"instances": [{"b64": base64.b64encode(noisy_png(400)).decode()}]}).encode()
     assert 300_000 < len(document) < 4_000_000
-    with client_for(large, lambda: Predictor.load(large.model_dir, allow_default=False, device="cpu")) as client:
-        wait_for_ping(client, 200)
-        response = client.post("/invocations", content=document, headers={"Content-Type": "application/json"})
-        assert response.status_code == 413
-        error = response.json()["error"]
-        assert error["code"] == "payload_too_large"
-        assert "limit is 300000 bytes for this content type; only one image may be larger, up to 4000000" in (
-            error["message"])
-        assert client.get("/ping").status_code == 200
+    for memory_limit, status in ((300_000, 413), (None, 200)):  # None: the body limit (Batch Transform's way)
+        large = Settings(model_dir=settings.model_dir, default_model=False, max_body_bytes=4_000_000,
+                         spool_body_bytes=300_000, max_memory_body_bytes=memory_limit)
+        with client_for(large, lambda: Predictor.load(settings.model_dir, allow_default=False, device="cpu")) as client:
+            wait_for_ping(client, 200)
+            response = client.post("/invocations", content=document, headers={"Content-Type": "application/json"})
+            assert response.status_code == status, response.text
+            if status == 413:
+                error = response.json()["error"]
+                assert error["code"] == "payload_too_large"
+                assert "limit is 300000 bytes for this content type; only one image may be larger, up to 4000000" in (
+                    error["message"])
+            assert client.get("/ping").status_code == 200

@@ -32,15 +32,21 @@ def test_sagemaker_variables_are_honoured() -> None:
     assert settings.max_concurrent_transforms == 2
 
 
-def test_behind_an_asynchronous_endpoint_requests_may_be_larger_and_slower() -> None:
+def test_behind_an_asynchronous_endpoint_requests_may_be_larger_and_slower(tmp_path: Path) -> None:
     settings = Settings.from_env({"CLASSIFIER_ASYNC": "true"})
     assert settings.asynchronous and settings.max_body_bytes == 1024 * MEGABYTE
     assert settings.request_timeout_s == 3600 and settings.body_timeout_s == 300
-    assert settings.max_memory_body_bytes == 8 * MEGABYTE  # larger bodies go to disk
+    assert settings.max_memory_body_bytes == 8 * MEGABYTE  # only an image may be larger (on disk)
     chosen = Settings.from_env({"CLASSIFIER_ASYNC": "1", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "900",
-                                "CLASSIFIER_MAX_BODY_MB": "100", "CLASSIFIER_SPOOL_DIR": "/data/spool"})
+                                "CLASSIFIER_MAX_BODY_MB": "100", "CLASSIFIER_SPOOL_DIR": str(tmp_path),
+                                "CLASSIFIER_MAX_MEMORY_BODY_MB": "50"})
     assert chosen.request_timeout_s == 900 and chosen.max_body_bytes == 100 * MEGABYTE
-    assert chosen.spool_dir == Path("/data/spool")
+    assert chosen.spool_dir == tmp_path and chosen.max_memory_body_bytes == 50 * MEGABYTE
+    # Elsewhere every body may be as large as the body limit (Batch Transform's MaxPayloadInMB).
+    batch = Settings.from_env({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"})
+    assert batch.max_body_bytes == 20 * MEGABYTE and batch.max_memory_body_bytes is None
+    with pytest.raises(ConfigError, match="CLASSIFIER_SPOOL_DIR='/no/such/folder' is not a folder"):
+        Settings.from_env({"CLASSIFIER_SPOOL_DIR": "/no/such/folder"})
 
 
 @pytest.mark.parametrize("key", ["SAGEMAKER_MULTI_MODEL", "CLASSIFIER_MULTI_MODEL"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from moto import mock_aws
 
 from classifier import artifact
 from train.__main__ import main
-from train.sources import DataError, read_manifest
+from train.sources import DataError, read_manifest, resolve
 
 from imagedata import CLASSES, write_image_folder
 
@@ -273,3 +274,78 @@ def test_a_manifest_beside_train_and_test_folders_decides_the_splits(tmp_path: P
                  "--architecture", "resnet18", "--pretrained", "false", "--workers", "0"], {}) == 0
     metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
     assert "test" in metrics and artifact.load_manifest(base / "model").class_names == tuple(sorted(CLASSES))
+
+
+def test_a_csv_beside_train_and_valid_folders_that_is_no_manifest_is_left_alone(tmp_path: Path, dataset: Path) -> None:
+    """A Kaggle-style download: ``train/ valid/`` and a submission template. With ``auto`` and with
+    ``data_format=folder`` alike, the folders are the splits."""
+    channel = tmp_path / "channel"
+    shutil.copytree(dataset / "train", channel / "train")
+    shutil.copytree(dataset / "valid", channel / "valid")
+    write(channel / "sample_submission.csv", "id,prediction\n1,circle\n")
+    for data_format in ("auto", "folder"):
+        base = tmp_path / data_format
+        assert main(["--train", str(channel), "--base-dir", str(base), "--data-format", data_format, "--epochs", "1",
+                     "--image-size", "32", "--architecture", "resnet18", "--pretrained", "false", "--workers", "0"],
+                    {}) == 0
+        assert artifact.load_manifest(base / "model").class_names == tuple(sorted(CLASSES))
+
+
+def test_s3_images_are_found_under_a_channel_that_holds_their_prefix(tmp_path: Path, dataset: Path) -> None:
+    """The channel is ``s3://bucket/dataset/``: ``s3://bucket/dataset/images/7.png`` is
+    ``images/7.png`` in it. Nothing is downloaded (no S3 here: a download would fail the run)."""
+    channel = tmp_path / "channel"
+    lines = []
+    for number, (split, class_name, path) in enumerate(images(dataset)):
+        if split != "training":
+            continue
+        (channel / "images").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, channel / "images" / f"{number}.png")
+        lines.append(ground_truth_line(f"s3://{BUCKET}/dataset/images/{number}.png", class_name, number))
+    write(channel / "output.manifest", "\n".join(lines) + "\n")
+    base = tmp_path / "ml"
+    assert main(["--train", str(channel), "--base-dir", str(base), "--epochs", "1", "--image-size", "32",
+                 "--architecture", "resnet18", "--pretrained", "false", "--workers", "0"], {}) == 0
+    assert not (base / "input" / "s3-images").exists() or not any((base / "input" / "s3-images").rglob("*.png"))
+
+
+def test_a_download_that_is_refused_stops_training_with_the_reason(tmp_path: Path, s3) -> None:
+    channel = tmp_path / "channel"
+    write(channel / "output.manifest", ground_truth_line("s3://no-such-bucket/photos/1.png", "circle", 1) + "\n"
+          + ground_truth_line("s3://no-such-bucket/photos/2.png", "square", 2) + "\n")
+    message = run_failing(tmp_path, channel)
+    assert "cannot download s3://no-such-bucket/photos/" in message and "NoSuchBucket" in message
+
+
+def test_ground_truth_records_it_could_not_label_are_left_out(tmp_path: Path) -> None:
+    labelled = json.loads(ground_truth_line("s3://b/photos/1.png", "circle", 1))
+    failed = {"source-ref": "s3://b/photos/2.png",
+              "breed-metadata": {"failure-reason": "ClientError: annotation timed out", "job-name": "labeling-job/breed",
+                                 "type": "groundtruth/image-classification", "human-annotated": "yes"}}
+    manifest = write(tmp_path / "output.manifest", json.dumps(failed) + "\n" + json.dumps(labelled) + "\n")
+    [entry] = read_manifest(manifest, "jsonl")
+    assert (entry.image, entry.label, entry.line) == ("s3://b/photos/1.png", "circle", 2)
+
+
+def test_the_built_in_algorithms_augmented_manifest_reads_its_class_attribute(tmp_path: Path) -> None:
+    manifest = write(tmp_path / "train.manifest", '{"source-ref": "s3://b/1.jpg", "class": "3"}\n'
+                                                  '{"source-ref": "s3://b/2.jpg", "class": 1}\n')
+    assert [(entry.image, entry.label) for entry in read_manifest(manifest, "jsonl")] == [
+        ("s3://b/1.jpg", "3"), ("s3://b/2.jpg", "1")]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("a.csv", "id,prediction\n1,x\n", "header (id, prediction) needs an image column"),
+    ("a.csv", 'path,label\n\n"images/1\n.png",cat\n\nimages/2.png,\n', "a.csv line 6: no label"),
+    ("a.jsonl", '{"path": "1.png", "label": ["a", "b"]}\n', 'a label is a name or a number, not ["a", "b"]'),
+    ("a.manifest", '{"source-ref": "s3://b/../x.png", "l-metadata": {"class-name": "x"}}\n', None),
+])
+def test_more_bad_manifests_are_named(tmp_path: Path, name: str, text: str, message: str | None) -> None:
+    manifest = write(tmp_path / name, text)
+    if message is None:  # read fine; the key that climbs out of its folder is refused when it is looked for
+        [entry] = read_manifest(manifest, "jsonl")
+        with pytest.raises(DataError, match="does not name an S3 object"):
+            resolve(tmp_path, [entry], download_dir=tmp_path / "d")
+        return
+    with pytest.raises(DataError, match=re.escape(message)):
+        read_manifest(manifest, "csv" if name.endswith(".csv") else "jsonl")

@@ -321,11 +321,13 @@ def _first_subfolder(folder: Path, names: Sequence[str]) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_dir()), None)
 
 
-def _holds_manifest(folder: Path) -> bool:
-    return any(path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file() for path in folder.iterdir())
+def _holds_manifest(folder: Path, data_format: str) -> bool:
+    from train.sources import find_manifest  # it reads these settings' names
+
+    return find_manifest(folder, data_format) is not None
 
 
-def _resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Paths:
+def _resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str], data_format: str = "auto") -> Paths:
     base_dir = Path(cli.get("base_dir") or environ.get("SAGEMAKER_BASE_DIR") or DEFAULT_BASE_DIR)
 
     def pick(flag: str, env: str, default: Path) -> Path:
@@ -347,7 +349,7 @@ def _resolve_paths(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Paths:
     # One channel holding train/ valid/ test/ (the layout most public datasets ship in), unless a
     # manifest beside them says which image is in which split.
     split_train = _first_subfolder(train_dir, ("train", "training"))
-    if split_train is not None and not _holds_manifest(train_dir):
+    if split_train is not None and not _holds_manifest(train_dir, data_format):
         validation_dir = validation_dir or _first_subfolder(train_dir, VALIDATION_CHANNELS)
         test_dir = test_dir or _first_subfolder(train_dir, TEST_CHANNELS)
         train_dir = split_train
@@ -398,6 +400,8 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     merged.update(_environment_hyperparameters(environ))
     merged.update(_typed(file_values, "hyperparameters.json"))
     merged.update(_typed({k: v for k, v in cli.items() if k in HYPERPARAMETER_NAMES}, "command line"))
+    if merged.get("data_format", "auto") != "auto":  # how the training channel is read may change its splits
+        paths = _resolve_paths(cli, environ, merged["data_format"])
     if merged.get("workers", -1) == -1:
         merged["workers"] = min(8, os.cpu_count() or 1)
     spot = cli.get("spot", False)

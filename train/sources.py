@@ -12,16 +12,18 @@ ImageFolder (``<class>/<image>``). ``data_format`` overrides the choice. Manifes
   the one attribute whose ``-metadata`` holds a ``class-name``.
 
 An image is named by a path relative to the channel, or by an ``s3://`` URI: that is the file at
-the object's key under the channel when the images were copied there along with the manifest
-(``aws s3 sync``), else the object is downloaded before training starts. A ``split`` column
+the object's key (or the end of it) under the channel when the images were copied there along
+with the manifest (``aws s3 sync``), else the object is downloaded before training starts. A ``split`` column
 (``train``, ``validation``, ``test`` and their usual spellings) lets one manifest hold every
-split. Rows that name no image or no label are errors naming the line; files that are missing or
-unreadable are skipped and listed, as for an ImageFolder.
+split. Rows that name no image or no label are errors naming the line (Ground Truth's records of
+objects its workers could not label are left out); files that are missing or unreadable are
+skipped and listed, as for an ImageFolder.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +37,7 @@ from typing import Any
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import default_loader
 
-from train.settings import MANIFEST_SUFFIXES, SettingsError, split_s3_uri
+from train.settings import MANIFEST_SUFFIXES, SettingsError
 
 logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("path", "image", "file", "filename", "key", "source-ref")
@@ -86,18 +88,44 @@ class LabelledImages(Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
+FORMAT_SUFFIXES = {"csv": (".csv",), "jsonl": (".jsonl", ".manifest"), "augmented-manifest": (".jsonl", ".manifest")}
+
+
+def looks_like_manifest(path: Path, data_format: str) -> bool:
+    """Whether the file's header (CSV) or first record (JSON Lines) names an image and a label: a
+    CSV of something else beside the images (a submission template, a list of classes) is not one."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            if data_format == "csv":
+                header = {name.strip().lower() for name in next(csv.reader(file), [])}
+                return bool(header & set(IMAGE_KEYS)) and bool(header & set(LABEL_KEYS))
+            first = next((line for line in file if line.strip()), "")
+        record = json.loads(first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error):
+        return False
+    return isinstance(record, dict) and ("source-ref" in record or (
+        _first_key(record, IMAGE_KEYS) is not None and _first_key(record, LABEL_KEYS) is not None))
+
+
 def find_manifest(folder: Path, data_format: str) -> tuple[Path, str] | None:
-    """The channel's manifest and its format, or None for an ImageFolder."""
+    """The channel's manifest and its format, or None for an ImageFolder. ``auto`` takes a file
+    that looks like a manifest; a named format takes the one file with its suffix."""
     if data_format == "folder":
         return None
-    found = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES)
+    files = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES)
+    if data_format == "auto":
+        found = [path for path in files if looks_like_manifest(path, MANIFEST_SUFFIXES[path.suffix.lower()])]
+        for path in sorted(set(files) - set(found)):
+            logger.info("%s: not a manifest (no image and label columns); left alone", path)
+    else:
+        found = [path for path in files if path.suffix.lower() in FORMAT_SUFFIXES[data_format]]
     if len(found) > 1:
         raise DataError(f"{folder} holds several manifests ({', '.join(path.name for path in found)}): "
                         "keep one per channel")
     if not found:
         if data_format != "auto":
-            raise DataError(f"data_format={data_format} but {folder} holds no manifest "
-                            f"({', '.join(sorted(MANIFEST_SUFFIXES))} file at its top level)")
+            raise DataError(f"data_format={data_format} but {folder} holds no "
+                            f"{' or '.join(FORMAT_SUFFIXES[data_format])} file at its top level")
         return None
     manifest = found[0]
     return manifest, MANIFEST_SUFFIXES[manifest.suffix.lower()] if data_format == "auto" else data_format
@@ -107,17 +135,17 @@ def _first_key(record: Mapping[str, Any], keys: Sequence[str]) -> str | None:
     return next((key for key in keys if key in record), None)
 
 
-def _label_attribute(record: Mapping[str, Any], chosen: str, where: str) -> str:
+def _label_attribute(record: Mapping[str, Any], chosen: str) -> str | None:
+    """A Ground Truth record's label attribute: the chosen one, else the one whose -metadata holds
+    a class-name, else a plain label key (``class``, as SageMaker's built-in algorithms read it)."""
     if chosen:
-        if chosen not in record and f"{chosen}-metadata" not in record:
-            raise DataError(f"{where}: no label attribute {chosen!r} (label_attribute); keys: {sorted(record)}")
         return chosen
     candidates = sorted(key.removesuffix("-metadata") for key, value in record.items()
                         if key.endswith("-metadata") and isinstance(value, dict) and "class-name" in value)
-    if len(candidates) != 1:
-        raise DataError(f"{where}: found {len(candidates)} label attributes with a class-name "
-                        f"({', '.join(candidates) or 'none'}); name one with the label_attribute hyperparameter")
-    return candidates[0]
+    if len(candidates) > 1:
+        raise DataError(f"found {len(candidates)} label attributes with a class-name ({', '.join(candidates)}); "
+                        "name one with the label_attribute hyperparameter")
+    return candidates[0] if candidates else _first_key(record, LABEL_KEYS)
 
 
 def _split(value: Any, where: str) -> str | None:
@@ -129,28 +157,24 @@ def _split(value: Any, where: str) -> str | None:
     return split
 
 
-def _entry(record: Mapping[str, Any], line: int, where: str, *, ground_truth: bool, label_attribute: str) -> Entry:
-    image_key = "source-ref" if ground_truth else _first_key(record, IMAGE_KEYS)
-    image = record.get(image_key) if image_key else None
-    if not isinstance(image, str) or not image.strip():
-        raise DataError(f"{where}: no image ({'source-ref' if ground_truth else ' or '.join(IMAGE_KEYS)})")
-    if ground_truth:
-        attribute = _label_attribute(record, label_attribute, where)
-        metadata = record.get(f"{attribute}-metadata")
-        label = metadata.get("class-name") if isinstance(metadata, dict) else None
-    else:
-        label_key = _first_key(record, LABEL_KEYS)
-        label = record.get(label_key) if label_key else None
-    if label is None or str(label).strip() == "":
-        raise DataError(f"{where}: no label ({'<attribute>-metadata.class-name' if ground_truth else ' or '.join(LABEL_KEYS)})")
-    return Entry(image.strip(), str(label).strip(), _split(record.get("split"), where), line)
+def _label(value: Any, where: str) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DataError(f"{where}: a label is a name or a number, not {json.dumps(value)[:80]}")
+    return str(value).strip()
 
 
 def _records(manifest: Path, data_format: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
-    with manifest.open(newline="" if data_format == "csv" else None, encoding="utf-8-sig") as file:
+    with manifest.open(newline="", encoding="utf-8-sig") as file:
         if data_format == "csv":
-            for line, row in enumerate(csv.DictReader(file), start=2):
-                yield line, {key.strip().lower(): value for key, value in row.items() if key is not None}
+            reader = csv.DictReader(file)
+            header = {name.strip().lower() for name in reader.fieldnames or ()}
+            if not (header & set(IMAGE_KEYS) and header & set(LABEL_KEYS)):
+                raise DataError(f"{manifest.name}: its header ({', '.join(sorted(header)) or 'none'}) needs an image "
+                                f"column ({', '.join(IMAGE_KEYS)}) and a label column ({', '.join(LABEL_KEYS)})")
+            for row in reader:
+                yield reader.line_num, {key.strip().lower(): value for key, value in row.items() if key is not None}
             return
         for line, text in enumerate(file, start=1):
             if text.strip():
@@ -164,43 +188,93 @@ def _records(manifest: Path, data_format: str) -> Iterator[tuple[int, Mapping[st
 
 
 def read_manifest(manifest: Path, data_format: str, *, label_attribute: str = "") -> list[Entry]:
-    entries = []
+    """The manifest's labelled images. A Ground Truth record without a class name (an object its
+    workers could not label, whose metadata says why) is left out with a warning."""
+    entries: list[Entry] = []
+    unlabelled: list[int] = []
+    attribute: str | None = label_attribute or None
     for line, record in _records(manifest, data_format):
         where = f"{manifest.name} line {line}"
         ground_truth = data_format == "augmented-manifest" or (data_format == "jsonl" and "source-ref" in record)
-        entries.append(_entry(record, line, where, ground_truth=ground_truth, label_attribute=label_attribute))
+        image_key = "source-ref" if ground_truth else _first_key(record, IMAGE_KEYS)
+        image = record.get(image_key) if image_key else None
+        if not isinstance(image, str) or not image.strip():
+            raise DataError(f"{where}: no image ({'source-ref' if ground_truth else ' or '.join(IMAGE_KEYS)})")
+        if ground_truth:
+            try:
+                attribute = attribute or _label_attribute(record, label_attribute)
+            except DataError as error:
+                raise DataError(f"{where}: {error}") from None
+            metadata = record.get(f"{attribute}-metadata")
+            value = metadata.get("class-name") if isinstance(metadata, dict) and "class-name" in metadata else (
+                record.get(attribute) if attribute and not isinstance(metadata, dict) else None)
+            label = _label(value, where)
+            if label is None:
+                unlabelled.append(line)
+                continue
+        else:
+            label_key = _first_key(record, LABEL_KEYS)
+            label = _label(record.get(label_key) if label_key else None, where)
+            if label is None:
+                raise DataError(f"{where}: no label ({' or '.join(LABEL_KEYS)})")
+        entries.append(Entry(image.strip(), label, _split(record.get("split"), where), line))
+    if unlabelled:
+        logger.warning("%s: left out %d record(s) with no class name (not labelled), e.g. line %d",
+                       manifest.name, len(unlabelled), unlabelled[0])
     if not entries:
-        raise DataError(f"{manifest} lists no images")
+        raise DataError(f"{manifest} lists no labelled images")
     return entries
 
 
+def _s3_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket or not key or key.endswith("/") or ".." in key.split("/"):
+        raise DataError(f"{uri!r} does not name an S3 object")
+    return bucket, key
+
+
 def _local_path(channel: Path, image: str) -> Path | None:
-    """Where a manifest's image is on disk, or None when it must be downloaded."""
+    """Where a manifest's image is on disk, or None when it must be downloaded. An S3 object is
+    looked for under the channel at its key, or at the end of its key (the channel holds a copy
+    of some prefix: ``s3://bucket/data/images/1.jpg`` at ``images/1.jpg`` or ``1.jpg``)."""
     if not image.startswith("s3://"):
-        return channel / image.lstrip("/")
-    _, key = split_s3_uri(image)
-    copied = channel / key.rstrip("/")
-    return copied if copied.is_file() else None
+        path = Path(image)
+        return path if path.is_absolute() else channel / path
+    _, key = _s3_key(image)
+    parts = key.split("/")
+    return next((channel.joinpath(*parts[start:]) for start in range(len(parts))
+                 if channel.joinpath(*parts[start:]).is_file()), None)
 
 
 def _download(uris: Sequence[str], folder: Path, s3: Any) -> dict[str, Path]:
-    """Download each object once into ``folder`` (a missing or forbidden one stays missing and is
-    skipped like an unreadable file)."""
+    """Download each object once into ``folder``. An object that is not there stays missing (and
+    is skipped like an unreadable file); any other failure (credentials, permissions, network)
+    stops training with the reason. One process on a host downloads; the others, waiting on the
+    folder's lock, then find the files there."""
+    from botocore.exceptions import ClientError
+
     def fetch(uri: str) -> tuple[str, Path]:
-        bucket, key = split_s3_uri(uri)
-        key = key.rstrip("/")
+        bucket, key = _s3_key(uri)
         target = folder / bucket / key
-        if target.is_file():  # downloaded by another process on this host (each file appears whole)
+        if target.is_file():  # downloaded already (each file appears whole: a temporary name, then renamed)
             return uri, target
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             s3.download_file(bucket, key, str(target))
-        except Exception as exc:  # noqa: BLE001 - any failure leaves the image out, listed
-            logger.warning("could not download %s: %s", uri, exc)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+                raise DataError(f"cannot download {uri}: {error} (does the job's role may s3:GetObject "
+                                "there, and can the job reach S3?)") from None
+            logger.warning("%s: no such object", uri)
+        except Exception as error:  # noqa: BLE001 - no credentials, no network: the same for every image
+            raise DataError(f"cannot download {uri}: {type(error).__name__}: {error}") from None
         return uri, target
 
-    with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
-        return dict(pool.map(fetch, sorted(set(uris))))
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
+            return dict(pool.map(fetch, sorted(set(uris))))
 
 
 def resolve(channel: Path, entries: Sequence[Entry], *,

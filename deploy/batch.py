@@ -3,20 +3,26 @@ line of JSON Lines files, one answer line per input line."""
 
 from __future__ import annotations
 
-from sagemaker.model import Model
+import time
+from collections.abc import Callable
+from typing import Any
 
-from deploy import sdk
 from deploy.predict import GENERIC_IMAGE
+from deploy.session import SageMaker, timestamped
 
 JSON = "application/json"
 JSON_LINES = "application/jsonlines"
+POLL_S = 15.0
+TERMINAL = ("Completed", "Failed", "Stopped")
 
 
-def transform(model: Model, *, data: str, output_path: str, instance_type: str, instance_count: int = 1,
-              max_payload_mb: int = 6, max_concurrent_transforms: int | None = None,
-              job_name: str | None = None, wait: bool = True, json_lines: bool = False) -> str:
-    """Start a transform job over ``data`` (an S3 prefix, or ``file://`` in local mode); returns the
-    job name.
+def transform(sagemaker: SageMaker, model_name: str, *, data: str, output_path: str, instance_type: str,
+              instance_count: int = 1, max_payload_mb: int = 6, max_concurrent_transforms: int | None = None,
+              job_name: str | None = None, wait: bool = True, json_lines: bool = False,
+              sleep: Callable[[float], None] = time.sleep) -> str:
+    """Start a transform job over ``data`` (an S3 prefix, or ``file://`` in local mode) with the
+    model ``model_name``; returns the job name. With ``wait``, returns once it has ended and raises
+    if it failed (local mode runs it to the end in this call).
 
     Each object is sent whole as one request (SingleRecord, no splitting), so the output holds
     ``<object>.out`` with that image's ``{"predictions": [...]}``. ``application/x-image`` lets
@@ -28,19 +34,27 @@ def transform(model: Model, *, data: str, output_path: str, instance_type: str, 
     line per input line, in order. The server refuses a mini-batch holding a bad instance whole,
     naming the instance, so that no answer can land on the wrong line.
     """
-    transformer = model.transformer(
-        instance_count=instance_count,
-        instance_type=instance_type,
-        strategy="MultiRecord" if json_lines else "SingleRecord",
-        assemble_with="Line" if json_lines else None,
-        max_payload=max_payload_mb,
-        max_concurrent_transforms=max_concurrent_transforms,
-        output_path=output_path,
-        accept=JSON_LINES if json_lines else JSON,
-    )
-    # Local mode has no CloudWatch logs to follow (the SDK would ask AWS for them, with credentials);
-    # the container's output is already printed while the job runs.
-    logs = wait and not sdk.is_local(transformer.sagemaker_session)
-    transformer.transform(data=data, data_type="S3Prefix", content_type=JSON_LINES if json_lines else GENERIC_IMAGE,
-                          split_type="Line" if json_lines else None, job_name=job_name, wait=wait, logs=logs)
-    return transformer.latest_transform_job.name
+    name = job_name or timestamped("image-classifier-transform")
+    source: dict[str, Any] = {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": data}},
+                              "ContentType": JSON_LINES if json_lines else GENERIC_IMAGE}
+    output: dict[str, Any] = {"S3OutputPath": output_path, "Accept": JSON_LINES if json_lines else JSON}
+    if json_lines:
+        source["SplitType"] = "Line"
+        output["AssembleWith"] = "Line"
+    request: dict[str, Any] = {
+        "TransformJobName": name, "ModelName": model_name, "TransformInput": source, "TransformOutput": output,
+        "TransformResources": {"InstanceType": instance_type, "InstanceCount": instance_count},
+        "BatchStrategy": "MultiRecord" if json_lines else "SingleRecord", "MaxPayloadInMB": max_payload_mb,
+    }
+    if max_concurrent_transforms is not None:
+        request["MaxConcurrentTransforms"] = max_concurrent_transforms
+    sagemaker.sagemaker.create_transform_job(**request)
+    while wait:
+        description = sagemaker.sagemaker.describe_transform_job(TransformJobName=name)
+        status = description["TransformJobStatus"]
+        if status == "Failed":
+            raise RuntimeError(f"transform job {name} failed: {description.get('FailureReason', 'no reason given')}")
+        if status in TERMINAL:
+            break
+        sleep(POLL_S)
+    return name

@@ -39,14 +39,13 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from deploy import batch, check, hosting, package, sdk, training
-from deploy.predict import find_images
+from deploy import batch, check, hosting, package, predict, session, training
 
+PROG = "python -m deploy"
 ROLE_ENV = "SAGEMAKER_ROLE"
 DEFAULT_TRAINING_INSTANCE = "ml.g5.xlarge"
 DEFAULT_HOSTING_INSTANCE = "ml.m5.xlarge"
@@ -88,7 +87,7 @@ def _common(local: bool) -> argparse.ArgumentParser:
         group = parser.add_argument_group("local mode")
         group.add_argument("--local", action="store_true",
                            help="run in the SDK's local mode: containers on this machine, file:// data, no AWS")
-        group.add_argument("--port", type=int, default=sdk.DEFAULT_LOCAL_PORT,
+        group.add_argument("--port", type=int, default=session.DEFAULT_LOCAL_PORT,
                            help="host port of the local endpoint (default: %(default)s)")
         group.add_argument("--container-root", help="folder for local mode's compose files and /opt/ml folders "
                                                     "(default: the system temp folder)")
@@ -144,7 +143,7 @@ def _model(parser: argparse.ArgumentParser, local: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deploy", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -259,11 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
 # --- the commands ----------------------------------------------------------------------------
 
 
-def make_session(args: argparse.Namespace, boto_session: boto3.Session | None) -> Any:
+def make_session(args: argparse.Namespace, boto_session: boto3.Session | None) -> session.SageMaker:
     boto_session = boto_session or boto3.Session(region_name=args.region)
     if getattr(args, "local", False):
-        return sdk.local_session(boto_session, port=args.port, container_root=args.container_root)
-    return sdk.aws_session(boto_session)
+        return session.local(boto_session, port=args.port, container_root=args.container_root)
+    return session.aws(boto_session)
 
 
 def resolve_role(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
@@ -271,7 +270,7 @@ def resolve_role(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
     if role:
         return role
     if getattr(args, "local", False):
-        return sdk.LOCAL_ROLE
+        return session.LOCAL_ROLE
     raise UsageError(f"--role (or ${ROLE_ENV}) is required: the execution role SageMaker runs the job with")
 
 
@@ -298,31 +297,34 @@ def channels(args: argparse.Namespace) -> training.Channels:
     return training.Channels(args.data, args.validation, args.test)
 
 
-def cmd_train(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
-    result = training.train(job_spec(args, resolve_role(args, environ)), channels(args), session,
+def cmd_train(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
+    result = training.train(job_spec(args, resolve_role(args, environ)), channels(args), sagemaker,
                             wait=args.wait, job_name=args.job_name)
     print(f"training job: {result.job_name}")
     print(f"status: {result.status}")
+    if result.failure_reason:
+        print(f"reason: {result.failure_reason}")
     print(f"model artifact: {result.model_data}")
-    return 0 if result.status in ("Completed", "InProgress") else 1
+    return 0 if result.status in ("Completed", "InProgress", "Pending") else 1
 
 
-def cmd_tune(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
+def cmd_tune(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
     tuning = training.TuningSpec(
         learning_rate=(args.lr_min, args.lr_max), batch_sizes=tuple(args.batch_sizes), max_jobs=args.max_jobs,
         max_parallel_jobs=args.max_parallel_jobs, strategy=args.strategy, early_stopping=args.early_stopping,
     )
-    name = training.tune(job_spec(args, resolve_role(args, environ)), tuning, channels(args), session,
+    name = training.tune(job_spec(args, resolve_role(args, environ)), tuning, channels(args), sagemaker,
                          wait=args.wait, job_name=args.job_name)
     print(f"tuning job: {name}")
     print(f"objective: {training.OBJECTIVE_METRIC} (Maximize)")
     return 0
 
 
-def model_from_args(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> Any:
-    model_data = args.model_data or hosting.model_data_of(session, args.training_job)
-    return hosting.build_model(session, image_uri=args.image_uri, model_data=model_data,
-                               role=resolve_role(args, environ), env=dict(args.env), name=args.model_name)
+def model_from_args(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str],
+                    default_name: str) -> hosting.ModelSpec:
+    model_data = args.model_data or hosting.model_data_of(sagemaker, args.training_job)
+    return hosting.ModelSpec(image_uri=args.image_uri, model_data=model_data, role=resolve_role(args, environ),
+                             name=args.model_name or default_name, env=dict(args.env))
 
 
 def scaling_from_args(args: argparse.Namespace) -> hosting.Autoscaling | hosting.BacklogScaling | None:
@@ -369,8 +371,8 @@ def asynchronous_from_args(args: argparse.Namespace) -> hosting.Asynchronous | N
                                 args.error_topic, args.max_concurrent_invocations)
 
 
-def multi_model_from_args(args: argparse.Namespace, session: Any, environ: Mapping[str, str],
-                          endpoint_name: str) -> Any:
+def multi_model_from_args(args: argparse.Namespace, environ: Mapping[str, str],
+                          endpoint_name: str) -> hosting.ModelSpec:
     if args.local:
         raise UsageError("--multi-model is for AWS: locally, run the image with SAGEMAKER_MULTI_MODEL=true "
                          "(README, multi-model endpoints)")
@@ -383,12 +385,11 @@ def multi_model_from_args(args: argparse.Namespace, session: Any, environ: Mappi
     if instance_type.startswith(GPU_INSTANCE_FAMILIES):
         raise UsageError(f"--multi-model runs on CPU instances: SageMaker hosts multi-model endpoints on GPU "
                          f"and accelerator instances ({instance_type}) only with its own containers (Triton)")
-    return hosting.build_multi_model(session, image_uri=args.image_uri, model_data_prefix=args.model_data,
-                                     role=resolve_role(args, environ), env=dict(args.env),
-                                     name=args.model_name or endpoint_name)
+    return hosting.ModelSpec(image_uri=args.image_uri, model_data=args.model_data, role=resolve_role(args, environ),
+                             name=args.model_name or endpoint_name, env=dict(args.env), multi_model=True)
 
 
-def cmd_deploy(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
+def cmd_deploy(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
     if args.local and (args.serverless or args.capture_s3_uri):
         raise UsageError("--serverless and --capture-s3-uri are for AWS endpoints, not --local")
     asynchronous = asynchronous_from_args(args)
@@ -397,11 +398,11 @@ def cmd_deploy(args: argparse.Namespace, session: Any, environ: Mapping[str, str
     if asynchronous:  # the server then takes the larger, slower requests an async endpoint sends
         args.env = [("CLASSIFIER_ASYNC", "true"), *args.env]
     if args.multi_model:
-        model = multi_model_from_args(args, session, environ, name)
+        model = multi_model_from_args(args, environ, name)
     else:
-        model = model_from_args(args, session, environ)
+        model = model_from_args(args, sagemaker, environ, default_name=name)
     hosting.deploy(
-        model, endpoint_name=name,
+        sagemaker, hosting.create_model(sagemaker, model), endpoint_name=name,
         instance_type=args.instance_type or ("local" if args.local else DEFAULT_HOSTING_INSTANCE),
         instance_count=args.instance_count,
         serverless=hosting.Serverless(args.memory_mb, args.max_concurrency) if args.serverless else None,
@@ -414,20 +415,20 @@ def cmd_deploy(args: argparse.Namespace, session: Any, environ: Mapping[str, str
     if asynchronous:
         print(f"answers: {asynchronous.output_path}")
     if isinstance(scaling, hosting.BacklogScaling):
-        policies = hosting.configure_backlog_scaling(session.boto_session.client("application-autoscaling"),
-                                                     session.boto_session.client("cloudwatch"), name, scaling)
+        policies = hosting.configure_backlog_scaling(sagemaker.client("application-autoscaling"),
+                                                     sagemaker.client("cloudwatch"), name, scaling)
         print(f"autoscaling: {scaling.min_instances}..{scaling.max_instances} instances, "
               f"{scaling.target_backlog:g} queued requests/instance (policies {', '.join(policies)})")
     elif scaling:
-        policy = hosting.configure_autoscaling(session.boto_session.client("application-autoscaling"), name, scaling)
+        policy = hosting.configure_autoscaling(sagemaker.client("application-autoscaling"), name, scaling)
         print(f"autoscaling: {scaling.min_instances}..{scaling.max_instances} instances, "
               f"{scaling.target_invocations:g} invocations/instance/minute (policy {policy})")
     if args.local:
-        serve_until_interrupted(session, name, args.port)
+        serve_until_interrupted(sagemaker, name, args.port)
     return 0
 
 
-def serve_until_interrupted(session: Any, endpoint_name: str, port: int) -> None:
+def serve_until_interrupted(sagemaker: session.SageMaker, endpoint_name: str, port: int) -> None:
     """Keep this process (which owns the local endpoint) alive until Ctrl-C/SIGTERM, then delete it."""
     print(f"local endpoint on http://localhost:{port} (POST /invocations); Ctrl-C deletes it", flush=True)
 
@@ -446,49 +447,48 @@ def serve_until_interrupted(session: Any, endpoint_name: str, port: int) -> None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for what in hosting.delete(session, endpoint_name):
+        for what in hosting.delete(sagemaker, endpoint_name):
             print(f"deleted {what}")
 
 
-def cmd_transform(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
+def cmd_transform(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
+    job_name = args.job_name or session.timestamped("image-classifier-transform")
+    model = hosting.create_model(sagemaker, model_from_args(args, sagemaker, environ, default_name=job_name))
     name = batch.transform(
-        model_from_args(args, session, environ), data=args.data, output_path=args.output_path,
-        instance_type=args.instance_type, instance_count=args.instance_count, max_payload_mb=args.max_payload_mb,
-        max_concurrent_transforms=args.max_concurrent_transforms, job_name=args.job_name, wait=args.wait,
+        sagemaker, model, data=args.data, output_path=args.output_path, instance_type=args.instance_type,
+        instance_count=args.instance_count, max_payload_mb=args.max_payload_mb,
+        max_concurrent_transforms=args.max_concurrent_transforms, job_name=job_name, wait=args.wait,
     )
     print(f"transform job: {name}")
     print(f"output: {args.output_path}")
     return 0
 
 
-def cmd_predict(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
-    try:
-        paths = find_images(args.paths)
-    except FileNotFoundError as error:
-        raise UsageError(str(error)) from None
+def cmd_predict(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
+    """The same path as classifier-predict --endpoint: one table, the skipped files on stderr."""
     if args.target_model is not None:
         hosting.check_target_model(args.target_model)
-    predictions = hosting.predict(hosting.predictor(args.endpoint_name, session), paths, args.target_model)
-    print(hosting.format_table(predictions))
-    return 1 if any(item.error for item in predictions) else 0
+    client = predict.EndpointClient(sagemaker.runtime, args.endpoint_name, target_model=args.target_model,
+                                    top_k=None, profile=environ.get("AWS_PROFILE"))
+    return predict.run(client, args.paths, prog=f"{PROG} predict")
 
 
-def cmd_add_model(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
-    source = args.model_data or hosting.model_data_of(session, args.training_job)
+def cmd_add_model(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
+    source = args.model_data or hosting.model_data_of(sagemaker, args.training_job)
     name = args.name
     if name is None:
         if source.startswith("s3://"):
             raise UsageError("--name is required for an S3 source or a training job (their artifacts are all "
                              "model.tar.gz): e.g. --name dogs.tar.gz")
         name = os.path.basename(source)
-    uri = hosting.add_model(session, args.model_data_prefix, source, name)
+    uri = hosting.add_model(sagemaker, args.model_data_prefix, source, name)
     print(f"model: {uri}")
     print(f"target model: {name}")
     return 0
 
 
-def cmd_list_models(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
-    names = hosting.list_models(session, args.model_data_prefix)
+def cmd_list_models(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
+    names = hosting.list_models(sagemaker, args.model_data_prefix)
     for name in names:
         print(name)
     if not names:
@@ -496,10 +496,10 @@ def cmd_list_models(args: argparse.Namespace, session: Any, environ: Mapping[str
     return 0
 
 
-def cmd_delete(args: argparse.Namespace, session: Any, environ: Mapping[str, str]) -> int:
-    autoscaling = None if args.local else session.boto_session.client("application-autoscaling")
-    cloudwatch = None if args.local else session.boto_session.client("cloudwatch")
-    deleted = hosting.delete(session, args.endpoint_name, autoscaling, cloudwatch)
+def cmd_delete(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
+    autoscaling = None if args.local else sagemaker.client("application-autoscaling")
+    cloudwatch = None if args.local else sagemaker.client("cloudwatch")
+    deleted = hosting.delete(sagemaker, args.endpoint_name, autoscaling, cloudwatch)
     for what in deleted:
         print(f"deleted {what}")
     if not deleted:
@@ -523,8 +523,8 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] = os.e
     logging.getLogger("sagemaker.config").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         # check needs Docker only, package only this machine: no AWS session (and no region) for them.
-        session = None if args.command in ("check", "package") else make_session(args, boto_session)
-        return COMMANDS[args.command](args, session, environ)
+        sagemaker = None if args.command in ("check", "package") else make_session(args, boto_session)
+        return COMMANDS[args.command](args, sagemaker, environ)
     except UsageError as error:
         parser.error(f"{args.command}: {error}")  # exits 2
     except (ValueError, RuntimeError, BotoCoreError, ClientError) as error:

@@ -1,33 +1,23 @@
-"""Models and endpoints: deploy (real-time, serverless, asynchronous or multi-model), autoscaling,
-predict, delete."""
+"""Models and endpoints as SageMaker API requests: deploy (real-time, serverless, asynchronous or
+multi-model), autoscaling, multi-model artifacts, delete."""
 
 from __future__ import annotations
 
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError, WaiterError
-from sagemaker.async_inference import AsyncInferenceConfig
-from sagemaker.deserializers import JSONDeserializer
-from sagemaker.model import Model
-from sagemaker.model_monitor import DataCaptureConfig
-from sagemaker.multidatamodel import MultiDataModel
-from sagemaker.predictor import Predictor
-from sagemaker.serializers import IdentitySerializer
-from sagemaker.serverless import ServerlessInferenceConfig
-from sagemaker.session import Session
 
-from deploy.predict import GENERIC_IMAGE, content_type
-from deploy.sdk import is_local
+from deploy.session import SageMaker, split_s3_uri
 
 logger = logging.getLogger(__name__)
 
-VARIANT = "AllTraffic"  # the SDK's name for a model's only production variant
+VARIANT = "AllTraffic"  # a model's only production variant
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 
 
@@ -57,12 +47,19 @@ class Asynchronous:
     error_topic: str | None = None
     max_concurrent_invocations: int | None = None  # per instance; None: SageMaker chooses
 
-    def config(self) -> AsyncInferenceConfig:
+    def config(self) -> dict[str, Any]:
+        """The endpoint config's ``AsyncInferenceConfig``."""
+        output: dict[str, Any] = {"S3OutputPath": self.output_path}
+        if self.failure_path:
+            output["S3FailurePath"] = self.failure_path
         topics = {key: value for key, value in (("SuccessTopic", self.success_topic),
                                                  ("ErrorTopic", self.error_topic)) if value}
-        return AsyncInferenceConfig(output_path=self.output_path, failure_path=self.failure_path,
-                                    max_concurrent_invocations_per_instance=self.max_concurrent_invocations,
-                                    notification_config=topics or None)
+        if topics:
+            output["NotificationConfig"] = topics
+        config: dict[str, Any] = {"OutputConfig": output}
+        if self.max_concurrent_invocations is not None:
+            config["ClientConfig"] = {"MaxConcurrentInvocationsPerInstance": self.max_concurrent_invocations}
+        return config
 
 
 @dataclass(frozen=True)
@@ -87,9 +84,25 @@ class Serverless:
     max_concurrency: int = 5
 
 
-def model_data_of(session: Session, training_job: str) -> str:
+@dataclass(frozen=True)
+class ModelSpec:
+    """A SageMaker model of the image: one artifact, or (multi-model) every artifact under a prefix."""
+
+    image_uri: str
+    model_data: str  # model.tar.gz; with multi_model, the S3 prefix ending in /
+    role: str
+    name: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    multi_model: bool = False
+
+    def __post_init__(self) -> None:
+        if self.multi_model:
+            check_model_prefix(self.model_data)
+
+
+def model_data_of(sagemaker: SageMaker, training_job: str) -> str:
     """The model artifact a finished training job wrote."""
-    description = session.sagemaker_client.describe_training_job(TrainingJobName=training_job)
+    description = sagemaker.sagemaker.describe_training_job(TrainingJobName=training_job)
     artifacts = description.get("ModelArtifacts", {}).get("S3ModelArtifacts")
     if not artifacts:
         raise ValueError(f"training job {training_job} has no model artifact (status "
@@ -97,20 +110,16 @@ def model_data_of(session: Session, training_job: str) -> str:
     return artifacts
 
 
-def build_model(session: Session, *, image_uri: str, model_data: str, role: str,
-                env: Mapping[str, str] | None = None, name: str | None = None) -> Model:
-    return Model(image_uri=image_uri, model_data=model_data, role=role, env=dict(env or {}), name=name,
-                 predictor_cls=Predictor, sagemaker_session=session)
-
-
-def build_multi_model(session: Session, *, image_uri: str, model_data_prefix: str, role: str, name: str,
-                      env: Mapping[str, str] | None = None) -> MultiDataModel:
-    """One SageMaker model in multi-model mode: the container loads each ``<prefix><name>.tar.gz``
+def create_model(sagemaker: SageMaker, spec: ModelSpec) -> str:
+    """CreateModel; returns its name. A multi-model container loads each ``<prefix><name>.tar.gz``
     that a request names (``TargetModel``) on first use, and unloads the least used under memory
     pressure."""
-    check_model_prefix(model_data_prefix)
-    return MultiDataModel(name=name, model_data_prefix=model_data_prefix, image_uri=image_uri, role=role,
-                          env=dict(env or {}), predictor_cls=Predictor, sagemaker_session=session)
+    container: dict[str, Any] = {"Image": spec.image_uri, "ModelDataUrl": spec.model_data,
+                                 "Environment": dict(spec.env)}
+    if spec.multi_model:
+        container["Mode"] = "MultiModel"
+    sagemaker.sagemaker.create_model(ModelName=spec.name, PrimaryContainer=container, ExecutionRoleArn=spec.role)
+    return spec.name
 
 
 def check_model_prefix(prefix: str) -> None:
@@ -126,43 +135,56 @@ def check_target_model(name: str) -> None:
                          f"(e.g. dogs.tar.gz), not {name!r}")
 
 
-def add_model(session: Session, model_data_prefix: str, source: str, name: str) -> str:
+def add_model(sagemaker: SageMaker, model_data_prefix: str, source: str, name: str) -> str:
     """Copy an S3 artifact (or upload a local one) to ``<prefix><name>``, where a multi-model
     endpoint serving the prefix finds it; returns its S3 URI. The endpoint needs no update."""
     check_model_prefix(model_data_prefix)
     check_target_model(name)
     if not source.startswith("s3://") and not Path(source).is_file():
         raise ValueError(f"no model artifact at {source!r}: give a model.tar.gz file or an s3:// URI")
-    return MultiDataModel(name="add-model", model_data_prefix=model_data_prefix,
-                          sagemaker_session=session).add_model(source, name)
+    bucket, prefix = split_s3_uri(model_data_prefix)
+    key = prefix + name
+    s3 = sagemaker.client("s3")
+    if source.startswith("s3://"):
+        source_bucket, source_key = split_s3_uri(source)
+        s3.copy({"Bucket": source_bucket, "Key": source_key}, bucket, key)
+    else:
+        s3.upload_file(source, bucket, key)
+    return f"s3://{bucket}/{key}"
 
 
-def list_models(session: Session, model_data_prefix: str) -> list[str]:
+def list_models(sagemaker: SageMaker, model_data_prefix: str) -> list[str]:
     """The target-model names under a multi-model prefix (every .tar.gz below it)."""
     check_model_prefix(model_data_prefix)
-    models = MultiDataModel(name="list-models", model_data_prefix=model_data_prefix, sagemaker_session=session)
-    return sorted(name for name in models.list_models() if name.endswith(".tar.gz"))
+    bucket, prefix = split_s3_uri(model_data_prefix)
+    names = []
+    for page in sagemaker.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        names += [item["Key"][len(prefix):] for item in page.get("Contents", []) if item["Key"].endswith(".tar.gz")]
+    return sorted(names)
 
 
-def deploy(model: Model, *, endpoint_name: str, instance_type: str | None = None, instance_count: int = 1,
-           serverless: Serverless | None = None, asynchronous: Asynchronous | None = None,
+def deploy(sagemaker: SageMaker, model_name: str, *, endpoint_name: str, instance_type: str | None = None,
+           instance_count: int = 1, serverless: Serverless | None = None, asynchronous: Asynchronous | None = None,
            capture_s3_uri: str | None = None, capture_percent: int = 100, wait: bool = True) -> str:
-    """Create the model, endpoint config and endpoint; returns the endpoint name."""
-    capture = None
-    if capture_s3_uri:
-        capture = DataCaptureConfig(enable_capture=True, sampling_percentage=capture_percent,
-                                    destination_s3_uri=capture_s3_uri)
+    """Create the endpoint config (named as the endpoint) and the endpoint; returns the endpoint name.
+    In local mode the endpoint's container is running and answering /ping when this returns."""
+    variant: dict[str, Any] = {"VariantName": VARIANT, "ModelName": model_name}
     if serverless:
-        placement: dict[str, Any] = {"serverless_inference_config": ServerlessInferenceConfig(
-            memory_size_in_mb=serverless.memory_mb, max_concurrency=serverless.max_concurrency)}
+        variant["ServerlessConfig"] = {"MemorySizeInMB": serverless.memory_mb,
+                                       "MaxConcurrency": serverless.max_concurrency}
     else:
-        placement = {"instance_type": instance_type, "initial_instance_count": instance_count}
-        if asynchronous:
-            placement["async_inference_config"] = asynchronous.config()
-    # The SDK's own wait sleeps 30 s before its first look; the boto waiter looks first.
-    model.deploy(endpoint_name=endpoint_name, data_capture_config=capture, wait=False, **placement)
-    if wait and not is_local(model.sagemaker_session):  # a local deploy returns once /ping answers
-        wait_for_endpoint(model.sagemaker_session.sagemaker_client, endpoint_name)
+        variant.update(InstanceType=instance_type, InitialInstanceCount=instance_count)
+    config: dict[str, Any] = {"EndpointConfigName": endpoint_name, "ProductionVariants": [variant]}
+    if capture_s3_uri:
+        config["DataCaptureConfig"] = {
+            "EnableCapture": True, "InitialSamplingPercentage": capture_percent, "DestinationS3Uri": capture_s3_uri,
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}]}
+    if asynchronous:
+        config["AsyncInferenceConfig"] = asynchronous.config()
+    sagemaker.sagemaker.create_endpoint_config(**config)
+    sagemaker.sagemaker.create_endpoint(EndpointName=endpoint_name, EndpointConfigName=endpoint_name)
+    if wait and not sagemaker.local:
+        wait_for_endpoint(sagemaker.sagemaker, endpoint_name)
     return endpoint_name
 
 
@@ -254,14 +276,14 @@ def _not_found(error: ClientError) -> bool:
         code == "ValidationException" and ("not find" in message or "does not exist" in message))
 
 
-def delete(session: Session, endpoint_name: str, autoscaling_client: Any | None = None,
+def delete(sagemaker: SageMaker, endpoint_name: str, autoscaling_client: Any | None = None,
            cloudwatch_client: Any | None = None) -> list[str]:
     """Delete the scaling target (and an asynchronous endpoint's wake-up alarm), endpoint, endpoint
     config and models; returns what was deleted.
 
     Anything already gone is skipped, so this also cleans up after a half-finished deploy.
     """
-    client = session.sagemaker_client
+    client = sagemaker.sagemaker
     deleted: list[str] = []
 
     def attempt(what: str, call: Any, **kwargs: Any) -> Any:
@@ -284,7 +306,7 @@ def delete(session: Session, endpoint_name: str, autoscaling_client: Any | None 
             raise
 
     endpoint = describe(client.describe_endpoint, EndpointName=endpoint_name)
-    config_name = endpoint["EndpointConfigName"] if endpoint else endpoint_name  # the SDK names both alike
+    config_name = endpoint["EndpointConfigName"] if endpoint else endpoint_name  # deploy names both alike
     config = describe(client.describe_endpoint_config, EndpointConfigName=config_name)
     variants = config["ProductionVariants"] if config else []
     if autoscaling_client is not None:
@@ -325,57 +347,3 @@ def local_endpoint_answers(port: int, host: str = "localhost", timeout_s: float 
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-# --- predict ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Prediction:
-    path: Path
-    label: str | None = None
-    probability: float | None = None
-    error: str | None = None
-
-
-def predictor(endpoint_name: str, session: Session) -> Predictor:
-    return Predictor(endpoint_name, sagemaker_session=session, serializer=IdentitySerializer(GENERIC_IMAGE),
-                     deserializer=JSONDeserializer())
-
-
-def predict(endpoint: Predictor, paths: Sequence[Path], target_model: str | None = None) -> list[Prediction]:
-    """The top prediction for each file (from ``target_model`` on a multi-model endpoint); a file
-    the endpoint refuses gets its error instead."""
-    results = []
-    for path in paths:
-        try:
-            answer = endpoint.predict(path.read_bytes(), initial_args={"ContentType": content_type(path)},
-                                      target_model=target_model)
-        except (ClientError, OSError, ValueError) as error:
-            results.append(Prediction(path, error=f"{type(error).__name__}: {error}"))
-            continue
-        if not isinstance(answer, dict) or not answer.get("predictions"):
-            results.append(Prediction(path, error=describe_error(answer)))
-            continue
-        top = answer["predictions"][0]
-        results.append(Prediction(path, top["label"], float(top["probability"])))
-    return results
-
-
-def describe_error(answer: object) -> str:
-    """Local mode hands back the server's error bodies as if they were answers."""
-    error = answer.get("error") if isinstance(answer, dict) else None
-    if isinstance(error, dict) and "code" in error:
-        return f"{error['code']}: {error.get('message', '')}"
-    return f"unexpected answer: {str(answer)[:200]}"
-
-
-def format_table(predictions: Sequence[Prediction]) -> str:
-    rows = [("file", "label", "probability")]
-    for item in predictions:
-        if item.error is not None:
-            rows.append((str(item.path), "ERROR", item.error))
-        else:
-            rows.append((str(item.path), str(item.label), f"{item.probability:.4f}"))
-    widths = [max(len(row[column]) for row in rows) for column in range(2)]
-    return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}" for row in rows)

@@ -10,7 +10,8 @@ a TorchScript file or an ONNX file, plus its class names, write a model artifact
     python -m deploy package --onnx dogs.onnx --classes classes.txt --output model/
 
 The artifact is checked before anything is written where it was asked for: the server's own
-loader loads it and classifies a sample image (``--sample``, or a blank one).
+loader loads it and classifies a sample image (``--sample``, or a blank one). PyTorch is imported
+only when packaging: the rest of the deploy CLI runs without it.
 """
 
 from __future__ import annotations
@@ -22,15 +23,12 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
-import torch
 from PIL import Image
 
-from classifier import artifact
-from classifier.artifact import Manifest, Preprocessing
-from classifier.models import UnknownArchitectureError, create_model
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,6 +60,9 @@ def read_classes(text: str) -> tuple[str, ...]:
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a file, unwrapped from the usual checkpoint layouts and DDP's ``module.``."""
+    import safetensors.torch
+    import torch
+
     if not path.is_file():
         raise PackageError(f"{path}: no such file")
     if path.suffix == ".safetensors":
@@ -84,6 +85,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def network_from_state_dict(architecture: str, path: Path, num_classes: int) -> torch.nn.Module:
+    from classifier.models import UnknownArchitectureError, create_model
+
     try:
         model = create_model(architecture, num_classes)
     except UnknownArchitectureError as exc:
@@ -121,6 +124,8 @@ def onnx_image_size(path: Path, asked: int | None) -> int:
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    from classifier import artifact
+
     try:
         return artifact.load_torchscript(path)
     except Exception as exc:  # noqa: BLE001
@@ -158,6 +163,9 @@ def write_tarball(directory: Path, tarball: Path) -> None:
 
 
 def package(args: argparse.Namespace) -> tuple[Path, Path, Checked]:
+    from classifier import artifact
+    from classifier.artifact import Manifest, Preprocessing
+
     classes = read_classes(args.classes)
     size = onnx_image_size(Path(args.onnx), args.image_size) if args.onnx else args.image_size or DEFAULT_IMAGE_SIZE
     preprocessing = Preprocessing(

@@ -39,6 +39,7 @@ from urllib.parse import quote, urlsplit
 
 import boto3
 import httpx
+import urllib3
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -274,7 +275,7 @@ class EndpointClient:
                  profile: str | None) -> None:
         self.runtime = runtime
         self.endpoint = endpoint
-        self.region = runtime.meta.region_name
+        self.region = runtime.meta.region_name if hasattr(runtime, "meta") else "local mode"
         self.profile = profile
         self.arguments = {"EndpointName": endpoint, "Accept": JSON}
         if top_k is not None:
@@ -289,6 +290,8 @@ class EndpointClient:
         try:
             response = self.runtime.invoke_endpoint(**self.arguments, ContentType=content_type, Body=body)
             answer = response["Body"].read()
+        except urllib3.exceptions.HTTPError as error:  # local mode's runtime speaks HTTP itself
+            raise Fatal(f"cannot reach the local endpoint: {error}") from None
         except NoCredentialsError:
             raise Fatal(no_credentials(self.profile)) from None
         except ClientError as error:
@@ -299,6 +302,10 @@ class EndpointClient:
             raise Refused("no answer in time (--timeout)") from None
         except BotoCoreError as error:
             raise Refused(f"{type(error).__name__}: {error}") from None
+        # Local mode hands back the server's error as an answer (with its status on the body in SDK v2).
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or getattr(response["Body"], "status", None)
+        if isinstance(status, int) and status >= 400:
+            raise Refused(describe_error(answer, status))
         return parse_predictions(answer)
 
     def translate(self, error: ClientError) -> Exception:
@@ -487,33 +494,47 @@ def make_client(args: argparse.Namespace, parser: argparse.ArgumentParser, envir
                           profile=args.profile or environ.get("AWS_PROFILE"))
 
 
+def run(client: Classifier, patterns: Sequence[str], *, prog: str = PROG, output_format: str = "table",
+        output: str | None = None, concurrency: int = 1, progress: bool = False) -> int:
+    """Classify the images ``patterns`` name through ``client`` and print or write the results;
+    the exit status (1 when a file was skipped or a pattern matched nothing, or on a fatal error)."""
+    found = search(patterns)
+    if not found.images:
+        print(f"{prog}: error: no image files found in {' '.join(patterns)}", file=sys.stderr)
+        return 2
+    try:
+        try:
+            client.check()
+            outcomes = classify_all(lambda path: classify_file(client, path), found.images, concurrency=concurrency,
+                                    progress=progress_bar(len(found.images), enabled=progress))
+        finally:
+            client.close()
+    except Fatal as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    write_results(outcomes, output_format, output)
+    report_skipped(outcomes, found.unmatched)
+    return 1 if found.unmatched or any(outcome.error is not None for outcome in outcomes) else 0
+
+
 def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] = os.environ,
          runtime_client: Any | None = None) -> int:
     """Classify the images; ``runtime_client`` replaces the sagemaker-runtime client (tests pass a stubbed one)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     chosen_format = output_format(args, parser)
-    found = search(args.paths)
-    if not found.images:
+    if not search(args.paths).images:
         parser.error(f"no image files found in {' '.join(args.paths)}")
     try:
         client = make_client(args, parser, environ, runtime_client)
-        try:
-            client.check()
-            outcomes = classify_all(lambda path: classify_file(client, path), found.images,
-                                    concurrency=args.concurrency,
-                                    progress=progress_bar(len(found.images), enabled=args.progress))
-        finally:
-            client.close()
     except Fatal as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    write_results(outcomes, chosen_format, args.output)
-    report_skipped(outcomes, found.unmatched)
-    return 1 if found.unmatched or any(outcome.error is not None for outcome in outcomes) else 0
+    return run(client, args.paths, output_format=chosen_format, output=args.output, concurrency=args.concurrency,
+               progress=args.progress)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
-"""Training jobs and hyperparameter tuning jobs for the image (SDK v2 ``Estimator``)."""
+"""Training jobs and hyperparameter tuning jobs for the image, as SageMaker API requests."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sagemaker.estimator import Estimator
-from sagemaker.inputs import TrainingInput
-from sagemaker.session import Session
-from sagemaker.tuner import CategoricalParameter, ContinuousParameter, HyperparameterTuner
+from botocore.exceptions import ClientError
 
-from deploy.sdk import is_local
+from deploy.session import SageMaker, timestamped
 
+logger = logging.getLogger(__name__)
 # The training log prints one ``metric: <name>=<value>`` line per metric (README, "Metrics").
 # The names follow SageMaker's built-in algorithms (``validation:accuracy``); the tuner's
 # objective must be one of these names.
@@ -26,6 +25,10 @@ METRIC_DEFINITIONS: tuple[Mapping[str, str], ...] = (
 )
 OBJECTIVE_METRIC = "validation:accuracy"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # where the image looks for checkpoints
+TERMINAL = ("Completed", "Failed", "Stopped")
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+POLL_S = 15.0
+TUNING_NAME_LIMIT = 32  # characters in a tuning job's name
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class JobSpec:
     instance_type: str
     instance_count: int = 1
     hyperparameters: Mapping[str, str] = field(default_factory=dict)
-    output_path: str | None = None  # None: the session's default bucket
+    output_path: str | None = None  # None: SageMaker's default bucket
     max_run_s: int = 24 * 3600
     spot: bool = False
     max_wait_s: int | None = None  # spot only; None: twice max_run_s
@@ -55,10 +58,11 @@ class Channels:
     validation: str | None = None
     test: str | None = None
 
-    def inputs(self, input_mode: str = "File") -> dict[str, TrainingInput]:
+    def input_data_config(self) -> list[dict[str, Any]]:
         named = {"training": self.training, "validation": self.validation, "test": self.test}
-        return {name: TrainingInput(uri, input_mode=input_mode)
-                for name, uri in named.items() if uri is not None}
+        return [{"ChannelName": name, "DataSource": {"S3DataSource": {
+                    "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}}
+                for name, uri in named.items() if uri is not None]
 
 
 @dataclass(frozen=True)
@@ -66,57 +70,100 @@ class TrainingResult:
     job_name: str
     model_data: str
     status: str
+    failure_reason: str | None = None
 
 
 def metric_definitions() -> list[dict[str, str]]:
     return [dict(definition) for definition in METRIC_DEFINITIONS]
 
 
-def build_estimator(spec: JobSpec, session: Session) -> Estimator:
+def job_definition(spec: JobSpec, channels: Channels, output_path: str) -> dict[str, Any]:
+    """The parts of a training job that a tuning job's jobs share too."""
     if spec.spot and not spec.checkpoint_s3_uri:
         # Without it an interrupted job starts again from epoch 0 and may never finish.
         raise ValueError("managed spot training needs a checkpoint S3 URI")
-    spot = {}
+    stopping: dict[str, int] = {"MaxRuntimeInSeconds": spec.max_run_s}
+    definition: dict[str, Any] = {
+        "AlgorithmSpecification": {"TrainingImage": spec.image_uri, "TrainingInputMode": spec.input_mode,
+                                   "MetricDefinitions": metric_definitions()},
+        "RoleArn": spec.role,
+        "InputDataConfig": channels.input_data_config(),
+        "OutputDataConfig": {"S3OutputPath": output_path},
+        "ResourceConfig": {"InstanceType": spec.instance_type, "InstanceCount": spec.instance_count,
+                           "VolumeSizeInGB": spec.volume_size_gb},
+        "StoppingCondition": stopping,
+    }
     if spec.spot:
         max_wait = spec.max_wait_s if spec.max_wait_s is not None else 2 * spec.max_run_s
         if max_wait < spec.max_run_s:
             raise ValueError(f"max wait ({max_wait} s) must be at least max run ({spec.max_run_s} s)")
-        spot = {"use_spot_instances": True, "max_wait": max_wait}
-    checkpoints = {}
+        stopping["MaxWaitTimeInSeconds"] = max_wait
+        definition["EnableManagedSpotTraining"] = True
     if spec.checkpoint_s3_uri:
-        checkpoints = {"checkpoint_s3_uri": spec.checkpoint_s3_uri, "checkpoint_local_path": CHECKPOINT_LOCAL_PATH}
-    return Estimator(
-        image_uri=spec.image_uri,
-        role=spec.role,
-        instance_count=spec.instance_count,
-        instance_type=spec.instance_type,
-        volume_size=spec.volume_size_gb,
-        max_run=spec.max_run_s,
-        input_mode=spec.input_mode,
-        output_path=spec.output_path,
-        base_job_name=spec.base_job_name,
-        # SageMaker hands every hyperparameter to the container as a string anyway.
-        hyperparameters={key: str(value) for key, value in spec.hyperparameters.items()},
-        metric_definitions=metric_definitions(),
-        sagemaker_session=session,
-        **spot,
-        **checkpoints,
-    )
+        definition["CheckpointConfig"] = {"S3Uri": spec.checkpoint_s3_uri, "LocalPath": CHECKPOINT_LOCAL_PATH}
+    return definition
 
 
-def train(spec: JobSpec, channels: Channels, session: Session, *, wait: bool = True,
-          job_name: str | None = None) -> TrainingResult:
-    """Start a training job; with ``wait``, stream its log until it ends (local mode always waits)."""
-    estimator = build_estimator(spec, session)
-    estimator.fit(channels.inputs(spec.input_mode), wait=wait, logs="All" if wait else "None", job_name=job_name)
-    name = estimator.latest_training_job.name
-    description = session.sagemaker_client.describe_training_job(TrainingJobName=name)
+def output_path(spec: JobSpec, sagemaker: SageMaker) -> str:
+    return spec.output_path or f"s3://{sagemaker.default_bucket()}/"
+
+
+def train(spec: JobSpec, channels: Channels, sagemaker: SageMaker, *, wait: bool = True,
+          job_name: str | None = None, print_line: Callable[[str], None] = print) -> TrainingResult:
+    """Start a training job; with ``wait``, print its log until it ends (local mode runs it to the
+    end in this call, printing the containers' output as it goes)."""
+    name = job_name or timestamped(spec.base_job_name)
+    destination = output_path(spec, sagemaker)
+    request = {"TrainingJobName": name, **job_definition(spec, channels, destination),
+               # SageMaker hands every hyperparameter to the container as a string anyway.
+               "HyperParameters": {key: str(value) for key, value in spec.hyperparameters.items()}}
+    sagemaker.sagemaker.create_training_job(**request)
+    if wait and not sagemaker.local:
+        follow_training_log(sagemaker, name, print_line)
+    description = sagemaker.sagemaker.describe_training_job(TrainingJobName=name)
     status = description["TrainingJobStatus"]
-    if status == "Completed" or is_local(session):
-        model_data = description["ModelArtifacts"]["S3ModelArtifacts"]
-    else:  # SageMaker only reports the artifact once the job is done; this is where it will be
-        model_data = f"{estimator.output_path.rstrip('/')}/{name}/output/model.tar.gz"
-    return TrainingResult(name, model_data, status)
+    artifact = description.get("ModelArtifacts", {}).get("S3ModelArtifacts")
+    if not artifact:  # SageMaker only reports the artifact once the job is done; this is where it will be
+        artifact = f"{destination.rstrip('/')}/{name}/output/model.tar.gz"
+    return TrainingResult(name, artifact, status, description.get("FailureReason"))
+
+
+def follow_training_log(sagemaker: SageMaker, job_name: str, print_line: Callable[[str], None], *,
+                        poll_s: float = POLL_S, sleep: Callable[[float], None] = time.sleep) -> str:
+    """Print the job's CloudWatch log lines (every host's) as they come, until the job ends; the
+    final status. Each look asks for the events since the last one seen (their ids weed out the
+    ones at the same millisecond). A log the caller may not read is skipped with one warning."""
+    logs = sagemaker.client("logs")
+    seen: set[str] = set()
+    since = 0
+    readable = True
+    while True:
+        status = sagemaker.sagemaker.describe_training_job(TrainingJobName=job_name)["TrainingJobStatus"]
+        token: str | None = None
+        while readable:  # every page there is now
+            arguments: dict[str, Any] = {"logGroupName": LOG_GROUP, "logStreamNamePrefix": f"{job_name}/",
+                                         "startTime": since}
+            if token:
+                arguments["nextToken"] = token
+            try:
+                page = logs.filter_log_events(**arguments)
+            except ClientError as error:
+                code = error.response.get("Error", {}).get("Code")
+                if code != "ResourceNotFoundException":  # that one: no log yet, the instances are starting
+                    logger.warning("cannot read the job's log (%s): waiting for it to end", code)
+                    readable = False
+                break
+            for event in page.get("events", []):
+                if event.get("eventId") not in seen:
+                    seen.add(event.get("eventId", ""))
+                    since = max(since, int(event.get("timestamp", since)))
+                    print_line(event["message"])
+            token = page.get("nextToken")
+            if not token:
+                break
+        if status in TERMINAL:
+            return status
+        sleep(poll_s)
 
 
 @dataclass(frozen=True)
@@ -131,47 +178,41 @@ class TuningSpec:
     early_stopping: str = "Off"
 
 
-def build_tuner(spec: JobSpec, tuning: TuningSpec, session: Session) -> HyperparameterTuner:
+TUNED = ("learning_rate", "batch_size")
+
+
+def tune(spec: JobSpec, tuning: TuningSpec, channels: Channels, sagemaker: SageMaker, *, wait: bool = True,
+         job_name: str | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
+    """Start a tuning job; returns its name (with ``wait``, once it has ended)."""
     low, high = tuning.learning_rate
     if not 0 < low < high:
         raise ValueError(f"learning rate range must satisfy 0 < low < high, got {low}..{high}")
-    return HyperparameterTuner(
-        estimator=build_estimator(spec, session),
-        objective_metric_name=OBJECTIVE_METRIC,
-        objective_type="Maximize",
-        metric_definitions=metric_definitions(),
-        hyperparameter_ranges={
-            "learning_rate": ContinuousParameter(low, high, scaling_type="Logarithmic"),
-            "batch_size": CategoricalParameter([str(size) for size in tuning.batch_sizes]),
+    name = job_name or timestamped(spec.base_job_name, TUNING_NAME_LIMIT)
+    definition = job_definition(spec, channels, output_path(spec, sagemaker))
+    definition["StaticHyperParameters"] = {key: str(value) for key, value in spec.hyperparameters.items()
+                                           if key not in TUNED}  # the tuner's value wins
+    sagemaker.sagemaker.create_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName=name,
+        HyperParameterTuningJobConfig={
+            "Strategy": tuning.strategy,
+            "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": OBJECTIVE_METRIC},
+            "ResourceLimits": {"MaxNumberOfTrainingJobs": tuning.max_jobs,
+                               "MaxParallelTrainingJobs": tuning.max_parallel_jobs},
+            "ParameterRanges": {
+                "ContinuousParameterRanges": [{"Name": "learning_rate", "MinValue": str(low), "MaxValue": str(high),
+                                               "ScalingType": "Logarithmic"}],
+                "CategoricalParameterRanges": [{"Name": "batch_size",
+                                                "Values": [str(size) for size in tuning.batch_sizes]}],
+                "IntegerParameterRanges": [],
+            },
+            "TrainingJobEarlyStoppingType": tuning.early_stopping,
         },
-        max_jobs=tuning.max_jobs,
-        max_parallel_jobs=tuning.max_parallel_jobs,
-        strategy=tuning.strategy,
-        early_stopping_type=tuning.early_stopping,
-        base_tuning_job_name=spec.base_job_name,  # the SDK shortens it to fit 32 characters
+        TrainingJobDefinition=definition,
     )
-
-
-def tune(spec: JobSpec, tuning: TuningSpec, channels: Channels, session: Session, *, wait: bool = True,
-         job_name: str | None = None) -> str:
-    """Start a tuning job; returns its name (with ``wait``, once it has ended)."""
-    tuner = build_tuner(spec, tuning, session)
-    with _without_untrained_estimator_warning():
-        tuner.fit(channels.inputs(spec.input_mode), job_name=job_name, wait=wait)
-    return tuner.latest_tuning_job.name
-
-
-@contextlib.contextmanager
-def _without_untrained_estimator_warning() -> Iterator[None]:
-    # HyperparameterTuner.fit reads estimator.model_data, which logs "No finished training job
-    # found associated with this estimator ..." for an estimator that has not trained: always the
-    # case when tuning, and only confusing to see.
-    def keep(record: logging.LogRecord) -> bool:
-        return "No finished training job found" not in record.getMessage()
-
-    log = logging.getLogger("sagemaker.estimator")
-    log.addFilter(keep)
-    try:
-        yield
-    finally:
-        log.removeFilter(keep)
+    while wait:
+        status = sagemaker.sagemaker.describe_hyper_parameter_tuning_job(
+            HyperParameterTuningJobName=name)["HyperParameterTuningJobStatus"]
+        if status in TERMINAL:
+            break
+        sleep(POLL_S)
+    return name

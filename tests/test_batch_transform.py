@@ -54,7 +54,8 @@ from sagemaker.model import Model
 from classifier import artifact
 from classifier.artifact import Manifest, Preprocessing
 from classifier.models import create_model
-from deploy import batch, sdk
+from deploy import batch, hosting
+from deploy import session as sagemaker_session
 from deploy.package import write_tarball
 from serve import codec
 from serve.predictor import Predictor
@@ -106,16 +107,35 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
 
 
 @pytest.fixture
-def session(no_credentials: None, container_root: Path) -> LocalSession:
-    return sdk.local_session(boto3.Session(region_name=REGION), port=free_port(), container_root=str(container_root))
+def local(no_credentials: None, container_root: Path) -> sagemaker_session.SageMaker:
+    return sagemaker_session.local(boto3.Session(region_name=REGION), port=free_port(),
+                                   container_root=str(container_root))
 
 
 @pytest.fixture
-def model(session: LocalSession, served: Served) -> Model:
+def session(local: sagemaker_session.SageMaker) -> LocalSession:
+    return local.sdk_session
+
+
+@pytest.fixture
+def image() -> str:
     image = image_for("cpu")
     docker("image", "inspect", image)  # compose would try to pull a missing image from Docker Hub
-    return Model(image_uri=image, model_data=f"file://{served.tarball}", role=sdk.LOCAL_ROLE,
+    return image
+
+
+@pytest.fixture
+def model(session: LocalSession, served: Served, image: str) -> Model:
+    """The SDK's own model object, for what only the SDK's transformer can ask of local mode."""
+    return Model(image_uri=image, model_data=f"file://{served.tarball}", role=sagemaker_session.LOCAL_ROLE,
                  sagemaker_session=session)
+
+
+@pytest.fixture
+def model_name(local: sagemaker_session.SageMaker, served: Served, image: str) -> str:
+    """The model as deploy.batch runs it: created through the API, as the CLI does."""
+    return hosting.create_model(local, hosting.ModelSpec(image_uri=image, model_data=f"file://{served.tarball}",
+                                                         role=sagemaker_session.LOCAL_ROLE, name="shapes-model"))
 
 
 def shapes(count: int, *, seed: int) -> list[bytes]:
@@ -193,7 +213,7 @@ def sdk_mini_batches(path: Path, max_payload_mb: int) -> list[range]:
     return batches
 
 
-def test_a_folder_of_jpegs_is_answered_one_out_file_per_image(model: Model, session: LocalSession,
+def test_a_folder_of_jpegs_is_answered_one_out_file_per_image(local: sagemaker_session.SageMaker, model_name: str,
                                                               served: Served, container_root: Path,
                                                               tmp_path: Path) -> None:
     data, output = tmp_path / "unlabelled", tmp_path / "predictions"
@@ -207,11 +227,11 @@ def test_a_folder_of_jpegs_is_answered_one_out_file_per_image(model: Model, sess
     answers = {name: served.answer(body) for name, body in bodies.items() if body != NOT_AN_IMAGE}
     assert_distinct(list(answers.values()))
 
-    job = bounded(lambda: batch.transform(model, data=f"file://{data}", output_path=f"file://{output}",
+    job = bounded(lambda: batch.transform(local, model_name, data=f"file://{data}", output_path=f"file://{output}",
                                           instance_type="local"),
                   timeout_s=JOB_TIMEOUT_S, root=container_root)
 
-    assert session.sagemaker_client.describe_transform_job(job)["TransformJobStatus"] == "Completed"
+    assert local.sagemaker.describe_transform_job(TransformJobName=job)["TransformJobStatus"] == "Completed"
     written = {path.relative_to(output).as_posix() for path in output.rglob("*") if path.is_file()}
     assert written == {f"{name}.out" for name in bodies}
     for name, expected in answers.items():
@@ -223,7 +243,8 @@ def test_a_folder_of_jpegs_is_answered_one_out_file_per_image(model: Model, sess
 
 
 def test_json_lines_are_answered_line_by_line_and_a_bad_record_fails_its_mini_batch_alone(
-        model: Model, served: Served, container_root: Path, tmp_path: Path) -> None:
+        local: sagemaker_session.SageMaker, model_name: str, served: Served, container_root: Path,
+        tmp_path: Path) -> None:
     data, output = tmp_path / "lines", tmp_path / "predictions"
     data.mkdir()
     # A clean file: one mini-batch, every line answered by its own image's answer, in order.
@@ -244,7 +265,7 @@ def test_json_lines_are_answered_line_by_line_and_a_bad_record_fails_its_mini_ba
     mini_batches = sdk_mini_batches(data / "photos.jsonl", max_payload_mb=1)
     assert len(mini_batches) >= 3 and bad not in (*mini_batches[0], *mini_batches[-1]), mini_batches
 
-    bounded(lambda: batch.transform(model, data=f"file://{data}", output_path=f"file://{output}",
+    bounded(lambda: batch.transform(local, model_name, data=f"file://{data}", output_path=f"file://{output}",
                                     instance_type="local", max_payload_mb=1, json_lines=True),
             timeout_s=JOB_TIMEOUT_S, root=container_root)
 

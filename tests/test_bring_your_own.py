@@ -30,7 +30,7 @@ from sagemaker.pytorch import PyTorch, PyTorchModel
 from sagemaker.serializers import IdentitySerializer
 
 from classifier.models import create_model
-from deploy import sdk
+from deploy import session as sagemaker_session
 from deploy.cli import main as deploy_main
 from serve.predictor import Predictor
 
@@ -50,12 +50,13 @@ USER_CODE = Path(__file__).parent / "user_code" / "shapes"
 @pytest.fixture
 def session(no_credentials: None, container_root: Path):
     port = free_port()
-    return sdk.local_session(boto3.Session(region_name=REGION), port=port, container_root=str(container_root))
+    return sagemaker_session.local(boto3.Session(region_name=REGION), port=port,
+                                   container_root=str(container_root)).sdk_session
 
 
 def estimator(session, output: Path, instance_count: int = 1, **options) -> PyTorch:
     return PyTorch(entry_point="train.py", source_dir=str(USER_CODE), image_uri=image_for("cpu"),
-                   role=sdk.LOCAL_ROLE, instance_type="local", instance_count=instance_count,
+                   role=sagemaker_session.LOCAL_ROLE, instance_type="local", instance_count=instance_count,
                    output_path=f"file://{output}", sagemaker_session=session, **options)
 
 
@@ -81,7 +82,7 @@ def test_a_users_script_trains_and_its_inference_py_serves_the_result(session, t
 
     # code_location: with no AWS credentials, SDK v2 cannot look up a default bucket (local mode uploads nothing).
     model = PyTorchModel(model_data=job.model_data, entry_point="inference.py", source_dir=str(USER_CODE),
-                         image_uri=image_for("cpu"), role=sdk.LOCAL_ROLE, sagemaker_session=session,
+                         image_uri=image_for("cpu"), role=sagemaker_session.LOCAL_ROLE, sagemaker_session=session,
                          code_location="s3://unused-in-local-mode/code")
     model.deploy(initial_instance_count=1, instance_type="local", endpoint_name="shapes-byo")
     predictor = EndpointPredictor("shapes-byo", sagemaker_session=session, serializer=IdentitySerializer("image/jpeg"),

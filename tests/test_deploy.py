@@ -23,7 +23,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from deploy import hosting, predict, training
+from deploy import predict, session, training
 from deploy.cli import main
 
 REGION = "us-east-1"
@@ -445,7 +445,7 @@ def test_every_subcommand_has_help(command: str, capsys) -> None:
     assert f"python -m deploy {command}" in capsys.readouterr().out
 
 
-def test_predict_finds_images_by_file_folder_and_glob_and_prints_a_table(tmp_path: Path) -> None:
+def test_predict_finds_images_by_file_folder_and_glob(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     for name in ("a/1.png", "a/2.JPG", "a/notes.txt", "b.jpeg", "c.bin"):
         (tmp_path / name).write_bytes(b"x")
@@ -457,10 +457,64 @@ def test_predict_finds_images_by_file_folder_and_glob_and_prints_a_table(tmp_pat
     with pytest.raises(FileNotFoundError):
         predict.find_images([str(tmp_path / "missing*.png")])
 
-    table = hosting.format_table([hosting.Prediction(Path("a/1.png"), "circle", 0.98765),
-                                  hosting.Prediction(Path("c.bin"), error="invalid_image")])
-    assert table.splitlines() == [
-        "file     label   probability",
-        "a/1.png  circle  0.9877",
-        "c.bin    ERROR   invalid_image",
-    ]
+
+
+def test_train_without_an_output_path_uses_sagemakers_default_bucket(aws: Aws, capsys) -> None:
+    assert aws.run("train", "--image-uri", IMAGE, "--role", ROLE, "--job-name", "shapes-2",
+                   "--data", f"s3://{BUCKET}/shapes/", "--no-wait") == 0
+    bucket = f"sagemaker-{REGION}-{ACCOUNT}"
+    assert bucket in [b["Name"] for b in aws.session.client("s3").list_buckets()["Buckets"]]
+    job = aws.sagemaker.describe_training_job(TrainingJobName="shapes-2")
+    assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{bucket}/"
+    assert f"model artifact: s3://{bucket}/shapes-2/output/model.tar.gz" in capsys.readouterr().out
+
+
+class FakeLogs:
+    """CloudWatch Logs' filter_log_events over events that appear as the job runs."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.calls: list[dict[str, Any]] = []
+        self.missing = True  # the log group appears with the first line
+
+    def write(self, message: str, timestamp: int) -> None:
+        self.missing = False
+        self.events.append({"eventId": str(len(self.events)), "timestamp": timestamp, "message": message})
+
+    def filter_log_events(self, **arguments: Any) -> dict[str, Any]:
+        self.calls.append(arguments)
+        if self.missing:
+            raise ClientError({"Error": {"Code": "ResourceNotFoundException", "Message": "no group"}}, "FilterLogEvents")
+        found = [event for event in self.events if event["timestamp"] >= arguments["startTime"]]
+        offset = int(arguments.get("nextToken") or 0)  # two events a page
+        page = {"events": found[offset:offset + 2]}
+        if offset + 2 < len(found):
+            page["nextToken"] = str(offset + 2)
+        return page
+
+
+def test_waiting_for_a_job_prints_its_log_until_it_ends() -> None:
+    logs = FakeLogs()
+    progress = iter([
+        ("InProgress", []),  # instances starting: no log yet
+        ("InProgress", [("epoch 1", 100), ("epoch 2", 100), ("epoch 3", 200)]),  # more than a page
+        ("InProgress", []),
+        ("Completed", [("metric: test_accuracy=0.9", 300)]),
+    ])
+
+    class Client:
+        def describe_training_job(self, TrainingJobName: str) -> dict[str, str]:
+            status, lines = next(progress)
+            for message, timestamp in lines:
+                logs.write(message, timestamp)
+            return {"TrainingJobStatus": status}
+
+    sagemaker = session.SageMaker(boto3.Session(region_name=REGION), Client(), runtime=None)
+    sagemaker.client = lambda service: logs  # type: ignore[method-assign]
+    printed: list[str] = []
+    sleeps: list[float] = []
+    status = training.follow_training_log(sagemaker, "job-1", printed.append, poll_s=7, sleep=sleeps.append)
+    assert status == "Completed"
+    assert printed == ["epoch 1", "epoch 2", "epoch 3", "metric: test_accuracy=0.9"]  # each once, in order
+    assert sleeps == [7, 7, 7]  # between looks, never after the end
+    assert {call["logStreamNamePrefix"] for call in logs.calls} == {"job-1/"}

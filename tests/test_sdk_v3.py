@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -25,10 +27,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_process import Background, train_argv
 
+from deploy.package import write_tarball
+
+from artifacts import constant_artifact
 from containers import docker, image_for
-from imagedata import write_image_folder
-from sdk_local import compose_containers
+from imagedata import CLASSES, write_image_folder
+from ports import free_port
+from sdk_local import compose_containers, running
 
 pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +44,9 @@ VENV = ROOT / ".venv-sdk-v3"
 RUN_V3 = Path(__file__).parent / "sdk_v3" / "run_v3.py"
 USER_CODE = Path(__file__).parent / "user_code" / "shapes"
 STEP_LIMIT_S = 240  # run_v3.py's own limit; the subprocess gets a margin on top for its cleanup
+# The built-in trainer, small: a CLI run proves the path, not the learning (test_local_mode.py does).
+CLI_TRAINING = {"epochs": "1", "architecture": "resnet18", "pretrained": "false", "image_size": "32",
+                "batch_size": "8"}
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +140,64 @@ def test_model_builder_serves_the_trained_model_through_the_users_inference_py(
     assert correct >= 0.8 * len(answers), answers  # chance is 1/3
     assert docker("ps", "-aq", "--filter", f"id={result['serving_container']}").stdout.strip() == "", log[-4000:]
     assert compose_containers(work / "serve") == []
+
+
+# --- the deploy CLI with only SDK v3 installed -----------------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    """A region and no credentials, as local mode runs for a user without an AWS account."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    return {**env, "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(python: Path, *argv: str, timeout_s: float = STEP_LIMIT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(python), "-m", "deploy", *argv], cwd=ROOT, env=cli_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
+
+
+def test_the_deploy_cli_runs_on_sdk_v3_alone(v3_python: Path) -> None:
+    check = subprocess.run([str(v3_python), "-c", "import importlib.util as u, deploy.session as s; "
+                            "print(u.find_spec('sagemaker.local') is None, s.local_session_class().__module__)"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert check.stdout.split() == ["True", "sagemaker.core.local.local_session"], check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_the_deploy_cli_trains_in_local_mode_on_sdk_v3(v3_python: Path, image: str, work: Path,
+                                                       instances: int) -> None:
+    data = write_image_folder(work / f"cli-data-{instances}" / "train", 12, seed=41)
+    output, root = work / f"cli-output-{instances}", work / f"cli-{instances}"
+    result = cli(v3_python, *train_argv(image, data.parent, output, root, CLI_TRAINING),
+                 "--instance-count", str(instances))
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert f"model artifact: file://{output}/model.tar.gz" in result.stdout
+    assert f"rank {instances - 1} of {instances}" in result.stdout, result.stdout[-6000:]
+    assert {"manifest.json", "model.safetensors"} <= tar_names(str(output / "model.tar.gz"))
+    assert running(compose_containers(root)) == []
+
+
+def test_the_deploy_cli_serves_and_predicts_in_local_mode_on_sdk_v3(v3_python: Path, image: str, work: Path) -> None:
+    """``deploy --local`` (serving until Ctrl-C), ``predict --local`` from another process, then
+    Ctrl-C deletes the endpoint; the model answers "square" for every image."""
+    tarball = work / "cli-model" / "model.tar.gz"
+    write_tarball(constant_artifact(work / "cli-model" / "artifact", tuple(CLASSES), "square"), tarball)
+    photos = write_image_folder(work / "cli-photos", 2, seed=42)
+    port, root = free_port(), work / "cli-serve"
+    server = Background(["deploy", "--local", "--port", str(port), "--container-root", str(root), "--image-uri", image,
+                         "--model-data", f"file://{tarball}", "--endpoint-name", "v3-local"], cli_env(),
+                        python=str(v3_python))
+    try:
+        server.wait_for("Ctrl-C deletes it", timeout_s=STEP_LIMIT_S)
+        predicted = cli(v3_python, "predict", "--local", "--port", str(port), "--endpoint-name", "v3-local",
+                        str(photos))
+        assert predicted.returncode == 0, predicted.stdout[-4000:]
+        rows = re.findall(r"^(\S+\.png)\s+(\S+)\s+([0-9.]+)", predicted.stdout, re.MULTILINE)
+        assert len(rows) == 2 * len(CLASSES) and {label for _, label, _ in rows} == {"square"}, predicted.stdout
+    finally:
+        server.process.send_signal(signal.SIGINT)
+        code = server.finish(timeout_s=120)
+    assert code == 0, server.output
+    assert "deleted endpoint v3-local" in server.output and "deleted model v3-local" in server.output, server.output
+    assert running(compose_containers(root)) == []

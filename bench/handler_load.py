@@ -75,7 +75,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
@@ -97,8 +97,7 @@ from classifier import artifact  # noqa: E402
 from classifier.artifact import Manifest  # noqa: E402
 from classifier.models import create_model  # noqa: E402
 from classifier.pretrained import imagenet_categories  # noqa: E402
-
-from containers import direct_url, docker, serving  # noqa: E402
+from deploy.host import direct_url, docker, serving  # noqa: E402
 
 RESULTS = BENCH / "results"
 CONCURRENCIES = (1, 8)

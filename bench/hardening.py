@@ -57,7 +57,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
@@ -66,10 +66,14 @@ from loadgen import closed_loop  # noqa: E402
 from PIL import Image  # noqa: E402
 from serve_load import image_under_test, machine, percentile, photo_bodies, sigterm_as_interrupt  # noqa: E402
 
+from deploy.host import (  # noqa: E402
+    Served,
+    direct_url,
+    docker,
+    encode,  # noqa: E402
+    serving,
+)
 from serve.settings import MEGABYTE, REALTIME_TIMEOUT_S  # noqa: E402
-
-from containers import Served, direct_url, docker, serving  # noqa: E402
-from imagedata import encode  # noqa: E402
 
 RESULTS = BENCH / "results"
 CLIENT_TIMEOUT_S = REALTIME_TIMEOUT_S + 10  # longer than the server's own deadline, so its answer is seen

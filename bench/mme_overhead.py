@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 import httpx  # noqa: E402
 from loadgen import LoadResult, closed_loop  # noqa: E402
@@ -42,9 +43,11 @@ from PIL import Image  # noqa: E402
 
 from classifier import artifact  # noqa: E402
 from classifier.pretrained import default_model  # noqa: E402
-
-from containers import direct_url, image_for, serving  # noqa: E402
-from imagedata import encode  # noqa: E402
+from deploy.host import (  # noqa: E402
+    direct_url,
+    encode,  # noqa: E402
+    serving,
+)
 
 RESULTS = BENCH / "results"
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
@@ -86,10 +89,12 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", default=None, help="default: $CLASSIFIER_IMAGE_CPU")
+    parser.add_argument("--image", default=os.environ.get("CLASSIFIER_IMAGE_CPU"), help="default: $CLASSIFIER_IMAGE_CPU")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    image = args.image or image_for("cpu")
+    if not args.image:
+        parser.error("give --image or set CLASSIFIER_IMAGE_CPU (container/build-image.sh cpu prints it)")
+    image = args.image
     rounds, warmup_s, duration_s = (1, 1.0, 3.0) if args.quick else (3, 2.0, 8.0)
     bodies = photo_bodies()
     started = time.perf_counter()

@@ -55,7 +55,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -69,10 +69,13 @@ from classifier import artifact  # noqa: E402
 from classifier.artifact import Manifest, Preprocessing  # noqa: E402
 from classifier.models import create_model  # noqa: E402
 from classifier.pretrained import default_model, imagenet_categories  # noqa: E402
+from deploy.host import (  # noqa: E402
+    direct_url,
+    docker,
+    encode,  # noqa: E402
+    serving,
+)
 from serve.predictor import Predictor  # noqa: E402
-
-from containers import direct_url, docker, serving  # noqa: E402
-from imagedata import encode  # noqa: E402
 
 RESULTS = BENCH / "results"
 MODELS = ("efficientnet_lite0", "resnet50")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 BARE_LOOP = r'''
 import sys, time, torch, torchvision
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
     args = parser.parse_args()
 
-    from imagedata import write_image_folder
+    from deploy.host import write_image_folder
 
     with tempfile.TemporaryDirectory() as scratch:
         data = write_image_folder(Path(scratch) / "data", args.per_class, seed=0, size=128)

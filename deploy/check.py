@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import logging
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,11 +35,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from deploy import host
 
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
 MEGABYTE = 1024 * 1024
@@ -58,8 +55,6 @@ BIG_BODY_BYTES = 7 * MEGABYTE  # over the 6 MB real-time payload limit
 PINGS = 20
 DEFAULT_BROKEN_HP = (("epochs", "not-a-number"),)
 LOG = logging.getLogger(__name__)
-CHANNEL_CONFIG = {"ContentType": "application/x-image", "TrainingInputMode": "File",
-                  "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
 
 
 class CheckError(RuntimeError):
@@ -128,57 +123,14 @@ def render_table(report: Report) -> str:
 
 # --- a tiny dataset --------------------------------------------------------------------------
 
-SHAPES = {"circle": (220, 40, 40), "square": (40, 180, 40), "triangle": (40, 60, 220)}
-
-
-def render_shape(shape: str, rng: random.Random, size: int = 64) -> Image.Image:
-    image = Image.new("RGB", (size, size), tuple(rng.randint(90, 170) for _ in range(3)))
-    draw = ImageDraw.Draw(image)
-    colour = tuple(max(0, min(255, c + rng.randint(-30, 30))) for c in SHAPES[shape])
-    extent = rng.randint(size // 3, size * 3 // 4)
-    x, y = rng.randint(0, size - extent), rng.randint(0, size - extent)
-    if shape == "circle":
-        draw.ellipse((x, y, x + extent, y + extent), fill=colour)
-    elif shape == "square":
-        draw.rectangle((x, y, x + extent, y + extent), fill=colour)
-    else:
-        draw.polygon([(x + extent // 2, y), (x, y + extent), (x + extent, y + extent)], fill=colour)
-    return image
-
-
-def write_image_folder(root: Path, per_class: int, seed: int) -> None:
-    rng = random.Random(seed)
-    for shape in SHAPES:
-        (root / shape).mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            render_shape(shape, rng).save(root / shape / f"{index:03d}.png")
-
-
-def encode(image: Image.Image, image_format: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format)
-    return buffer.getvalue()
-
-
 def write_opt_ml(base: Path, hyperparameters: Mapping[str, str], *, data: bool = True) -> Path:
-    """``/opt/ml`` as SageMaker prepares it for a one-host File-mode job (every value a string)."""
-    config = base / "input" / "config"
-    config.mkdir(parents=True)
+    """``/opt/ml`` as SageMaker prepares it for a one-host File-mode job."""
     for folder in ("model", "output/data"):
         (base / folder).mkdir(parents=True)
-    channels = ("training", "validation") if data else ("training",)
     if data:
-        write_image_folder(base / "input" / "data" / "training", 8, seed=1)
-        write_image_folder(base / "input" / "data" / "validation", 4, seed=2)
-    (config / "hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hyperparameters.items()}))
-    (config / "inputdataconfig.json").write_text(json.dumps({name: CHANNEL_CONFIG for name in channels}))
-    (config / "resourceconfig.json").write_text(json.dumps({
-        "current_host": "algo-1", "current_instance_type": "ml.m5.large", "current_group_name": "homogeneousCluster",
-        "hosts": ["algo-1"], "network_interface_name": "eth0",
-        "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": "ml.m5.large",
-                             "hosts": ["algo-1"]}],
-    }))
-    return base
+        host.write_image_folder(base / "input" / "data" / "training", 8, seed=1)
+        host.write_image_folder(base / "input" / "data" / "validation", 4, seed=2)
+    return host.write_training_config(base, hyperparameters, ("training", "validation") if data else ("training",))
 
 
 # --- Docker and HTTP -------------------------------------------------------------------------
@@ -187,11 +139,11 @@ def write_opt_ml(base: Path, hyperparameters: Mapping[str, str], *, data: bool =
 def docker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     LOG.info("docker %s", " ".join(args))
     try:
-        return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError:
-        raise CheckError("the docker command is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise DockerTimeout(f"docker {args[0]} did not finish within {timeout:g} s") from None
+        return host.docker(*args, timeout=timeout, check=False)
+    except host.DockerTimeout as error:
+        raise DockerTimeout(str(error)) from None
+    except host.DockerError as error:
+        raise CheckError(str(error)) from None
 
 
 def last_line(text: str, limit: int = 200) -> str:
@@ -199,77 +151,8 @@ def last_line(text: str, limit: int = 200) -> str:
     return lines[-1][:limit] if lines else ""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    content_type: str
-    body: bytes
-    seconds: float
-
-
-def request(port: int, method: str, path: str, *, body: bytes | None = None,
-            headers: Mapping[str, str] | None = None, timeout: float = INVOKE_TIMEOUT_S) -> Answer:
-    """One HTTP request to 127.0.0.1; transport failures raise ``OSError``/``HTTPException``."""
-    started = time.monotonic()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        try:
-            connection.request(method, path, body=body, headers=dict(headers or {}))
-        except OSError:
-            # A server may answer (413) and close before reading a large body: read what it said.
-            if body is None:
-                raise
-        response = connection.getresponse()
-        data = response.read()
-        return Answer(response.status, response.getheader("Content-Type", ""), data, time.monotonic() - started)
-    finally:
-        connection.close()
-
-
 def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-def connection_accepted(port: int) -> bool:
-    """Whether something in the container took a connection (see the module docstring)."""
-    try:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=0.5)
-    except OSError:
-        return False
-    with sock:
-        try:
-            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            sock.settimeout(1.0)
-            return bool(sock.recv(1))
-        except TimeoutError:
-            return True  # the connection stays open: the server has it
-        except OSError:
-            return False
-
-
-def parse_docker_time(stamp: str) -> float | None:
-    """Docker's UTC RFC 3339 time with nanoseconds (``2024-05-01T10:00:00.123456789Z``) as a timestamp."""
-    head, _, fraction = stamp.strip().rstrip("Z").partition(".")
-    try:  # Python 3.11 wants at most microseconds
-        return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00").timestamp()
-    except ValueError:
-        return None
-
-
-def started_at(container: str, fallback: float) -> float:
-    """The container's start as wall-clock time (Docker's State.StartedAt), else ``fallback``.
-
-    The daemon's clock is this machine's unless Docker runs in a VM (Docker Desktop): a time
-    before ``fallback`` (when ``docker start`` was invoked) or after now means another clock.
-    """
-    value = parse_docker_time(docker("inspect", "-f", "{{.State.StartedAt}}", container).stdout)
-    return value if value is not None and fallback <= value <= time.time() else fallback
 
 
 # --- the check -------------------------------------------------------------------------------
@@ -297,8 +180,8 @@ class Checker:
         self.progress = progress
         self.containers: list[str] = []
         self.run_id = uuid.uuid4().hex[:8]
-        sample = render_shape("circle", random.Random(7), size=96)
-        self.jpeg, self.png = encode(sample, "JPEG"), encode(sample, "PNG")
+        sample = host.render("circle", random.Random(7), size=96)
+        self.jpeg, self.png = host.encode(sample, "JPEG"), host.encode(sample, "PNG")
 
     def add(self, name: str, status: str, detail: str, seconds: float = 0.0) -> Item:
         item = Item(name, status, " ".join(detail.split()), seconds)  # one line each
@@ -415,7 +298,7 @@ class Checker:
     def start(self, model_dir: Path, *, command: Sequence[str] = ("serve",), port: int = SERVING_PORT,
               env: Mapping[str, str] | None = None) -> tuple[Server, float | None]:
         """Start a server; returns it and the seconds from its start until it accepted a connection."""
-        host_port, began = free_port(), time.monotonic()
+        host_port, began = host.free_port(), time.monotonic()
         name = self.container_name("serve")
         environment = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
         created = docker("create", "--name", name, "-p", f"127.0.0.1:{host_port}:{port}",
@@ -428,7 +311,7 @@ class Checker:
                                    text=True)
         accepted, deadline, next_state = None, time.monotonic() + self.ping_deadline_s, time.monotonic() + 1
         while accepted is None and time.monotonic() < deadline:
-            if connection_accepted(host_port):
+            if host.connection_accepted(host_port):
                 accepted = time.time()
             elif starter.poll() is not None and time.monotonic() > next_state:
                 next_state = time.monotonic() + 1
@@ -440,7 +323,7 @@ class Checker:
         except subprocess.TimeoutExpired:
             starter.kill()
             raise DockerTimeout(f"docker start {name} did not finish within 60 s") from None
-        started = started_at(name, invoked)
+        started = host.started_at(name, invoked)
         server = Server(name, host_port, started, max(0.0, started - invoked) + (invoked_monotonic - began))
         running, code = self.state(name)
         if starter.returncode != 0:
@@ -454,7 +337,7 @@ class Checker:
         seen, next_state = "no answer", time.monotonic() + 1
         while not server.error and time.time() - server.started < self.ping_deadline_s:
             try:
-                answer = request(server.port, "GET", "/ping", timeout=PING_TIMEOUT_S)
+                answer = host.request(server.port, "GET", "/ping", timeout=PING_TIMEOUT_S)
                 if answer.status == 200:
                     return time.time() - server.started, "200"
                 seen = f"{answer.status} {answer.body[:100].decode(errors='replace')}".strip()
@@ -498,7 +381,7 @@ class Checker:
         latencies, problems = [], []
         for _ in range(PINGS):
             try:
-                answer = request(server.port, "GET", "/ping", timeout=PING_TIMEOUT_S)
+                answer = host.request(server.port, "GET", "/ping", timeout=PING_TIMEOUT_S)
                 latencies.append(answer.seconds)
                 if answer.status != 200:
                     problems.append(str(answer.status))
@@ -511,9 +394,9 @@ class Checker:
         else:
             self.add("/ping 200 within 4 minutes", PASS, timing, ready_s)
 
-    def invoke(self, server: Server, body: bytes, content_type: str, **headers: str) -> Answer | str:
+    def invoke(self, server: Server, body: bytes, content_type: str, **headers: str) -> host.Answer | str:
         try:
-            return request(server.port, "POST", "/invocations", body=body,
+            return host.request(server.port, "POST", "/invocations", body=body,
                            headers={"Content-Type": content_type, "Accept": "application/json", **headers})
         except (OSError, http.client.HTTPException) as error:
             return describe(error)
@@ -529,7 +412,7 @@ class Checker:
         self.add_answer("unknown headers ignored", self.invoke(server, self.jpeg, "image/jpeg", **headers),
                         note=f"with {', '.join(headers)}")
 
-    def add_answer(self, name: str, answer: Answer | str, note: str = "") -> None:
+    def add_answer(self, name: str, answer: host.Answer | str, note: str = "") -> None:
         if isinstance(answer, str):
             self.add(name, FAIL, f"no answer: {answer}")
             return
@@ -539,10 +422,10 @@ class Checker:
         self.add(name, PASS if 200 <= answer.status < 300 else FAIL, f"{detail}{'; ' + note if note else ''}",
                  answer.seconds)
 
-    def big_body_item(self, server: Server, answer: Answer | str) -> None:
+    def big_body_item(self, server: Server, answer: host.Answer | str) -> None:
         name, size = "6 MB+ body", f"{BIG_BODY_BYTES / MEGABYTE:.0f} MB"
         try:
-            alive = request(server.port, "GET", "/ping", timeout=PING_TIMEOUT_S).status == 200
+            alive = host.request(server.port, "GET", "/ping", timeout=PING_TIMEOUT_S).status == 200
         except (OSError, http.client.HTTPException):
             alive = False
         after = "/ping 200 afterwards" if alive else "/ping no longer 200 afterwards"

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import socket
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from deploy.host import free_port  # noqa: F401 - one definition for the project
 
 
 def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy import check
+from deploy import check, host
 from deploy.check import FAIL, PASS, SKIP, WARN, Item, Report
 
 from containers import docker, image_for
@@ -237,10 +237,10 @@ def test_opt_ml_is_written_the_way_sagemaker_writes_it(tmp_path: Path) -> None:
 
 
 def test_docker_times_with_nanoseconds_parse() -> None:
-    assert check.parse_docker_time("2024-05-01T10:00:00.123456789Z\n") == pytest.approx(1714557600.123456)
-    assert check.parse_docker_time("2024-05-01T10:00:00Z") == 1714557600.0
-    assert check.parse_docker_time("") is None
+    assert host.parse_docker_time("2024-05-01T10:00:00.123456789Z\n") == pytest.approx(1714557600.123456)
+    assert host.parse_docker_time("2024-05-01T10:00:00Z") == 1714557600.0
+    assert host.parse_docker_time("") is None
 
 
 def test_a_closed_port_does_not_count_as_accepting() -> None:
-    assert check.connection_accepted(check.free_port()) is False
+    assert host.connection_accepted(host.free_port()) is False

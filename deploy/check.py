@@ -311,8 +311,9 @@ class Checker:
                                    text=True)
         accepted, deadline, next_state = None, time.monotonic() + self.ping_deadline_s, time.monotonic() + 1
         while accepted is None and time.monotonic() < deadline:
+            attempted = time.time()  # a connection that stays open was accepted when it was made
             if host.connection_accepted(host_port):
-                accepted = time.time()
+                accepted = attempted
             elif starter.poll() is not None and time.monotonic() > next_state:
                 next_state = time.monotonic() + 1
                 if starter.returncode != 0 or not self.state(name)[0]:

@@ -5,7 +5,7 @@ response streaming per request: it reads the id, wraps ``send`` to add the ``X-R
 header and to note the status, and records the request once the response is complete.
 
 With several worker processes the server sets ``PROMETHEUS_MULTIPROC_DIR`` before starting them
-(see :mod:`serve.__main__`): each worker then writes its values to its own files there, and a
+(see :mod:`serve.server`): each worker then writes its values to its own files there, and a
 scrape of any worker reads every worker's files.
 """
 

@@ -51,10 +51,11 @@ def test_our_image_passes_the_contract(tmp_path: Path, monkeypatch: pytest.Monke
     report = json.loads(capsys.readouterr().out)
     statuses = {item["name"]: item["status"] for item in report["items"]}
     assert tuple(statuses) == ITEMS
-    # The one justified warning: a Python server binds its port only after importing its web
-    # stack (about 0.5 s here, more under load); SageMaker keeps pinging, so endpoints work.
-    allowed = {name: {PASS} for name in ITEMS} | {"TCP accept within 250 ms of start": {PASS, WARN}}
-    assert all(statuses[name] in allowed[name] for name in ITEMS), json.dumps(report, indent=2)
+    # Every item passes, the port's 250 ms included: the server listens before it imports PyTorch
+    # (about 45 ms after the container's start here).
+    assert all(status == PASS for status in statuses.values()), json.dumps(report, indent=2)
+    accept = next(item for item in report["items"] if item["name"] == "TCP accept within 250 ms of start")
+    print(f"accepted {accept['seconds'] * 1000:.0f} ms after the container's start")
     assert code == 0 and report["exit_code"] == 0 and report["passed"] is True
     assert "413" in next(item["detail"] for item in report["items"] if item["name"] == "6 MB+ body")
     assert leftover_containers() == []

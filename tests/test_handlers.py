@@ -266,7 +266,7 @@ def test_transform_fn_gets_the_default_accept_for_a_missing_or_wildcard_one(tmp_
 
 
 def test_requirements_are_installed_before_the_server_imports_torch(tmp_path: Path) -> None:
-    from serve import __main__ as entry
+    from serve import server as entry
 
     model_dir = model_folder(tmp_path / "model", "", **{"requirements.txt": "this is ::: not a requirement\n"})
     reason = entry.install_requirements(Settings(model_dir=model_dir))
@@ -432,7 +432,7 @@ OWN_HELPER_PY = textwrap.dedent('''
 
 
 def test_multi_model_mode_serves_each_model_through_its_own_code(tmp_path: Path) -> None:
-    from serve import __main__ as entry
+    from serve import server as entry
 
     for name, factor in (("double", 2), ("triple", 3)):
         model_folder(tmp_path / name, OWN_HELPER_PY, **{"helper.py": f"FACTOR = {factor}\n"})
@@ -461,7 +461,7 @@ def test_multi_model_mode_serves_each_model_through_its_own_code(tmp_path: Path)
 def test_a_multi_model_handler_model_unpickles_its_own_classes_and_is_charged_its_files(tmp_path: Path) -> None:
     """model_fn may torch.load a whole pickled model whose class lives in code/; a model that is
     not a torch module is charged what its files take. A namespace package stays private too."""
-    from serve import __main__ as entry
+    from serve import server as entry
 
     folder = tmp_path / "pickled"
     (folder / "code" / "parts").mkdir(parents=True)  # a namespace package: no __init__.py
@@ -539,7 +539,7 @@ def test_the_handlers_may_sit_at_the_model_root_as_sdk_v3_mounts_them(tmp_path: 
     ({"SAGEMAKER_REGION": ""}, None),
 ])
 def test_sagemakers_region_becomes_boto3s_default_unless_one_is_set(environ: dict, expected: str | None) -> None:
-    from serve import __main__ as entry
+    from serve import server as entry
 
     entry.default_region(Settings.from_env(environ), environ)
     assert environ.get("AWS_DEFAULT_REGION") == expected

@@ -9,6 +9,7 @@ from typing import Any
 
 from deploy.predict import GENERIC_IMAGE
 from deploy.session import SageMaker, timestamped
+from deploy.training import Security
 
 JSON = "application/json"
 JSON_LINES = "application/jsonlines"
@@ -19,7 +20,7 @@ TERMINAL = ("Completed", "Failed", "Stopped")
 def transform(sagemaker: SageMaker, model_name: str, *, data: str, output_path: str, instance_type: str,
               instance_count: int = 1, max_payload_mb: int = 6, max_concurrent_transforms: int | None = None,
               job_name: str | None = None, wait: bool = True, json_lines: bool = False,
-              sleep: Callable[[float], None] = time.sleep) -> str:
+              security: Security | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
     """Start a transform job over ``data`` (an S3 prefix, or ``file://`` in local mode) with the
     model ``model_name``; returns the job name. With ``wait``, returns once it has ended and raises
     if it failed (local mode runs it to the end in this call).
@@ -48,12 +49,18 @@ def transform(sagemaker: SageMaker, model_name: str, *, data: str, output_path: 
     }
     if max_concurrent_transforms is not None:
         request["MaxConcurrentTransforms"] = max_concurrent_transforms
+    security = security or Security()
+    if security.kms_key:
+        output["KmsKeyId"] = security.kms_key
+        request["TransformResources"]["VolumeKmsKeyId"] = security.kms_key
+    request.update(security.tag_list())
     sagemaker.sagemaker.create_transform_job(**request)
     while wait:
         description = sagemaker.sagemaker.describe_transform_job(TransformJobName=name)
         status = description["TransformJobStatus"]
-        if status == "Failed":
-            raise RuntimeError(f"transform job {name} failed: {description.get('FailureReason', 'no reason given')}")
+        if status in ("Failed", "Stopped"):
+            raise RuntimeError(f"transform job {name} {status.lower()}: "
+                               f"{description.get('FailureReason', 'no reason given')}")
         if status in TERMINAL:
             break
         sleep(POLL_S)

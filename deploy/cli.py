@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
@@ -63,6 +64,10 @@ def key_value(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def int_list(text: str) -> list[int]:
@@ -92,6 +97,19 @@ def _common(local: bool) -> argparse.ArgumentParser:
         group.add_argument("--container-root", help="folder for local mode's compose files and /opt/ml folders "
                                                     "(default: the system temp folder)")
     return parser
+
+
+def _security(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("network and encryption (AWS; docs/security.md)")
+    group.add_argument("--subnets", type=comma_list, default=[], metavar="ID,ID,...",
+                       help="run in your VPC: its subnets (with --security-group-ids)")
+    group.add_argument("--security-group-ids", type=comma_list, default=[], metavar="ID,ID,...")
+    group.add_argument("--kms-key", help="KMS key for the outputs and attached volumes")
+    group.add_argument("--network-isolation", action="store_true", help="no network access from the container")
+    group.add_argument("--encrypt-inter-container-traffic", action="store_true",
+                       help="encrypt what hosts of one training job send each other")
+    group.add_argument("--tag", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                       help="tag for what is created (repeatable)")
 
 
 def _role(parser: argparse.ArgumentParser, local: bool) -> None:
@@ -126,6 +144,7 @@ def _job(local: bool) -> argparse.ArgumentParser:
                                                      "(default: twice --max-run)")
     parser.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                         help="wait for the job and stream its log (default: wait)")
+    _security(parser)
     return parser
 
 
@@ -140,6 +159,7 @@ def _model(parser: argparse.ArgumentParser, local: bool) -> None:
     parser.add_argument("--model-name", help="default: generated from the image name")
     parser.add_argument("--env", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                         help="serving environment variable, e.g. CLASSIFIER_TOP_K=3 (repeatable)")
+    _security(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,20 +278,43 @@ def build_parser() -> argparse.ArgumentParser:
 # --- the commands ----------------------------------------------------------------------------
 
 
-def make_session(args: argparse.Namespace, boto_session: boto3.Session | None) -> session.SageMaker:
+def make_session(args: argparse.Namespace, boto_session: boto3.Session | None,
+                 environ: Mapping[str, str]) -> session.SageMaker:
     boto_session = boto_session or boto3.Session(region_name=args.region)
     if getattr(args, "local", False):
         return session.local(boto_session, port=args.port, container_root=args.container_root)
+    for path in session.sdk_config_files(environ):
+        print(f"warning: {path} (SageMaker SDK defaults) is not read by this CLI: pass its settings as flags "
+              "(--subnets, --security-group-ids, --kms-key, --tag, --role, --output-path)", file=sys.stderr)
     return session.aws(boto_session)
 
 
-def resolve_role(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+def resolve_role(args: argparse.Namespace, environ: Mapping[str, str],
+                 sagemaker: session.SageMaker | None = None) -> str:
+    """The execution role's ARN; a role name is looked up in IAM (in AWS)."""
     role = args.role or environ.get(ROLE_ENV)
-    if role:
+    if role and (role.startswith("arn:") or getattr(args, "local", False) or sagemaker is None):
         return role
+    if role:
+        assert sagemaker is not None
+        return sagemaker.client("iam").get_role(RoleName=role)["Role"]["Arn"]
     if getattr(args, "local", False):
         return session.LOCAL_ROLE
     raise UsageError(f"--role (or ${ROLE_ENV}) is required: the execution role SageMaker runs the job with")
+
+
+def security_from_args(args: argparse.Namespace) -> training.Security:
+    local = getattr(args, "local", False)
+    given = args.subnets or args.security_group_ids or args.kms_key or args.network_isolation or \
+        args.encrypt_inter_container_traffic or args.tag
+    if local and given:
+        raise UsageError("--subnets, --security-group-ids, --kms-key, --network-isolation, "
+                         "--encrypt-inter-container-traffic and --tag are for AWS, not --local")
+    try:
+        return training.Security(args.subnets, args.security_group_ids, args.kms_key, args.network_isolation,
+                                 args.encrypt_inter_container_traffic, dict(args.tag))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def job_spec(args: argparse.Namespace, role: str) -> training.JobSpec:
@@ -279,8 +322,8 @@ def job_spec(args: argparse.Namespace, role: str) -> training.JobSpec:
     if local and not args.output_path:
         raise UsageError("--local needs --output-path file://... (local mode has no default bucket without AWS)")
     spot = getattr(args, "spot", False)
-    if local and spot:
-        raise UsageError("--spot is for AWS; local mode runs on this machine")
+    if local and (spot or args.checkpoint_s3_uri):
+        raise UsageError("--spot and --checkpoint-s3-uri are for AWS; local mode runs on this machine")
     if spot and not args.checkpoint_s3_uri:
         raise UsageError("--spot needs --checkpoint-s3-uri: without checkpoints an interrupted job starts over")
     return training.JobSpec(
@@ -289,7 +332,7 @@ def job_spec(args: argparse.Namespace, role: str) -> training.JobSpec:
         instance_count=args.instance_count, hyperparameters=dict(args.hp), output_path=args.output_path,
         max_run_s=args.max_run, spot=spot, max_wait_s=getattr(args, "max_wait", None),
         checkpoint_s3_uri=args.checkpoint_s3_uri, volume_size_gb=args.volume_size, input_mode=args.input_mode,
-        base_job_name=args.base_job_name,
+        base_job_name=args.base_job_name, security=security_from_args(args),
     )
 
 
@@ -298,14 +341,16 @@ def channels(args: argparse.Namespace) -> training.Channels:
 
 
 def cmd_train(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
-    result = training.train(job_spec(args, resolve_role(args, environ)), channels(args), sagemaker,
+    result = training.train(job_spec(args, resolve_role(args, environ, sagemaker)), channels(args), sagemaker,
                             wait=args.wait, job_name=args.job_name)
     print(f"training job: {result.job_name}")
     print(f"status: {result.status}")
     if result.failure_reason:
         print(f"reason: {result.failure_reason}")
+    if result.status in ("Failed", "Stopped"):
+        return 1
     print(f"model artifact: {result.model_data}")
-    return 0 if result.status in ("Completed", "InProgress", "Pending") else 1
+    return 0
 
 
 def cmd_tune(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
@@ -313,18 +358,24 @@ def cmd_tune(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Ma
         learning_rate=(args.lr_min, args.lr_max), batch_sizes=tuple(args.batch_sizes), max_jobs=args.max_jobs,
         max_parallel_jobs=args.max_parallel_jobs, strategy=args.strategy, early_stopping=args.early_stopping,
     )
-    name = training.tune(job_spec(args, resolve_role(args, environ)), tuning, channels(args), sagemaker,
-                         wait=args.wait, job_name=args.job_name)
-    print(f"tuning job: {name}")
+    result = training.tune(job_spec(args, resolve_role(args, environ, sagemaker)), tuning, channels(args), sagemaker,
+                           wait=args.wait, job_name=args.job_name)
+    print(f"tuning job: {result.job_name}")
     print(f"objective: {training.OBJECTIVE_METRIC} (Maximize)")
-    return 0
+    print(f"status: {result.status}")
+    if result.failure_reason:
+        print(f"reason: {result.failure_reason}")
+    if result.best_training_job:
+        print(f"best training job: {result.best_training_job} (deploy --training-job {result.best_training_job})")
+    return 1 if result.status in ("Failed", "Stopped") else 0
 
 
 def model_from_args(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str],
-                    default_name: str) -> hosting.ModelSpec:
+                    base_name: str) -> hosting.ModelSpec:
     model_data = args.model_data or hosting.model_data_of(sagemaker, args.training_job)
-    return hosting.ModelSpec(image_uri=args.image_uri, model_data=model_data, role=resolve_role(args, environ),
-                             name=args.model_name or default_name, env=dict(args.env))
+    return hosting.ModelSpec(image_uri=args.image_uri, model_data=model_data, role=resolve_role(args, environ, sagemaker),
+                             name=args.model_name or session.timestamped(base_name), env=dict(args.env),
+                             security=security_from_args(args))
 
 
 def scaling_from_args(args: argparse.Namespace) -> hosting.Autoscaling | hosting.BacklogScaling | None:
@@ -371,7 +422,7 @@ def asynchronous_from_args(args: argparse.Namespace) -> hosting.Asynchronous | N
                                 args.error_topic, args.max_concurrent_invocations)
 
 
-def multi_model_from_args(args: argparse.Namespace, environ: Mapping[str, str],
+def multi_model_from_args(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str],
                           endpoint_name: str) -> hosting.ModelSpec:
     if args.local:
         raise UsageError("--multi-model is for AWS: locally, run the image with SAGEMAKER_MULTI_MODEL=true "
@@ -385,8 +436,10 @@ def multi_model_from_args(args: argparse.Namespace, environ: Mapping[str, str],
     if instance_type.startswith(GPU_INSTANCE_FAMILIES):
         raise UsageError(f"--multi-model runs on CPU instances: SageMaker hosts multi-model endpoints on GPU "
                          f"and accelerator instances ({instance_type}) only with its own containers (Triton)")
-    return hosting.ModelSpec(image_uri=args.image_uri, model_data=args.model_data, role=resolve_role(args, environ),
-                             name=args.model_name or endpoint_name, env=dict(args.env), multi_model=True)
+    return hosting.ModelSpec(image_uri=args.image_uri, model_data=args.model_data,
+                             role=resolve_role(args, environ, sagemaker),
+                             name=args.model_name or session.timestamped(endpoint_name), env=dict(args.env),
+                             multi_model=True, security=security_from_args(args))
 
 
 def cmd_deploy(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
@@ -398,17 +451,29 @@ def cmd_deploy(args: argparse.Namespace, sagemaker: session.SageMaker, environ: 
     if asynchronous:  # the server then takes the larger, slower requests an async endpoint sends
         args.env = [("CLASSIFIER_ASYNC", "true"), *args.env]
     if args.multi_model:
-        model = multi_model_from_args(args, environ, name)
+        model = multi_model_from_args(args, sagemaker, environ, name)
     else:
-        model = model_from_args(args, sagemaker, environ, default_name=name)
-    hosting.deploy(
-        sagemaker, hosting.create_model(sagemaker, model), endpoint_name=name,
-        instance_type=args.instance_type or ("local" if args.local else DEFAULT_HOSTING_INSTANCE),
-        instance_count=args.instance_count,
-        serverless=hosting.Serverless(args.memory_mb, args.max_concurrency) if args.serverless else None,
-        asynchronous=asynchronous, capture_s3_uri=args.capture_s3_uri, capture_percent=args.capture_percent,
-        wait=args.wait,
-    )
+        model = model_from_args(args, sagemaker, environ, base_name=name)
+    model_name = hosting.create_model(sagemaker, model)
+    try:
+        hosting.deploy(
+            sagemaker, model_name, endpoint_name=name,
+            instance_type=args.instance_type or ("local" if args.local else DEFAULT_HOSTING_INSTANCE),
+            instance_count=args.instance_count,
+            serverless=hosting.Serverless(args.memory_mb, args.max_concurrency) if args.serverless else None,
+            asynchronous=asynchronous, capture_s3_uri=args.capture_s3_uri, capture_percent=args.capture_percent,
+            wait=args.wait, security=model.security,
+        )
+    except (ClientError, BotoCoreError) as error:
+        # Nothing refers to the model until the endpoint exists: do not leave it behind.
+        if not _exists(sagemaker.sagemaker.describe_endpoint, EndpointName=name):
+            for call, arguments in ((sagemaker.sagemaker.delete_endpoint_config, {"EndpointConfigName": name}),
+                                    (sagemaker.sagemaker.delete_model, {"ModelName": model_name})):
+                try:
+                    call(**arguments)
+                except ClientError:
+                    pass
+        raise error
     print(f"endpoint: {name}")
     if args.multi_model:
         print(f"models: every .tar.gz under {args.model_data} (predict --target-model NAME)")
@@ -426,6 +491,14 @@ def cmd_deploy(args: argparse.Namespace, sagemaker: session.SageMaker, environ: 
     if args.local:
         serve_until_interrupted(sagemaker, name, args.port)
     return 0
+
+
+def _exists(describe: Any, **arguments: str) -> bool:
+    try:
+        describe(**arguments)
+    except ClientError:
+        return False
+    return True
 
 
 def serve_until_interrupted(sagemaker: session.SageMaker, endpoint_name: str, port: int) -> None:
@@ -453,11 +526,13 @@ def serve_until_interrupted(sagemaker: session.SageMaker, endpoint_name: str, po
 
 def cmd_transform(args: argparse.Namespace, sagemaker: session.SageMaker, environ: Mapping[str, str]) -> int:
     job_name = args.job_name or session.timestamped("image-classifier-transform")
-    model = hosting.create_model(sagemaker, model_from_args(args, sagemaker, environ, default_name=job_name))
+    spec = model_from_args(args, sagemaker, environ, base_name=job_name)
+    model = hosting.create_model(sagemaker, spec)
     name = batch.transform(
         sagemaker, model, data=args.data, output_path=args.output_path, instance_type=args.instance_type,
         instance_count=args.instance_count, max_payload_mb=args.max_payload_mb,
         max_concurrent_transforms=args.max_concurrent_transforms, job_name=job_name, wait=args.wait,
+        security=spec.security,
     )
     print(f"transform job: {name}")
     print(f"output: {args.output_path}")
@@ -523,7 +598,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] = os.e
     logging.getLogger("sagemaker.config").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         # check needs Docker only, package only this machine: no AWS session (and no region) for them.
-        sagemaker = None if args.command in ("check", "package") else make_session(args, boto_session)
+        sagemaker = None if args.command in ("check", "package") else make_session(args, boto_session, environ)
         return COMMANDS[args.command](args, sagemaker, environ)
     except UsageError as error:
         parser.error(f"{args.command}: {error}")  # exits 2

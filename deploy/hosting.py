@@ -14,6 +14,7 @@ from typing import Any
 from botocore.exceptions import ClientError, WaiterError
 
 from deploy.session import SageMaker, split_s3_uri
+from deploy.training import Security
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class ModelSpec:
     name: str
     env: Mapping[str, str] = field(default_factory=dict)
     multi_model: bool = False
+    security: Security = field(default_factory=Security)
 
     def __post_init__(self) -> None:
         if self.multi_model:
@@ -118,7 +120,11 @@ def create_model(sagemaker: SageMaker, spec: ModelSpec) -> str:
                                  "Environment": dict(spec.env)}
     if spec.multi_model:
         container["Mode"] = "MultiModel"
-    sagemaker.sagemaker.create_model(ModelName=spec.name, PrimaryContainer=container, ExecutionRoleArn=spec.role)
+    options: dict[str, Any] = {**spec.security.vpc_config(), **spec.security.tag_list()}
+    if spec.security.network_isolation:
+        options["EnableNetworkIsolation"] = True
+    sagemaker.sagemaker.create_model(ModelName=spec.name, PrimaryContainer=container, ExecutionRoleArn=spec.role,
+                                     **options)
     return spec.name
 
 
@@ -165,24 +171,34 @@ def list_models(sagemaker: SageMaker, model_data_prefix: str) -> list[str]:
 
 def deploy(sagemaker: SageMaker, model_name: str, *, endpoint_name: str, instance_type: str | None = None,
            instance_count: int = 1, serverless: Serverless | None = None, asynchronous: Asynchronous | None = None,
-           capture_s3_uri: str | None = None, capture_percent: int = 100, wait: bool = True) -> str:
+           capture_s3_uri: str | None = None, capture_percent: int = 100, wait: bool = True,
+           security: Security | None = None) -> str:
     """Create the endpoint config (named as the endpoint) and the endpoint; returns the endpoint name.
     In local mode the endpoint's container is running and answering /ping when this returns."""
+    security = security or Security()
     variant: dict[str, Any] = {"VariantName": VARIANT, "ModelName": model_name}
     if serverless:
         variant["ServerlessConfig"] = {"MemorySizeInMB": serverless.memory_mb,
                                        "MaxConcurrency": serverless.max_concurrency}
     else:
         variant.update(InstanceType=instance_type, InitialInstanceCount=instance_count)
-    config: dict[str, Any] = {"EndpointConfigName": endpoint_name, "ProductionVariants": [variant]}
+    config: dict[str, Any] = {"EndpointConfigName": endpoint_name, "ProductionVariants": [variant],
+                              **security.tag_list()}
+    if security.kms_key and not serverless:  # the instances' volumes (serverless has none)
+        config["KmsKeyId"] = security.kms_key
     if capture_s3_uri:
         config["DataCaptureConfig"] = {
             "EnableCapture": True, "InitialSamplingPercentage": capture_percent, "DestinationS3Uri": capture_s3_uri,
             "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}]}
+        if security.kms_key:
+            config["DataCaptureConfig"]["KmsKeyId"] = security.kms_key
     if asynchronous:
         config["AsyncInferenceConfig"] = asynchronous.config()
+        if security.kms_key:
+            config["AsyncInferenceConfig"]["OutputConfig"]["KmsKeyId"] = security.kms_key
     sagemaker.sagemaker.create_endpoint_config(**config)
-    sagemaker.sagemaker.create_endpoint(EndpointName=endpoint_name, EndpointConfigName=endpoint_name)
+    sagemaker.sagemaker.create_endpoint(EndpointName=endpoint_name, EndpointConfigName=endpoint_name,
+                                        **security.tag_list())
     if wait and not sagemaker.local:
         wait_for_endpoint(sagemaker.sagemaker, endpoint_name)
     return endpoint_name

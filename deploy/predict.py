@@ -289,7 +289,11 @@ class EndpointClient:
     def classify(self, body: bytes, content_type: str) -> tuple[Ranked, ...]:
         try:
             response = self.runtime.invoke_endpoint(**self.arguments, ContentType=content_type, Body=body)
-            answer = response["Body"].read()
+            stream = response["Body"]
+            try:
+                answer = stream.read()
+            finally:  # back to the pool (local mode's urllib3 response), or closed (botocore's stream)
+                (getattr(stream, "release_conn", None) or stream.close)()
         except urllib3.exceptions.HTTPError as error:  # local mode's runtime speaks HTTP itself
             raise Fatal(f"cannot reach the local endpoint: {error}") from None
         except NoCredentialsError:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import boto3
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 logger = logging.getLogger(__name__)
@@ -36,9 +38,11 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def timestamped(prefix: str, limit: int = 63) -> str:
-    """``<prefix>-<UTC time to the millisecond>``, cut to fit SageMaker's name limit."""
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H-%M-%S-%f")[:-3]
+def timestamped(prefix: str, limit: int = 63, *, short: bool = False) -> str:
+    """``<prefix>-<UTC time to the millisecond>`` (``short``: to the second, two-digit year),
+    the prefix cut to fit SageMaker's name limit."""
+    now = datetime.now(UTC)
+    stamp = now.strftime("%y%m%d-%H%M%S") if short else now.strftime("%Y-%m-%d-%H-%M-%S-%f")[:-3]
     return f"{prefix[:limit - len(stamp) - 1].rstrip('-')}-{stamp}"
 
 
@@ -63,21 +67,38 @@ class SageMaker:
         account = self.client("sts").get_caller_identity()["Account"]
         bucket = f"sagemaker-{region}-{account}"
         s3 = self.client("s3")
-        try:
-            s3.head_bucket(Bucket=bucket)
+        try:  # the name is predictable: the bucket must be this account's, not anyone's
+            s3.head_bucket(Bucket=bucket, ExpectedBucketOwner=account)
+            return bucket
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
-                raise
-            location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+            code = error.response.get("Error", {}).get("Code")
+            if code not in ("404", "NoSuchBucket"):
+                raise ValueError(f"the default bucket {bucket} is not usable ({code}: it may belong to another "
+                                 "account): pass --output-path s3://your-bucket/prefix/") from None
+        location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+        try:
             s3.create_bucket(Bucket=bucket, **location)
             logger.info("created the default bucket %s", bucket)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "OperationAborted"):
+                raise
         return bucket
+
+
+def sdk_config_files(environ: Mapping[str, str]) -> list[Path]:
+    """The SageMaker SDK's config files that exist (admin and user, as the SDK looks for them)."""
+    candidates = [environ.get("SAGEMAKER_ADMIN_CONFIG_OVERRIDE") or "/etc/xdg/sagemaker/config.yaml",
+                  environ.get("SAGEMAKER_USER_CONFIG_OVERRIDE")
+                  or str(Path(environ.get("HOME") or Path.home()) / ".config" / "sagemaker" / "config.yaml")]
+    return [Path(path) for path in candidates if path.endswith((".yaml", ".yml")) and Path(path).is_file()]
 
 
 def aws(boto_session: boto3.Session) -> SageMaker:
     if boto_session.region_name is None:
         raise ValueError("no AWS region: pass --region or set AWS_DEFAULT_REGION (or a region in ~/.aws/config)")
-    return SageMaker(boto_session, boto_session.client("sagemaker"), boto_session.client("sagemaker-runtime"))
+    # Invocations may take SageMaker's full 60 s: read for longer than that, retry what may pass.
+    runtime = boto_session.client("sagemaker-runtime", config=Config(read_timeout=70, retries={"mode": "standard"}))
+    return SageMaker(boto_session, boto_session.client("sagemaker"), runtime)
 
 
 def local_session_class() -> type:
@@ -85,8 +106,9 @@ def local_session_class() -> type:
     for name in LOCAL_SESSION_MODULES:
         try:
             return importlib.import_module(name).LocalSession
-        except ImportError:
-            continue
+        except ModuleNotFoundError as error:
+            if not (error.name and name.startswith(error.name)):  # the module is there but broken: say so
+                raise
     raise RuntimeError("local mode runs on the SageMaker Python SDK (v2 or v3): pip install sagemaker")
 
 

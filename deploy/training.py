@@ -28,7 +28,31 @@ CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # where the image looks for check
 TERMINAL = ("Completed", "Failed", "Stopped")
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 POLL_S = 15.0
+LOG_LOOKBACK_MS = 5 * 60 * 1000  # each look at the log reads this far back for lines that came late
 TUNING_NAME_LIMIT = 32  # characters in a tuning job's name
+
+
+@dataclass(frozen=True)
+class Security:
+    """Network and encryption settings shared by jobs, models and endpoints (all optional)."""
+
+    subnets: Sequence[str] = ()
+    security_group_ids: Sequence[str] = ()
+    kms_key: str | None = None  # outputs and attached volumes
+    network_isolation: bool = False
+    encrypt_inter_container_traffic: bool = False
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if bool(self.subnets) != bool(self.security_group_ids):
+            raise ValueError("a VPC needs both subnets and security groups")
+
+    def vpc_config(self) -> dict[str, Any]:
+        return {"VpcConfig": {"Subnets": list(self.subnets), "SecurityGroupIds": list(self.security_group_ids)}} \
+            if self.subnets else {}
+
+    def tag_list(self) -> dict[str, Any]:
+        return {"Tags": [{"Key": key, "Value": value} for key, value in self.tags.items()]} if self.tags else {}
 
 
 @dataclass(frozen=True)
@@ -48,6 +72,7 @@ class JobSpec:
     volume_size_gb: int = 30
     input_mode: str = "File"
     base_job_name: str = "image-classifier"
+    security: Security = field(default_factory=Security)
 
 
 @dataclass(frozen=True)
@@ -101,6 +126,15 @@ def job_definition(spec: JobSpec, channels: Channels, output_path: str) -> dict[
         definition["EnableManagedSpotTraining"] = True
     if spec.checkpoint_s3_uri:
         definition["CheckpointConfig"] = {"S3Uri": spec.checkpoint_s3_uri, "LocalPath": CHECKPOINT_LOCAL_PATH}
+    security = spec.security
+    if security.kms_key:
+        definition["OutputDataConfig"]["KmsKeyId"] = security.kms_key
+        definition["ResourceConfig"]["VolumeKmsKeyId"] = security.kms_key
+    definition.update(security.vpc_config())
+    if security.network_isolation:
+        definition["EnableNetworkIsolation"] = True
+    if security.encrypt_inter_container_traffic:
+        definition["EnableInterContainerTrafficEncryption"] = True
     return definition
 
 
@@ -116,7 +150,8 @@ def train(spec: JobSpec, channels: Channels, sagemaker: SageMaker, *, wait: bool
     destination = output_path(spec, sagemaker)
     request = {"TrainingJobName": name, **job_definition(spec, channels, destination),
                # SageMaker hands every hyperparameter to the container as a string anyway.
-               "HyperParameters": {key: str(value) for key, value in spec.hyperparameters.items()}}
+               "HyperParameters": {key: str(value) for key, value in spec.hyperparameters.items()},
+               **spec.security.tag_list()}
     sagemaker.sagemaker.create_training_job(**request)
     if wait and not sagemaker.local:
         follow_training_log(sagemaker, name, print_line)
@@ -130,38 +165,60 @@ def train(spec: JobSpec, channels: Channels, sagemaker: SageMaker, *, wait: bool
 
 def follow_training_log(sagemaker: SageMaker, job_name: str, print_line: Callable[[str], None], *,
                         poll_s: float = POLL_S, sleep: Callable[[float], None] = time.sleep) -> str:
-    """Print the job's CloudWatch log lines (every host's) as they come, until the job ends; the
-    final status. Each look asks for the events since the last one seen (their ids weed out the
-    ones at the same millisecond). A log the caller may not read is skipped with one warning."""
+    """Print the job's CloudWatch log lines (every host's, prefixed by the host when there are
+    several) as they come, until the job ends; the final status.
+
+    Each look asks for the events of the last few minutes again (hosts' lines arrive out of
+    order, and late) and prints those not printed yet, by event id. After the job ends it looks
+    once more, a poll later, for the last lines (a failure's traceback among them). A log the
+    caller may not read is skipped with one warning; other errors are retried at the next look."""
     logs = sagemaker.client("logs")
-    seen: set[str] = set()
-    since = 0
+    seen: dict[str, int] = {}  # event id -> timestamp, for the look-back window
+    streams: set[str] = set()
+    newest = 0
     readable = True
-    while True:
-        status = sagemaker.sagemaker.describe_training_job(TrainingJobName=job_name)["TrainingJobStatus"]
-        token: str | None = None
-        while readable:  # every page there is now
-            arguments: dict[str, Any] = {"logGroupName": LOG_GROUP, "logStreamNamePrefix": f"{job_name}/",
-                                         "startTime": since}
-            if token:
-                arguments["nextToken"] = token
+
+    def read_new() -> None:
+        nonlocal newest, readable
+        start = max(0, newest - LOG_LOOKBACK_MS)
+        arguments: dict[str, Any] = {"logGroupName": LOG_GROUP, "logStreamNamePrefix": f"{job_name}/",
+                                     "startTime": start}
+        while True:
             try:
                 page = logs.filter_log_events(**arguments)
             except ClientError as error:
-                code = error.response.get("Error", {}).get("Code")
-                if code != "ResourceNotFoundException":  # that one: no log yet, the instances are starting
-                    logger.warning("cannot read the job's log (%s): waiting for it to end", code)
+                code = error.response.get("Error", {}).get("Code", "")
+                if code in ("AccessDeniedException", "UnrecognizedClientException"):
+                    logger.warning("cannot read the job's log (%s; it needs logs:FilterLogEvents): "
+                                   "waiting for the job to end", code)
                     readable = False
-                break
+                elif code != "ResourceNotFoundException":  # that one: no log yet, the instances are starting
+                    logger.info("reading the job's log failed (%s); trying again", code)
+                return
             for event in page.get("events", []):
-                if event.get("eventId") not in seen:
-                    seen.add(event.get("eventId", ""))
-                    since = max(since, int(event.get("timestamp", since)))
-                    print_line(event["message"])
-            token = page.get("nextToken")
-            if not token:
+                if event["eventId"] in seen:
+                    continue
+                seen[event["eventId"]] = event["timestamp"]
+                newest = max(newest, event["timestamp"])
+                stream = event.get("logStreamName", "")
+                streams.add(stream)
+                host = stream.removeprefix(f"{job_name}/").split("-")
+                prefix = f"[{'-'.join(host[:2])}] " if len(streams) > 1 and len(host) >= 2 else ""
+                print_line(prefix + event["message"])
+            if not page.get("nextToken"):
                 break
+            arguments["nextToken"] = page["nextToken"]  # the same query's next page
+        for event_id in [key for key, stamp in seen.items() if stamp < newest - LOG_LOOKBACK_MS]:
+            del seen[event_id]
+
+    while True:
+        status = sagemaker.sagemaker.describe_training_job(TrainingJobName=job_name)["TrainingJobStatus"]
+        if readable:
+            read_new()
         if status in TERMINAL:
+            if readable:  # CloudWatch gets the last lines a little after the job ends
+                sleep(poll_s)
+                read_new()
             return status
         sleep(poll_s)
 
@@ -181,38 +238,53 @@ class TuningSpec:
 TUNED = ("learning_rate", "batch_size")
 
 
+@dataclass(frozen=True)
+class TuningResult:
+    job_name: str
+    status: str
+    failure_reason: str | None = None
+    best_training_job: str | None = None
+
+
 def tune(spec: JobSpec, tuning: TuningSpec, channels: Channels, sagemaker: SageMaker, *, wait: bool = True,
-         job_name: str | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
-    """Start a tuning job; returns its name (with ``wait``, once it has ended)."""
+         job_name: str | None = None, sleep: Callable[[float], None] = time.sleep) -> TuningResult:
+    """Start a tuning job; with ``wait``, poll until it has ended."""
     low, high = tuning.learning_rate
     if not 0 < low < high:
         raise ValueError(f"learning rate range must satisfy 0 < low < high, got {low}..{high}")
-    name = job_name or timestamped(spec.base_job_name, TUNING_NAME_LIMIT)
+    if tuning.strategy == "Grid":
+        raise ValueError("the Grid strategy takes only categorical ranges; the learning rate is a continuous one")
+    if tuning.strategy == "Hyperband" and tuning.early_stopping != "Off":
+        raise ValueError("Hyperband stops jobs early itself: leave --early-stopping Off")
+    name = job_name or timestamped(spec.base_job_name, TUNING_NAME_LIMIT, short=True)
     definition = job_definition(spec, channels, output_path(spec, sagemaker))
     definition["StaticHyperParameters"] = {key: str(value) for key, value in spec.hyperparameters.items()
                                            if key not in TUNED}  # the tuner's value wins
-    sagemaker.sagemaker.create_hyper_parameter_tuning_job(
-        HyperParameterTuningJobName=name,
-        HyperParameterTuningJobConfig={
-            "Strategy": tuning.strategy,
-            "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": OBJECTIVE_METRIC},
-            "ResourceLimits": {"MaxNumberOfTrainingJobs": tuning.max_jobs,
-                               "MaxParallelTrainingJobs": tuning.max_parallel_jobs},
-            "ParameterRanges": {
-                "ContinuousParameterRanges": [{"Name": "learning_rate", "MinValue": str(low), "MaxValue": str(high),
-                                               "ScalingType": "Logarithmic"}],
-                "CategoricalParameterRanges": [{"Name": "batch_size",
-                                                "Values": [str(size) for size in tuning.batch_sizes]}],
-                "IntegerParameterRanges": [],
-            },
-            "TrainingJobEarlyStoppingType": tuning.early_stopping,
+    config: dict[str, Any] = {
+        "Strategy": tuning.strategy,
+        "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": OBJECTIVE_METRIC},
+        "ResourceLimits": {"MaxNumberOfTrainingJobs": tuning.max_jobs,
+                           "MaxParallelTrainingJobs": tuning.max_parallel_jobs},
+        "ParameterRanges": {
+            "ContinuousParameterRanges": [{"Name": "learning_rate", "MinValue": str(low), "MaxValue": str(high),
+                                           "ScalingType": "Logarithmic"}],
+            "CategoricalParameterRanges": [{"Name": "batch_size",
+                                            "Values": [str(size) for size in tuning.batch_sizes]}],
+            "IntegerParameterRanges": [],
         },
-        TrainingJobDefinition=definition,
-    )
-    while wait:
-        status = sagemaker.sagemaker.describe_hyper_parameter_tuning_job(
-            HyperParameterTuningJobName=name)["HyperParameterTuningJobStatus"]
-        if status in TERMINAL:
+        "TrainingJobEarlyStoppingType": tuning.early_stopping,
+    }
+    if tuning.strategy == "Hyperband":  # its resource is the epochs each job may run
+        epochs = int(spec.hyperparameters.get("epochs", 10))
+        config["StrategyConfig"] = {"HyperbandStrategyConfig": {"MinResource": 1, "MaxResource": epochs}}
+    sagemaker.sagemaker.create_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName=name, HyperParameterTuningJobConfig=config, TrainingJobDefinition=definition,
+        **spec.security.tag_list())
+    while True:
+        description = sagemaker.sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+        status = description["HyperParameterTuningJobStatus"]
+        if status in TERMINAL or not wait:
             break
         sleep(POLL_S)
-    return name
+    best = (description.get("BestTrainingJob") or {}).get("TrainingJobName")
+    return TuningResult(name, status, description.get("FailureReason"), best)

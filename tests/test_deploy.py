@@ -23,7 +23,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from deploy import predict, session, training
+from deploy import hosting, predict, session, training
 from deploy.cli import main
 
 REGION = "us-east-1"
@@ -277,10 +277,10 @@ def test_multi_model_endpoint_gets_models_added_listed_and_invoked_by_name(aws: 
     assert aws.run("deploy", "--image-uri", IMAGE, "--role", ROLE, "--multi-model", "--model-data", prefix,
                    "--endpoint-name", "many", "--instance-type", "ml.c5.xlarge") == 0
     assert f"every .tar.gz under {prefix}" in capsys.readouterr().out
-    container = aws.sagemaker.describe_model(ModelName="many")["PrimaryContainer"]
-    assert (container["Mode"], container["ModelDataUrl"], container["Image"]) == ("MultiModel", prefix, IMAGE)
     [variant] = aws.sagemaker.describe_endpoint_config(EndpointConfigName="many")["ProductionVariants"]
-    assert (variant["ModelName"], variant["InstanceType"]) == ("many", "ml.c5.xlarge")
+    assert variant["ModelName"].startswith("many-") and variant["InstanceType"] == "ml.c5.xlarge"
+    container = aws.sagemaker.describe_model(ModelName=variant["ModelName"])["PrimaryContainer"]
+    assert (container["Mode"], container["ModelDataUrl"], container["Image"]) == ("MultiModel", prefix, IMAGE)
 
     # Models arrive without a redeploy: a training job's artifact (copied in S3) and a local file.
     s3 = aws.session.client("s3")
@@ -411,6 +411,11 @@ def test_delete_removes_scaling_endpoint_config_and_model_and_tolerates_leftover
     (["tune", "--image-uri", IMAGE, "--role", ROLE, "--data", "s3://b/d", "--lr-min", "0.1", "--lr-max", "0.01"],
      1, "learning rate"),
     (deploy_args("--async"), 2, "--async-output-path"),
+    (["train", "--local", "--image-uri", IMAGE, "--data", "file:///d", "--output-path", "file:///o",
+      "--checkpoint-s3-uri", f"s3://{BUCKET}/c/"], 2, "--checkpoint-s3-uri are for AWS"),
+    (["tune", "--image-uri", IMAGE, "--role", ROLE, "--data", f"s3://{BUCKET}/d/", "--strategy", "Grid"], 1,
+     "Grid strategy takes only categorical ranges"),
+    (deploy_args("--subnets", "subnet-1"), 2, "a VPC needs both subnets and security groups"),
     (deploy_args("--async-output-path", "s3://b/o/"), 2, "only with --async"),
     (deploy_args("--async", "--async-output-path", "s3://b/o/", "--serverless"), 2, "--async is for"),
     (deploy_args("--async", "--async-output-path", "s3://b/o/", "--async-failure-path", "/tmp/f"), 2, "s3://"),
@@ -470,51 +475,146 @@ def test_train_without_an_output_path_uses_sagemakers_default_bucket(aws: Aws, c
 
 
 class FakeLogs:
-    """CloudWatch Logs' filter_log_events over events that appear as the job runs."""
+    """CloudWatch Logs' filter_log_events over events that appear as the job runs, two a page."""
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.calls: list[dict[str, Any]] = []
-        self.missing = True  # the log group appears with the first line
 
-    def write(self, message: str, timestamp: int) -> None:
-        self.missing = False
-        self.events.append({"eventId": str(len(self.events)), "timestamp": timestamp, "message": message})
+    def write(self, host: str, message: str, timestamp: int) -> None:
+        self.events.append({"eventId": str(len(self.events)), "timestamp": timestamp, "message": message,
+                            "logStreamName": f"job-1/{host}-1733256000"})
 
     def filter_log_events(self, **arguments: Any) -> dict[str, Any]:
         self.calls.append(arguments)
-        if self.missing:
+        if not self.events:
             raise ClientError({"Error": {"Code": "ResourceNotFoundException", "Message": "no group"}}, "FilterLogEvents")
-        found = [event for event in self.events if event["timestamp"] >= arguments["startTime"]]
-        offset = int(arguments.get("nextToken") or 0)  # two events a page
-        page = {"events": found[offset:offset + 2]}
+        found = sorted((event for event in self.events if event["timestamp"] >= arguments["startTime"]),
+                       key=lambda event: event["timestamp"])
+        offset = int(arguments.get("nextToken") or 0)
+        page: dict[str, Any] = {"events": found[offset:offset + 2]}
         if offset + 2 < len(found):
             page["nextToken"] = str(offset + 2)
         return page
 
 
 def test_waiting_for_a_job_prints_its_log_until_it_ends() -> None:
+    """Two hosts; a line that reaches CloudWatch after newer ones; the last lines arriving after
+    the job has ended: each printed once, with its host."""
     logs = FakeLogs()
     progress = iter([
         ("InProgress", []),  # instances starting: no log yet
-        ("InProgress", [("epoch 1", 100), ("epoch 2", 100), ("epoch 3", 200)]),  # more than a page
-        ("InProgress", []),
-        ("Completed", [("metric: test_accuracy=0.9", 300)]),
+        ("InProgress", [("algo-1", "epoch 1", 1_000), ("algo-1", "epoch 2", 2_000), ("algo-1", "epoch 3", 3_000)]),
+        ("InProgress", [("algo-2", "late line", 1_500)]),  # older than what was read already
+        ("Failed", []),
     ])
 
     class Client:
         def describe_training_job(self, TrainingJobName: str) -> dict[str, str]:
             status, lines = next(progress)
-            for message, timestamp in lines:
-                logs.write(message, timestamp)
+            for host, message, timestamp in lines:
+                logs.write(host, message, timestamp)
             return {"TrainingJobStatus": status}
 
     sagemaker = session.SageMaker(boto3.Session(region_name=REGION), Client(), runtime=None)
     sagemaker.client = lambda service: logs  # type: ignore[method-assign]
     printed: list[str] = []
     sleeps: list[float] = []
-    status = training.follow_training_log(sagemaker, "job-1", printed.append, poll_s=7, sleep=sleeps.append)
-    assert status == "Completed"
-    assert printed == ["epoch 1", "epoch 2", "epoch 3", "metric: test_accuracy=0.9"]  # each once, in order
-    assert sleeps == [7, 7, 7]  # between looks, never after the end
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 4:  # after the job ended: its traceback reaches CloudWatch
+            logs.write("algo-2", "Traceback: out of memory", 4_000)
+
+    status = training.follow_training_log(sagemaker, "job-1", printed.append, poll_s=7, sleep=sleep)
+    assert status == "Failed"
+    assert printed == ["epoch 1", "epoch 2", "epoch 3", "[algo-2] late line", "[algo-2] Traceback: out of memory"]
+    assert sleeps == [7, 7, 7, 7]  # between looks, and once after the end for the last lines
     assert {call["logStreamNamePrefix"] for call in logs.calls} == {"job-1/"}
+
+class FailingJobs:
+    """A SageMaker API whose jobs fail: what the CLI asked for, and the failure it reads back."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    def create_training_job(self, **request: Any) -> None:
+        self.created.append(request["TrainingJobName"])
+
+    def describe_training_job(self, TrainingJobName: str) -> dict[str, Any]:
+        return {"TrainingJobStatus": "Failed", "FailureReason": "AlgorithmError: out of memory"}
+
+    def create_hyper_parameter_tuning_job(self, **request: Any) -> None:
+        self.created.append(request["HyperParameterTuningJobName"])
+
+    def describe_hyper_parameter_tuning_job(self, HyperParameterTuningJobName: str) -> dict[str, Any]:
+        return {"HyperParameterTuningJobStatus": "Failed", "FailureReason": "every training job failed"}
+
+
+def test_a_failed_job_exits_1_with_its_reason(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    api = FailingJobs()
+    fake = session.SageMaker(boto3.Session(region_name=REGION), api, runtime=None)
+    fake.client = lambda service: FakeLogs()  # type: ignore[method-assign]  # no log lines
+    monkeypatch.setattr("deploy.cli.make_session", lambda args, boto_session, environ: fake)
+    monkeypatch.setattr(training.time, "sleep", lambda seconds: None)
+    common = ["--image-uri", IMAGE, "--role", ROLE, "--data", f"s3://{BUCKET}/d/", "--output-path", f"s3://{BUCKET}/o/"]
+    assert main(["train", *common], environ={}) == 1
+    out = capsys.readouterr().out
+    assert "status: Failed" in out and "reason: AlgorithmError: out of memory" in out
+    assert "model artifact" not in out  # there is none
+    assert main(["tune", *common], environ={}) == 1
+    out = capsys.readouterr().out
+    assert "status: Failed" in out and "reason: every training job failed" in out
+    assert len(api.created) == 2 and len(api.created[1]) <= 32 and api.created[1].startswith("image-classifier-")
+
+
+def test_network_encryption_and_tags_reach_every_request(aws: Aws) -> None:
+    security = ["--subnets", "subnet-1,subnet-2", "--security-group-ids", "sg-1", "--kms-key", "alias/ml",
+                "--network-isolation", "--tag", "team=vision"]
+    assert aws.run("train", "--image-uri", IMAGE, "--role", ROLE, "--job-name", "secure", "--data", f"s3://{BUCKET}/d/",
+                   "--output-path", f"s3://{BUCKET}/o/", "--encrypt-inter-container-traffic", "--no-wait",
+                   *security) == 0
+    job = aws.sent("CreateTrainingJob")
+    assert job["VpcConfig"] == {"Subnets": ["subnet-1", "subnet-2"], "SecurityGroupIds": ["sg-1"]}
+    assert job["OutputDataConfig"]["KmsKeyId"] == job["ResourceConfig"]["VolumeKmsKeyId"] == "alias/ml"
+    assert job["EnableNetworkIsolation"] and job["EnableInterContainerTrafficEncryption"]
+    assert job["Tags"] == [{"Key": "team", "Value": "vision"}]
+    assert aws.run(*deploy_args("--endpoint-name", "secure", *security)) == 0
+    model = aws.sent("CreateModel")
+    assert model["VpcConfig"]["Subnets"] == ["subnet-1", "subnet-2"] and model["EnableNetworkIsolation"]
+    assert aws.sent("CreateEndpointConfig")["KmsKeyId"] == "alias/ml"
+    assert aws.sent("CreateEndpoint")["Tags"] == [{"Key": "team", "Value": "vision"}]
+
+
+def test_a_role_name_is_looked_up_and_a_half_made_endpoint_leaves_no_model(aws: Aws, monkeypatch) -> None:
+    arn = aws.session.client("iam").create_role(RoleName="SageMakerRun", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    original = hosting.deploy
+
+    def failing(sagemaker, model_name, **kwargs):  # type: ignore[no-untyped-def]
+        raise ClientError({"Error": {"Code": "ResourceLimitExceeded", "Message": "no ml.c5.xlarge left"}},
+                          "CreateEndpoint")
+
+    monkeypatch.setattr(hosting, "deploy", failing)
+    assert aws.run("deploy", "--image-uri", IMAGE, "--role", "SageMakerRun", "--model-data", MODEL_DATA,
+                   "--endpoint-name", "half") == 1
+    assert aws.sent("CreateModel")["ExecutionRoleArn"] == arn
+    assert aws.sagemaker.list_models()["Models"] == []  # deleted again
+    monkeypatch.setattr(hosting, "deploy", original)
+    assert aws.run("deploy", "--image-uri", IMAGE, "--role", "SageMakerRun", "--model-data", MODEL_DATA,
+                   "--endpoint-name", "half") == 0
+
+
+def test_the_default_bucket_must_belong_to_the_account() -> None:
+    class Sts:
+        def get_caller_identity(self) -> dict[str, str]:
+            return {"Account": ACCOUNT}
+
+    class S3:
+        def head_bucket(self, **arguments: str) -> None:
+            assert arguments["ExpectedBucketOwner"] == ACCOUNT
+            raise ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadBucket")
+
+    fake = session.SageMaker(boto3.Session(region_name=REGION), sagemaker=None, runtime=None)
+    fake.client = lambda service: {"sts": Sts(), "s3": S3()}[service]  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="may belong to another account\\): pass --output-path"):
+        fake.default_bucket()

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from classifier import images
 from serve.admission import BYTES_PER_DECODED_PIXEL, MemoryGate
 from serve.errors import (
     BadRequest,
@@ -123,9 +124,8 @@ def _open(body: bytes | BinaryIO, *, max_pixels: int, min_side: int | None) -> I
     JPEG, choose a reduced decoding scale.
 
     With ``min_side`` (the model's resize size), a JPEG much larger than needed is decoded at a
-    reduced scale straight from its DCT coefficients (1/2, 1/4 or 1/8), never below ``min_side``
-    on its short side: a 12-megapixel photo decodes several times faster, and the resize that
-    follows sees nearly the same pixels. ``image.size`` is then the size that will be decoded."""
+    reduced scale (see :func:`classifier.images.reduce_jpeg`; training's evaluation decodes the
+    same way). ``image.size`` is then the size that will be decoded."""
     if isinstance(body, bytes) and not body:
         raise InvalidImage("the image is empty")
     try:
@@ -138,9 +138,7 @@ def _open(body: bytes | BinaryIO, *, max_pixels: int, min_side: int | None) -> I
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidImage(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
-            if min_side and image.format == "JPEG" and min(width, height) >= 2 * min_side:
-                scale = min_side / min(width, height)
-                image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+            images.reduce_jpeg(image, min_side)
             return image
     except InvalidImage:
         raise
@@ -166,15 +164,7 @@ def decoded_pixels(body: bytes, *, max_pixels: int, min_side: int | None = None)
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16/32-bit greyscale: scale to 8 bits instead of clipping to white.
-            array = np.asarray(image, dtype=np.float32)
-            array *= 255.0 / (float(array.max()) or 1.0)
-            image = Image.fromarray(np.rint(array, out=array).astype(np.uint8))
-            del array
-        return image.convert("RGB")
+        return images.upright_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidImage("the body is not an image this server can decode") from None
     except (OSError, SyntaxError, ValueError) as exc:

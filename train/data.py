@@ -9,9 +9,10 @@ uninterrupted run would have, and each data-parallel process sees its own shard.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
+from classifier import images
 from classifier.artifact import Preprocessing
 from classifier.presets import TrainPreset
 from train.settings import Hyperparameters, Paths
@@ -73,9 +75,9 @@ def _drop_unreadable(dataset: Labelled, split: str, workers: int) -> list[str]:
     return skipped
 
 
-def _image_folder(folder: Path, split: str, transform: object) -> ImageFolder:
+def _image_folder(folder: Path, split: str, transform: object, loader: Callable[[str], Image.Image]) -> ImageFolder:
     try:
-        return ImageFolder(str(folder), transform=transform)
+        return ImageFolder(str(folder), transform=transform, loader=loader)
     except FileNotFoundError as exc:
         # torchvision says "Couldn't find any class folder" or "Found no valid file for the classes".
         raise DataError(f"{split} data in {folder}: {exc}") from None
@@ -128,15 +130,16 @@ def _read_channels(paths: Paths, hp: Hyperparameters) -> tuple[dict[str, Path], 
 
 
 def _dataset(split: str, folders: Mapping[str, Path], listed: Mapping[str, list[tuple[str, str]]],
-             transform: object) -> Labelled | None:
+             transform: object, loader: Callable[[str], Image.Image]) -> Labelled | None:
     if split in folders:
-        return _image_folder(folders[split], split, transform)
+        return _image_folder(folders[split], split, transform, loader)
     rows = listed.get(split)
     if not rows:
         return None
     classes = sorted({label for _, label in rows})
     index = {name: position for position, name in enumerate(classes)}
-    return LabelledImages([(path, index[label]) for path, label in rows], classes, transform)  # type: ignore[arg-type]
+    return LabelledImages([(path, index[label]) for path, label in rows], classes, transform,  # type: ignore[arg-type]
+                          loader)
 
 
 def load_splits(paths: Paths, hp: Hyperparameters, preprocessing: Preprocessing) -> Splits:
@@ -149,8 +152,12 @@ def load_splits(paths: Paths, hp: Hyperparameters, preprocessing: Preprocessing)
         augmentation=hp.augmentation,
     )
     eval_transform = preprocessing.eval_preset()
+    # Images are decoded as the server decodes them (classifier.images): upright by their EXIF
+    # orientation, and for evaluation also at the server's reduced JPEG scale, so the accuracy
+    # reported is the one served. Training's random crops see the full resolution.
+    eval_loader = functools.partial(images.load, min_side=preprocessing.resize_size)
     folders, listed = _read_channels(paths, hp)
-    train = _dataset("training", folders, listed, train_transform)
+    train = _dataset("training", folders, listed, train_transform, images.load)
     if train is None:
         raise DataError(f"the manifest in {paths.train_dir} lists no training images (its split column names "
                         f"only: {', '.join(sorted(listed))})")
@@ -159,7 +166,7 @@ def load_splits(paths: Paths, hp: Hyperparameters, preprocessing: Preprocessing)
     skipped = _drop_unreadable(train, "training", hp.workers)
     evaluated = {}
     for split in ("validation", "test"):
-        dataset = _dataset(split, folders, listed, eval_transform)
+        dataset = _dataset(split, folders, listed, eval_transform, eval_loader)
         if dataset is not None:
             _check_same_classes(train, dataset, split)
             skipped += _drop_unreadable(dataset, split, hp.workers)

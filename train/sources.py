@@ -62,10 +62,12 @@ class Entry:
 
 
 class LabelledImages(Dataset):
-    """Images and their class indices, read as torchvision's ImageFolder reads them (same loader,
-    same ``samples``, ``targets`` and ``classes``), from any source."""
+    """Images and their class indices, with torchvision's ImageFolder's ``samples``, ``targets``,
+    ``classes`` and ``loader``, from any source."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable | None) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable | None,
+                 loader: Callable[[str], Any] = default_loader) -> None:
+        self.loader = loader
         self.samples = list(samples)
         self.targets = [target for _, target in self.samples]
         self.classes = list(classes)
@@ -84,7 +86,7 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
-        image = default_loader(path)
+        image = self.loader(path)
         return (self.transform(image) if self.transform is not None else image), target
 
 

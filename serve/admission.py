@@ -149,19 +149,19 @@ async def read_body(request: Request, limit: int, timeout_s: float, *, spool_abo
                     spooled = SpooledBody(spool_dir)
                 await asyncio.to_thread(spooled.finish, chunks)
                 return spooled
-    except OSError as error:
-        if spooled is not None:
-            spooled.close()
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InsufficientStorage(f"no room for the body in the spool folder ({size} bytes came): "
-                                      "free space there or point CLASSIFIER_SPOOL_DIR elsewhere") from None
-        raise
     except TimeoutError:
         if spooled is not None:
             spooled.close()
         # The connection stays open (closing it while the client still sends could reset it before
         # the answer is read); the server closes it if the rest of the body keeps it busy.
         raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s ({size} bytes came)") from None
+    except OSError as error:  # after TimeoutError, which is one
+        if spooled is not None:
+            spooled.close()
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(f"no room for the body in the spool folder ({size} bytes came): "
+                                      "free space there or point CLASSIFIER_SPOOL_DIR elsewhere") from None
+        raise
     except BaseException:
         if spooled is not None:
             spooled.close()

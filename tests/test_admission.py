@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from starlette.requests import Request
 
 from serve.admission import MemoryGate, SpooledBody, read_body
-from serve.errors import PayloadTooLarge
+from serve.errors import InsufficientStorage, PayloadTooLarge, RequestTimeout
 
 
 def test_claims_within_the_capacity_are_held_together_and_released() -> None:
@@ -135,3 +136,22 @@ def test_a_body_above_the_memory_limit_in_one_chunk_is_spooled_too(tmp_path: Pat
     assert isinstance(body, SpooledBody)
     with body.file:
         assert body.file.read() == b"z" * 500_000
+
+
+def test_a_full_spool_disk_is_a_507_and_a_slow_body_still_a_408(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(self: SpooledBody, chunks: list[bytes]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SpooledBody, "write", full)
+    with pytest.raises(InsufficientStorage, match="no room for the body in the spool folder") as raised:
+        asyncio.run(read_body(request_sending([b"x" * 2_000_000] * 2), 10_000_000, 5, spool_above=1_000_000,
+                              spool_dir=tmp_path))
+    assert raised.value.status == 507
+
+    async def never_ends() -> dict:
+        await asyncio.sleep(3600)
+        return {}
+
+    slow = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, never_ends)
+    with pytest.raises(RequestTimeout, match="did not arrive within 0.05 s"):
+        asyncio.run(read_body(slow, 1_000, 0.05))

@@ -29,6 +29,20 @@ def restore_logging() -> Iterator[None]:
 
 
 @pytest.fixture
+def mocked_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """moto in this process, with none of this machine's AWS settings: test credentials, us-east-1."""
+    from moto import mock_aws
+
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
 def tiny_artifact(tmp_path: Path) -> Path:
     """A randomly initialised resnet18 saved in the real artifact format."""
     manifest = Manifest(

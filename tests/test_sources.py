@@ -6,21 +6,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from classifier import artifact
 from train.__main__ import main
 from train.sources import DataError, read_manifest, resolve
 
-from imagedata import CLASSES, write_image_folder
+from imagedata import CLASSES, write_shape_splits
 
 BUCKET = "labelled"
 LEARN = ["--epochs", "5", "--image-size", "64", "--batch-size", "16", "--learning-rate", "0.01"]
@@ -30,12 +29,7 @@ SPLIT_FOLDERS = {"training": "train", "validation": "valid", "test": "test"}
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ImageFolder test's images (same seeds): train/ valid/ test/ of <class>/<n>.png."""
-    root = tmp_path_factory.mktemp("data")
-    write_image_folder(root / "train", 30, seed=1)
-    write_image_folder(root / "valid", 10, seed=2)
-    write_image_folder(root / "test", 10, seed=3)
-    return root
+    return write_shape_splits(tmp_path_factory.mktemp("data"))
 
 
 def images(dataset: Path) -> Iterator[tuple[str, str, Path]]:
@@ -103,16 +97,10 @@ def test_json_lines_manifests_in_separate_channels(tmp_path: Path, dataset: Path
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator:
-    for name in [name for name in os.environ if name.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with mock_aws():
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
+def s3(mocked_aws: None) -> Any:
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    return client
 
 
 def test_a_ground_truth_manifest_naming_images_in_s3_downloads_them(tmp_path: Path, dataset: Path, s3) -> None:

@@ -14,7 +14,7 @@ from classifier import artifact
 from serve.predictor import Predictor
 from train.__main__ import main
 
-from imagedata import CLASSES, write_image_folder
+from imagedata import CLASSES, write_shape_splits
 
 FAST = ["--architecture", "resnet18", "--pretrained", "false", "--image-size", "32",
         "--batch-size", "8", "--workers", "0"]
@@ -22,11 +22,7 @@ FAST = ["--architecture", "resnet18", "--pretrained", "false", "--image-size", "
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_image_folder(root / "train", 30, seed=1)
-    write_image_folder(root / "valid", 10, seed=2)
-    write_image_folder(root / "test", 10, seed=3)
-    return root
+    return write_shape_splits(tmp_path_factory.mktemp("data"))
 
 
 def sagemaker_base(tmp_path: Path, dataset: Path, hyperparameters: dict[str, str]) -> Path:

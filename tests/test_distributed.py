@@ -23,8 +23,7 @@ from train.__main__ import main
 from train.data import SeededDataset, ShardSampler
 from train.distributed import Topology, all_gather_pairs, init_process_group, interface_address, store_address
 from train.engine import train_one_epoch
-from train.job import save_on_main
-from train.settings import SettingsError
+from train.errors import PeerError
 
 from imagedata import write_image_folder
 from ports import free_port
@@ -171,7 +170,7 @@ def test_the_store_follows_master_addr_and_the_interface_when_that_is_loopback()
 
 def test_a_missing_peer_is_a_clear_error_and_frees_the_port() -> None:
     port = free_port()
-    with pytest.raises(SettingsError, match="rank 0: could not form the process group of 2"):
+    with pytest.raises(PeerError, match="rank 0: could not form the process group of 2"):
         init_process_group(two_process_topology(port), 0, use_cuda=False, timeout_s=1)
     with socket.socket() as again:  # the store closed its listening socket
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -200,8 +199,8 @@ def _full_disk_worker(local_rank: int, port: int, directory: str) -> None:
     init_process_group(two_process_topology(port), local_rank, use_cuda=False, timeout_s=60)
     rank = dist.get_rank()
     try:
-        save_on_main(Path(directory), lambda: {"epoch": 1, "step_in_epoch": 3, "w": torch.ones(4096)},
-                     3, rank, torch.device("cpu"), stopping=True)
+        checkpoint.save_on_main(Path(directory), lambda: {"epoch": 1, "step_in_epoch": 3, "w": torch.ones(4096)},
+                                3, rank, torch.device("cpu"), stopping=True)
         outcome = "saved"
     except checkpoint.CheckpointError as exc:
         outcome = str(exc)

@@ -167,7 +167,7 @@ def test_a_full_disk_at_sigterm_fails_the_run_with_the_reason_and_no_partial_fil
     result = run_to_end(command)
     assert result.returncode == 1, result.stderr[-3000:]
     reason = (base / "output" / "failure").read_text()
-    assert reason.startswith(f"CheckpointError: the checkpoint of step 2 on SIGTERM could not be written to "
+    assert reason.startswith(f"the checkpoint of step 2 on SIGTERM could not be written to "
                              f"{folder}: No space left on device (errno 28)"), reason
     assert "run again to resume" not in result.stderr
     assert sorted(path.name for path in folder.iterdir()) == ["checkpoint-0000000001.pt"]

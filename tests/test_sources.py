@@ -17,7 +17,8 @@ import pytest
 
 from classifier import artifact
 from train.__main__ import main
-from train.sources import DataError, read_manifest, resolve
+from train.errors import DataError
+from train.sources import read_manifest, resolve
 
 from imagedata import CLASSES, write_shape_splits
 

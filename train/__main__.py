@@ -32,8 +32,9 @@ import torch.multiprocessing as mp
 from classifier.logs import setup_logging
 from train import script
 from train.distributed import Topology, discover
+from train.errors import JobError
 from train.job import Outcome, run, select_device
-from train.settings import Settings, SettingsError, base_dir_from, failure_file, resolve
+from train.settings import Settings, base_dir_from, failure_file, resolve
 
 logger = logging.getLogger("train")
 FAILURE_LIMIT = 1024  # SageMaker keeps this many characters of the failure file
@@ -41,7 +42,7 @@ EXIT_STOPPED = 128 + signal.SIGTERM
 
 
 def describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, SettingsError | script.ScriptError):
+    if isinstance(exc, JobError):
         return str(exc)  # already phrased for the user
     return f"{type(exc).__name__}: {exc}"
 

@@ -26,8 +26,9 @@ from torchvision.datasets import ImageFolder
 from classifier import images
 from classifier.artifact import Preprocessing
 from classifier.presets import TrainPreset
+from train.errors import DataError
 from train.settings import Hyperparameters, Paths
-from train.sources import DataError, LabelledImages, find_manifest, read_manifest, resolve
+from train.sources import LabelledImages, find_manifest, read_manifest, resolve
 
 logger = logging.getLogger(__name__)
 SHARED_MEMORY = Path("/dev/shm")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train.settings import SettingsError
+from train.errors import PeerError, SettingsError
 
 logger = logging.getLogger(__name__)
 DEFAULT_MASTER_PORT = 29500
@@ -98,7 +98,7 @@ def wait_for_host(name: str, timeout_s: float) -> None:
             return
         except socket.gaierror:
             if time.monotonic() > deadline:
-                raise SettingsError(f"host {name!r} did not resolve within {timeout_s:.0f} s") from None
+                raise PeerError(f"host {name!r} did not resolve within {timeout_s:.0f} s") from None
             time.sleep(1)
 
 
@@ -126,7 +126,7 @@ def store_address(topology: Topology) -> tuple[socket.AddressFamily, tuple]:
         family, _, _, _, address = socket.getaddrinfo(topology.master_addr, topology.master_port,
                                                       type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise SettingsError(f"MASTER_ADDR {topology.master_addr!r} does not resolve: {exc.strerror}") from None
+        raise PeerError(f"MASTER_ADDR {topology.master_addr!r} does not resolve: {exc.strerror}") from None
     if len(topology.hosts) > 1 and ipaddress.ip_address(address[0]).is_loopback and interface_exists(topology.interface):
         own = interface_address(topology.interface)
         if own is not None:
@@ -143,7 +143,7 @@ def _listen(topology: Topology) -> tuple[str, socket.socket]:
         listener.listen(socket.SOMAXCONN)
     except OSError as exc:
         listener.close()
-        raise SettingsError(f"rank 0 cannot listen on {address[0]} port {topology.master_port} "
+        raise PeerError(f"rank 0 cannot listen on {address[0]} port {topology.master_port} "
                             f"(MASTER_ADDR {topology.master_addr!r}): {exc.strerror}") from None
     return address[0], listener
 
@@ -178,7 +178,7 @@ def init_process_group(topology: Topology, local_rank: int, *, use_cuda: bool, t
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, rank=rank,
                                 world_size=topology.world_size, timeout=timeout)
     except (RuntimeError, dist.DistStoreError) as exc:
-        raise SettingsError(
+        raise PeerError(
             f"rank {rank}: could not form the process group of {topology.world_size} with "
             f"{topology.master_addr}:{topology.master_port} within {timeout_s:.0f} s: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

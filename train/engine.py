@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Precision:
-    """How tensors are laid out and computed: mixed precision and channels_last."""
+class Execution:
+    """How the model's passes run: in mixed precision (autocast, and the gradient scaler it needs)
+    or not, and with inputs in the channels_last memory layout or not."""
 
     amp: bool = False
     channels_last: bool = False
@@ -50,7 +51,7 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     *,
-    precision: Precision | None = None,
+    execution: Execution | None = None,
     start_step: int = 0,
     after_step: Callable[[int], bool] = lambda step: False,
     log_every_s: float = 30.0,
@@ -59,7 +60,7 @@ def train_one_epoch(
 
     Returns loss, accuracy and throughput of the steps run, and ``completed`` (0.0 if stopped).
     """
-    precision = precision or Precision()
+    execution = execution or Execution()
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     started = last_log = time.perf_counter()
@@ -67,16 +68,16 @@ def train_one_epoch(
     interactive = sys.stderr.isatty()
     completed = 1.0
     for step, (images, targets) in enumerate(loader, start=start_step + 1):
-        images = precision.prepare(images.to(device, non_blocking=True))
+        images = execution.prepare(images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
-        with precision.autocast(device):
+        with execution.autocast(device):
             logits = model(images)
             loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        if precision.scaler is not None:
-            precision.scaler.scale(loss).backward()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
+        if execution.scaler is not None:
+            execution.scaler.scale(loss).backward()
+            execution.scaler.step(optimizer)
+            execution.scaler.update()
         else:
             loss.backward()
             optimizer.step()
@@ -118,17 +119,17 @@ def evaluate(
     criterion: nn.Module,
     device: torch.device,
     *,
-    precision: Precision | None = None,
+    execution: Execution | None = None,
     predictions: list[tuple[int, int]] | None = None,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy; (target, predicted) pairs appended to ``predictions``."""
-    precision = precision or Precision()
+    execution = execution or Execution()
     model.eval()
     total_loss, correct, correct_top5, seen = 0.0, 0, 0, 0
     for images, targets in loader:
-        images = precision.prepare(images.to(device, non_blocking=True))
+        images = execution.prepare(images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
-        with precision.autocast(device):
+        with execution.autocast(device):
             logits = model(images)
         total_loss += criterion(logits.float(), targets).item() * len(targets)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -22,13 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from train import checkpoint
+from train.errors import CheckpointSyncError
 from train.settings import split_s3_uri
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointSyncError(Exception):
-    """The checkpoints could not be read from or written to S3."""
 
 
 class S3Checkpoints:

@@ -40,6 +40,7 @@ import torch
 
 from classifier import packages
 from train.distributed import interface_exists, wait_for_host
+from train.errors import JobError
 from train.settings import read_json
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ UNSUPPORTED_DISTRIBUTIONS = {
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*")
 
 
-class ScriptError(RuntimeError):
+class ScriptError(JobError):
     """Script mode could not start the user's script; the message is phrased for the user."""
 
 

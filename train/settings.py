@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 from classifier.models import TIMM_PREFIX, available_architectures
 from classifier.parsing import parse_bool
+from train.errors import SettingsError
 
 DEFAULT_BASE_DIR = Path("/opt/ml")
 IMDS_ENDPOINT = "http://169.254.169.254"  # EC2's instance metadata service
@@ -38,10 +39,6 @@ TEST_CHANNELS = ("test",)
 # Keys the SageMaker SDK and tuning service add to hyperparameters.json for their own use.
 RESERVED_PREFIXES = ("sagemaker_", "_")
 ALIASES = {"lr": "learning_rate", "arch": "architecture", "model_name": "architecture"}
-
-
-class SettingsError(ValueError):
-    """A setting is missing, unknown or has a value that cannot be used."""
 
 
 OPTIMIZERS = ("sgd", "adamw")

@@ -37,7 +37,8 @@ from typing import Any
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import default_loader
 
-from train.settings import MANIFEST_SUFFIXES, SettingsError
+from train.errors import DataError
+from train.settings import MANIFEST_SUFFIXES
 
 logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("path", "image", "file", "filename", "key", "source-ref")
@@ -45,10 +46,6 @@ LABEL_KEYS = ("label", "class", "class_name")
 SPLIT_NAMES = {"train": "training", "training": "training", "validation": "validation", "valid": "validation",
                "val": "validation", "test": "test"}
 DOWNLOAD_THREADS = 16
-
-
-class DataError(SettingsError):
-    """The training data cannot be used as given."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Labelled data as users have it: CSV and JSON Lines manifests and Ground Truth's augmented
-manifests, each training to the same bar as the ImageFolder test on the same generated images,
+"""Labelled data as users have it: CSV and JSON Lines manifests, Ground Truth's augmented
+manifests and SageMaker's ManifestFiles, each training to the same bar as the ImageFolder test on the same generated images,
 and every way a manifest can be wrong named before training starts."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from classifier import artifact
 from train.__main__ import main
 from train.errors import DataError
-from train.sources import read_manifest, resolve
+from train.sources import find_manifest, read_manifest, resolve
 
 from imagedata import CLASSES, write_shape_splits
 
@@ -338,3 +338,66 @@ def test_more_bad_manifests_are_named(tmp_path: Path, name: str, text: str, mess
         return
     with pytest.raises(DataError, match=re.escape(message)):
         read_manifest(manifest, "csv" if name.endswith(".csv") else "jsonl")
+
+
+def manifest_file(prefix: str, keys: list[str]) -> str:
+    """A ManifestFile as SageMaker's S3DataType=ManifestFile channels read it."""
+    return json.dumps([{"prefix": prefix}, *keys])
+
+
+def test_a_manifest_file_of_objects_in_s3_trains_every_split_from_its_keys(tmp_path: Path, dataset: Path, s3) -> None:
+    """The channel holds only the ManifestFile; its keys are <split>/<class>/<image> below the prefix."""
+    keys = []
+    for split, class_name, path in images(dataset):
+        key = f"{SPLIT_FOLDERS[split]}/{class_name}/{path.name}"
+        s3.upload_file(str(path), BUCKET, f"shapes/{key}")
+        keys.append(key)
+    s3.upload_file(str(path), BUCKET, "shapes/unlisted/extra.png")  # not in the manifest: not downloaded
+    channel = tmp_path / "channel"
+    write(channel / "train.manifest", manifest_file(f"s3://{BUCKET}/shapes/", keys))
+    base = tmp_path / "ml"
+    assert main(["--train", str(channel), "--base-dir", str(base), *IN_PROCESS], {}) == 0
+    learned(base)
+    downloaded = sorted(path.relative_to(base / "input" / "s3-images" / BUCKET / "shapes").as_posix()
+                        for path in (base / "input" / "s3-images").rglob("*.png"))
+    assert downloaded == sorted(keys)
+
+
+def test_a_manifest_file_labels_each_image_by_its_folder(tmp_path: Path) -> None:
+    manifest = write(tmp_path / "data.json", manifest_file(
+        "s3://b/data/", ["beagle/1.jpg", "pug/2.jpg", "valid/pug/3.jpg", "photos/2026/beagle/4.jpg", "test/5.jpg"]))
+    assert [(entry.image, entry.label, entry.split, entry.line) for entry in read_manifest(manifest, "manifest-file")] == [
+        ("s3://b/data/beagle/1.jpg", "beagle", None, 1),
+        ("s3://b/data/pug/2.jpg", "pug", None, 2),
+        ("s3://b/data/valid/pug/3.jpg", "pug", "validation", 3),
+        ("s3://b/data/photos/2026/beagle/4.jpg", "beagle", None, 4),
+        ("s3://b/data/test/5.jpg", "test", None, 5),  # a class folder named "test"
+    ]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('["beagle/1.jpg"]', 'a ManifestFile is a JSON list that starts with {"prefix"'),
+    ('{"prefix": "s3://b/"}', 'a ManifestFile is a JSON list that starts with {"prefix"'),
+    ('[{"prefix": "data/"}, "beagle/1.jpg"]', 'a ManifestFile is a JSON list that starts with {"prefix"'),
+    ('[{"prefix": "s3://b/"}, "beagle/1.jpg", "2.jpg"]', "m.json item 2: '2.jpg' is in no class folder"),
+    ('[{"prefix": "s3://b/"}, "beagle/1.jpg", {"key": "x"}]', 'm.json item 2: expected an object key, not {"key": "x"}'),
+    ('[{"prefix": "s3://b/"}]', "lists no images"),
+    ('[{"prefix": "s3://b/"}, ', "m.json: not JSON"),
+])
+def test_a_bad_manifest_file_is_named(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(DataError, match=re.escape(message)):
+        read_manifest(write(tmp_path / "m.json", text), "manifest-file")
+
+
+def test_a_manifest_file_is_told_from_other_json_beside_it(tmp_path: Path) -> None:
+    channel = tmp_path / "channel"
+    write(channel / "classes.json", '["beagle", "pug"]')
+    write(channel / "beagle" / "1.jpg", "")
+    assert find_manifest(channel, "auto") is None  # an ImageFolder with a JSON file beside it
+    assert find_manifest(channel, "folder") is None
+    write(channel / "data.manifest", manifest_file("s3://b/", ["beagle/1.jpg"]))
+    assert find_manifest(channel, "auto") == (channel / "data.manifest", "manifest-file")
+    assert find_manifest(channel, "manifest-file") == (channel / "data.manifest", "manifest-file")
+    (channel / "data.manifest").unlink()
+    write(channel / "train.manifest", '{"source-ref": "s3://b/1.jpg", "class": "3"}\n')
+    assert find_manifest(channel, "auto") == (channel / "train.manifest", "jsonl")

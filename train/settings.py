@@ -44,8 +44,7 @@ ALIASES = {"lr": "learning_rate", "arch": "architecture", "model_name": "archite
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "step", "constant")
 AUGMENTATIONS = ("none", "basic", "trivialaugment", "randaugment", "autoaugment")
-DATA_FORMATS = ("auto", "folder", "csv", "jsonl", "augmented-manifest")  # see train.sources
-MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".manifest": "jsonl"}  # a manifest file's format
+DATA_FORMATS = ("auto", "folder", "csv", "jsonl", "augmented-manifest", "manifest-file")  # see train.sources
 
 
 @dataclass(frozen=True)

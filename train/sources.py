@@ -10,6 +10,10 @@ ImageFolder (``<class>/<image>``). ``data_format`` overrides the choice. Manifes
 - **Ground Truth augmented manifest** (JSON Lines whose records have ``source-ref``): the class
   name is ``<attribute>-metadata.class-name``; the label attribute is ``label_attribute``, or
   the one attribute whose ``-metadata`` holds a ``class-name``.
+- **ManifestFile** (``.json``, ``.manifest``), as SageMaker's ``S3DataType=ManifestFile`` reads
+  it: a JSON list, ``[{"prefix": "s3://bucket/data/"}, "beagle/1.jpg", ...]``. Each key is
+  ``<class>/<image>`` or ``<split>/<class>/<image>`` below the prefix: the class is the folder
+  the image is in, as in an ImageFolder.
 
 An image is named by a path relative to the channel, or by an ``s3://`` URI: that is the file at
 the object's key (or the end of it) under the channel when the images were copied there along
@@ -27,6 +31,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +43,6 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import default_loader
 
 from train.errors import DataError
-from train.settings import MANIFEST_SUFFIXES
 
 logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("path", "image", "file", "filename", "key", "source-ref")
@@ -55,7 +59,7 @@ class Entry:
     image: str  # a path relative to the channel, or an s3:// URI
     label: str
     split: str | None  # training, validation or test; None: the channel's own split
-    line: int
+    line: int  # where the manifest names it: its line, or its item in a ManifestFile
 
 
 class LabelledImages(Dataset):
@@ -87,14 +91,22 @@ class LabelledImages(Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
-FORMAT_SUFFIXES = {"csv": (".csv",), "jsonl": (".jsonl", ".manifest"), "augmented-manifest": (".jsonl", ".manifest")}
+FORMAT_SUFFIXES = {"csv": (".csv",), "jsonl": (".jsonl", ".manifest"), "augmented-manifest": (".jsonl", ".manifest"),
+                   "manifest-file": (".json", ".manifest")}
+# What a file with each suffix may hold, looked for in this order.
+SUFFIX_FORMATS = {".csv": ("csv",), ".jsonl": ("jsonl",), ".manifest": ("manifest-file", "jsonl"),
+                  ".json": ("manifest-file",)}
+MANIFEST_FILE_START = re.compile(r'\A\s*\[\s*\{\s*"prefix"\s*:')
 
 
 def looks_like_manifest(path: Path, data_format: str) -> bool:
-    """Whether the file's header (CSV) or first record (JSON Lines) names an image and a label: a
-    CSV of something else beside the images (a submission template, a list of classes) is not one."""
+    """Whether the file's header (CSV), first record (JSON Lines) or opening (ManifestFile) names
+    images and labels: a CSV or JSON file of something else beside the images (a submission
+    template, a list of classes) is not one."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as file:
+            if data_format == "manifest-file":
+                return MANIFEST_FILE_START.match(file.read(4096)) is not None
             if data_format == "csv":
                 header = {name.strip().lower() for name in next(csv.reader(file), [])}
                 return bool(header & set(IMAGE_KEYS)) and bool(header & set(LABEL_KEYS))
@@ -111,23 +123,30 @@ def find_manifest(folder: Path, data_format: str) -> tuple[Path, str] | None:
     that looks like a manifest; a named format takes the one file with its suffix."""
     if data_format == "folder":
         return None
-    files = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES)
+    files = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in SUFFIX_FORMATS)
+    found: list[tuple[Path, str]] = []
     if data_format == "auto":
-        found = [path for path in files if looks_like_manifest(path, MANIFEST_SUFFIXES[path.suffix.lower()])]
-        for path in sorted(set(files) - set(found)):
-            logger.info("%s: not a manifest (no image and label columns); left alone", path)
+        for path in files:
+            held = next((fmt for fmt in SUFFIX_FORMATS[path.suffix.lower()] if looks_like_manifest(path, fmt)), None)
+            if held is None:
+                logger.info("%s: not a manifest (no images and labels); left alone", path)
+            else:
+                found.append((path, held))
     else:
-        found = [path for path in files if path.suffix.lower() in FORMAT_SUFFIXES[data_format]]
+        named = [path for path in files if path.suffix.lower() in FORMAT_SUFFIXES[data_format]]
+        # Of the files with the format's suffix, those that look like one (a classes.json beside a
+        # ManifestFile is not a second manifest); all of them when none does, to name the fault.
+        sniffed = "jsonl" if data_format == "augmented-manifest" else data_format
+        found = [(path, data_format) for path in [p for p in named if looks_like_manifest(p, sniffed)] or named]
     if len(found) > 1:
-        raise DataError(f"{folder} holds several manifests ({', '.join(path.name for path in found)}): "
+        raise DataError(f"{folder} holds several manifests ({', '.join(path.name for path, _ in found)}): "
                         "keep one per channel")
     if not found:
         if data_format != "auto":
             raise DataError(f"data_format={data_format} but {folder} holds no "
                             f"{' or '.join(FORMAT_SUFFIXES[data_format])} file at its top level")
         return None
-    manifest = found[0]
-    return manifest, MANIFEST_SUFFIXES[manifest.suffix.lower()] if data_format == "auto" else data_format
+    return found[0]
 
 
 def _first_key(record: Mapping[str, Any], keys: Sequence[str]) -> str | None:
@@ -186,9 +205,38 @@ def _records(manifest: Path, data_format: str) -> Iterator[tuple[int, Mapping[st
                 yield line, record
 
 
+def _manifest_file(manifest: Path) -> list[Entry]:
+    """A ManifestFile's images, labelled by their folder: ``[{"prefix": ...}, "<class>/<image>", ...]``."""
+    shape = 'a JSON list that starts with {"prefix": "s3://bucket/prefix/"} and goes on with object keys'
+    try:
+        document = json.loads(manifest.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{manifest.name}: not JSON ({exc}); a ManifestFile is {shape}") from None
+    head = document[0] if isinstance(document, list) and document else None
+    prefix = head.get("prefix") if isinstance(head, dict) else None
+    if not isinstance(prefix, str) or not prefix.startswith("s3://"):
+        raise DataError(f"{manifest.name}: a ManifestFile is {shape}")
+    entries: list[Entry] = []
+    for item, key in enumerate(document[1:], start=1):
+        where = f"{manifest.name} item {item}"
+        if not isinstance(key, str) or not key.strip("/"):
+            raise DataError(f"{where}: expected an object key, not {json.dumps(key)[:80]}")
+        parts = key.strip("/").split("/")
+        if len(parts) < 2:
+            raise DataError(f"{where}: {key!r} is in no class folder: keys are <class>/<image> or "
+                            "<split>/<class>/<image> below the prefix")
+        split = SPLIT_NAMES.get(parts[0].lower()) if len(parts) > 2 else None
+        entries.append(Entry(prefix + key, parts[-2], split, item))
+    if not entries:
+        raise DataError(f"{manifest} lists no images")
+    return entries
+
+
 def read_manifest(manifest: Path, data_format: str, *, label_attribute: str = "") -> list[Entry]:
     """The manifest's labelled images. A Ground Truth record without a class name (an object its
     workers could not label, whose metadata says why) is left out with a warning."""
+    if data_format == "manifest-file":
+        return _manifest_file(manifest)
     entries: list[Entry] = []
     unlabelled: list[int] = []
     attribute: str | None = label_attribute or None

@@ -45,6 +45,7 @@ NETWORK_FILES = {TORCHSCRIPT: TORCHSCRIPT_FILE, ONNX: ONNX_FILE}  # by architect
 # (warm-up included) before a single request arrives, and reads the manifest whole.
 MAX_IMAGE_SIDE = 4096
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MULTICLASS, MULTILABEL = "multiclass", "multilabel"  # one class an image (softmax), or any number (sigmoid)
 
 
 class ArtifactError(ValueError):
@@ -78,6 +79,9 @@ class Manifest:
     preprocessing: Preprocessing
     training: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    task: str = MULTICLASS
+    # multilabel: a class is answered when its probability reaches its threshold (one per class)
+    thresholds: tuple[float, ...] = ()
     versions: Mapping[str, str] = field(default_factory=lambda: runtime_versions())
     format_version: int = FORMAT_VERSION
 
@@ -88,6 +92,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["class_names"] = list(self.class_names)
+        data["thresholds"] = list(self.thresholds)
         return data
 
     @classmethod
@@ -113,6 +118,8 @@ class Manifest:
                 preprocessing=preprocessing,
                 training=dict(data.get("training", {})),
                 metrics=dict(data.get("metrics", {})),
+                task=str(data.get("task", MULTICLASS)),
+                thresholds=tuple(float(value) for value in data.get("thresholds", ())),
                 versions=dict(data.get("versions", {})),
                 format_version=version,
             )
@@ -122,6 +129,12 @@ class Manifest:
             raise ArtifactError(f"manifest has a malformed field: {exc}") from None
         if not class_names:
             raise ArtifactError("manifest lists no class names")
+        if manifest.task not in (MULTICLASS, MULTILABEL):
+            raise ArtifactError(f"manifest has task {manifest.task!r}; it must be {MULTICLASS} or {MULTILABEL}")
+        if manifest.task == MULTILABEL and (len(manifest.thresholds) != len(class_names)
+                                            or not all(0 <= t <= 1 for t in manifest.thresholds)):
+            raise ArtifactError(f"a {MULTILABEL} manifest needs one threshold from 0 to 1 per class "
+                                f"({len(class_names)}); it has {list(manifest.thresholds)[:8]}")
         for name in ("crop_size", "resize_size"):
             side = getattr(preprocessing, name)
             if not 1 <= side <= MAX_IMAGE_SIDE:

@@ -454,7 +454,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                 decode_s = time.perf_counter() - started
                 logits, timing = await batcher.submit(batch)
             payload = codec.encode(logits, predictor.class_names, inputs=inputs, options=options,
-                                   response_type=response_type)
+                                   response_type=response_type, thresholds=predictor.thresholds)
             metrics.images.inc(len(logits))
             server_timing = (f"decode;dur={decode_s * 1000:.2f}, queue;dur={timing.queue_s * 1000:.2f}, "
                              f"inference;dur={timing.inference_s * 1000:.2f};desc=\"batch of {timing.batch_size}\"")

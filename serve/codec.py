@@ -85,6 +85,7 @@ class Options:
 
     top_k: int
     raw: bool = False
+    ranked: bool = False  # top_k was asked for (a multi-label model then ranks, rather than thresholds)
 
 
 def parse_options(header: str | None, *, default_top_k: int) -> Options:
@@ -102,7 +103,7 @@ def parse_options(header: str | None, *, default_top_k: int) -> Options:
         if values["raw"].lower() not in ("true", "false", "1", "0"):
             raise BadRequest(f"custom attribute raw={values['raw']!r} must be true or false")
         raw = values["raw"].lower() in ("true", "1")
-    return Options(top_k=top_k, raw=raw)
+    return Options(top_k=top_k, raw=raw, ranked="top_k" in values)
 
 
 @dataclass(frozen=True)
@@ -363,14 +364,33 @@ def top_k(logits: np.ndarray, class_names: Sequence[str], k: int) -> list[list[P
     return ranked
 
 
+def over_thresholds(logits: np.ndarray, class_names: Sequence[str], thresholds: Sequence[float],
+                    k: int | None = None) -> list[list[Prediction]]:
+    """A multi-label model's answers for each row of ``logits``: every class whose probability (the
+    logit's sigmoid) reaches its threshold, most probable first; or, with ``k``, the ``k`` most
+    probable whatever their thresholds."""
+    with np.errstate(over="ignore"):
+        probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    answered = []
+    for row in probabilities:
+        chosen = range(len(row)) if k is not None else np.flatnonzero(row >= np.asarray(thresholds)).tolist()
+        order = sorted(chosen, key=lambda i: (-row[i], i))[:k]
+        answered.append([Prediction(class_names[i], i, _finite(row[i])) for i in order])
+    return answered
+
+
 def encode(logits: np.ndarray, class_names: Sequence[str], *, inputs: Inputs, options: Options,
-           response_type: str) -> bytes:
-    """Serialise the model's answer for ``inputs`` in ``response_type``."""
+           response_type: str, thresholds: Sequence[float] | None = None) -> bytes:
+    """Serialise the model's answer for ``inputs`` in ``response_type``: the ``top_k`` classes, or
+    for a multi-label model (``thresholds``, one per class) the classes over their thresholds."""
     if response_type == NPY:
         buffer = io.BytesIO()
         np.save(buffer, logits.astype(np.float32), allow_pickle=False)
         return buffer.getvalue()
-    ranked = top_k(logits, class_names, options.top_k)
+    if thresholds is None:
+        ranked = top_k(logits, class_names, options.top_k)
+    else:
+        ranked = over_thresholds(logits, class_names, thresholds, options.top_k if options.ranked else None)
     if response_type == CSV:
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")

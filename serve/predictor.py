@@ -125,6 +125,11 @@ class Predictor:
     def class_names(self) -> tuple[str, ...]:
         return self.manifest.class_names
 
+    @property
+    def thresholds(self) -> tuple[float, ...] | None:
+        """A multi-label model's per-class thresholds (None: one class an image, by softmax)."""
+        return self.manifest.thresholds if self.manifest.task == artifact.MULTILABEL else None
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.preprocessing(image)
 
@@ -146,6 +151,8 @@ class Predictor:
     def predict(self, images: Sequence[Image.Image], top_k: int) -> list[list[codec.Prediction]]:
         """Ranked predictions for ``images`` in one pass (for in-process use and tests)."""
         logits = self.infer(torch.stack([self.preprocess(image) for image in images]))
+        if self.thresholds is not None:
+            return codec.over_thresholds(logits, self.class_names, self.thresholds)
         return codec.top_k(logits, self.class_names, top_k)
 
     def warm_up(self) -> None:

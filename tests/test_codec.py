@@ -211,7 +211,7 @@ def test_unsupported_accept() -> None:
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [(None, Options(5)), ("top_k=2", Options(2)), ("raw=true; top_k=1", Options(1, True)),
+    [(None, Options(5)), ("top_k=2", Options(2, ranked=True)), ("raw=true; top_k=1", Options(1, True, ranked=True)),
      ("anything else,raw=0", Options(5, False))],
 )
 def test_custom_attributes(header: str | None, expected: Options) -> None:
@@ -334,3 +334,22 @@ def test_non_finite_logits_still_give_valid_json() -> None:
     document = json.loads(body, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
     assert document["logits"] == [None, 1.0, None]
     assert all(p["probability"] is None for p in document["predictions"])
+
+
+def test_a_multi_label_model_answers_every_class_over_its_threshold() -> None:
+    logits = np.array([[2.0, 1.0, -3.0], [-2.0, -1.0, -4.0], [0.0, 3.0, 0.5]], dtype=np.float32)
+    thresholds = (0.5, 0.7, 0.6)  # class 1 at sigmoid(1.0) = 0.731 reaches 0.7; sigmoid(0.5) = 0.622 reaches 0.6
+    answers = codec.over_thresholds(logits, NAMES[:3], thresholds)
+    assert [[(p.label, p.index) for p in row] for row in answers] == [
+        [(NAMES[0], 0), (NAMES[1], 1)], [], [(NAMES[1], 1), (NAMES[2], 2), (NAMES[0], 0)]]  # 0.5 reaches 0.5
+    assert answers[0][0].probability == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-6)
+    many = Inputs(images=(Image.new("RGB", (1, 1)),) * 3, single=False)
+    body = json.loads(codec.encode(logits, NAMES[:3], inputs=many, options=Options(5), response_type=codec.JSON,
+                                   thresholds=thresholds))
+    assert [[p["label"] for p in row] for row in body["predictions"]] == [
+        [NAMES[0], NAMES[1]], [], [NAMES[1], NAMES[2], NAMES[0]]]
+    # top_k asked for: the k most probable, whatever their thresholds
+    ranked = json.loads(codec.encode(logits, NAMES[:3], inputs=many, options=parse_options("top_k=2", default_top_k=5),
+                                     response_type=codec.JSON, thresholds=thresholds))
+    assert [[p["label"] for p in row] for row in ranked["predictions"]] == [
+        [NAMES[0], NAMES[1]], [NAMES[1], NAMES[0]], [NAMES[1], NAMES[2]]]

@@ -132,7 +132,7 @@ def test_a_ground_truth_manifest_finds_images_synced_beside_it(tmp_path: Path, d
         lines.append(ground_truth_line(f"s3://{BUCKET}/{key}", class_name, number))
     (channel / "output.manifest").write_text("\n".join(lines) + "\n")
     entries = read_manifest(channel / "output.manifest", "jsonl")
-    assert {entry.label for entry in entries} == set(CLASSES) and len(entries) == 90
+    assert {entry.labels for entry in entries} == {(name,) for name in CLASSES} and len(entries) == 90
     assert main(["--train", str(channel), "--base-dir", str(tmp_path / "ml"), "--epochs", "1", "--image-size", "32",
                  "--architecture", "resnet18", "--pretrained", "false", "--workers", "0"], {}) == 0
     assert artifact.load_manifest(tmp_path / "ml" / "model").class_names == tuple(sorted(CLASSES))
@@ -164,7 +164,7 @@ def test_the_label_attribute_can_be_named(tmp_path: Path) -> None:
         "source-ref": "s3://b/1.png", "a": 0, "a-metadata": {"class-name": "x"},
         "b": 1, "b-metadata": {"class-name": "y"}}) + "\n")
     [entry] = read_manifest(manifest, "jsonl", label_attribute="b")
-    assert (entry.image, entry.label) == ("s3://b/1.png", "y")
+    assert (entry.image, entry.labels) == ("s3://b/1.png", ("y",))
 
 
 def run_failing(tmp_path: Path, channel: Path, *extra: str) -> str:
@@ -313,14 +313,14 @@ def test_ground_truth_records_it_could_not_label_are_left_out(tmp_path: Path) ->
                                  "type": "groundtruth/image-classification", "human-annotated": "yes"}}
     manifest = write(tmp_path / "output.manifest", json.dumps(failed) + "\n" + json.dumps(labelled) + "\n")
     [entry] = read_manifest(manifest, "jsonl")
-    assert (entry.image, entry.label, entry.line) == ("s3://b/photos/1.png", "circle", 2)
+    assert (entry.image, entry.labels, entry.line) == ("s3://b/photos/1.png", ("circle",), 2)
 
 
 def test_the_built_in_algorithms_augmented_manifest_reads_its_class_attribute(tmp_path: Path) -> None:
     manifest = write(tmp_path / "train.manifest", '{"source-ref": "s3://b/1.jpg", "class": "3"}\n'
                                                   '{"source-ref": "s3://b/2.jpg", "class": 1}\n')
-    assert [(entry.image, entry.label) for entry in read_manifest(manifest, "jsonl")] == [
-        ("s3://b/1.jpg", "3"), ("s3://b/2.jpg", "1")]
+    assert [(entry.image, entry.labels) for entry in read_manifest(manifest, "jsonl")] == [
+        ("s3://b/1.jpg", ("3",)), ("s3://b/2.jpg", ("1",))]
 
 
 @pytest.mark.parametrize(("name", "text", "message"), [
@@ -366,12 +366,12 @@ def test_a_manifest_file_of_objects_in_s3_trains_every_split_from_its_keys(tmp_p
 def test_a_manifest_file_labels_each_image_by_its_folder(tmp_path: Path) -> None:
     manifest = write(tmp_path / "data.json", manifest_file(
         "s3://b/data/", ["beagle/1.jpg", "pug/2.jpg", "valid/pug/3.jpg", "photos/2026/beagle/4.jpg", "test/5.jpg"]))
-    assert [(entry.image, entry.label, entry.split, entry.line) for entry in read_manifest(manifest, "manifest-file")] == [
-        ("s3://b/data/beagle/1.jpg", "beagle", None, 1),
-        ("s3://b/data/pug/2.jpg", "pug", None, 2),
-        ("s3://b/data/valid/pug/3.jpg", "pug", "validation", 3),
-        ("s3://b/data/photos/2026/beagle/4.jpg", "beagle", None, 4),
-        ("s3://b/data/test/5.jpg", "test", None, 5),  # a class folder named "test"
+    assert [(entry.image, entry.labels, entry.split, entry.line) for entry in read_manifest(manifest, "manifest-file")] == [
+        ("s3://b/data/beagle/1.jpg", ("beagle",), None, 1),
+        ("s3://b/data/pug/2.jpg", ("pug",), None, 2),
+        ("s3://b/data/valid/pug/3.jpg", ("pug",), "validation", 3),
+        ("s3://b/data/photos/2026/beagle/4.jpg", ("beagle",), None, 4),
+        ("s3://b/data/test/5.jpg", ("test",), None, 5),  # a class folder named "test"
     ]
 
 

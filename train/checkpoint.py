@@ -45,7 +45,7 @@ class Progress:
     step_in_epoch: int = 0  # steps of it done; an epoch's number of steps when it is finished
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
-    best_accuracy: float = -1.0
+    best_score: float = -1.0  # the best epoch's validation accuracy (mAP for multi-label)
     best_epoch: int = 0
     best_weights: dict[str, torch.Tensor] | None = None  # the model's state dict at best_epoch
     stale_epochs: int = 0  # epochs since best_epoch
@@ -66,7 +66,8 @@ class Trainee:
 def capture(progress: Progress, trainee: Trainee, settings: dict[str, Any]) -> dict[str, Any]:
     """The whole training state as a checkpoint: tensors and plain data only (see above)."""
     position = {f.name: getattr(progress, f.name) for f in fields(progress)}
-    position["best_state"] = position.pop("best_weights")  # the name checkpoints have always used
+    # The names checkpoints have always used:
+    position["best_state"], position["best_accuracy"] = position.pop("best_weights"), position.pop("best_score")
     return {
         **position,
         "architecture": trainee.architecture,
@@ -94,8 +95,9 @@ def restore(state: dict[str, Any], trainee: Trainee) -> Progress:
     if trainee.scaler is not None and state.get("scaler"):
         trainee.scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"])
-    names = {f.name for f in fields(Progress)} - {"best_weights"}
-    return Progress(**{name: state[name] for name in names}, best_weights=state["best_state"])
+    names = {f.name for f in fields(Progress)} - {"best_weights", "best_score"}
+    return Progress(**{name: state[name] for name in names}, best_weights=state["best_state"],
+                    best_score=state["best_accuracy"])
 
 
 def rng_state() -> dict[str, Any]:

@@ -47,6 +47,7 @@ class Splits:
     validation: Labelled | None
     test: Labelled | None
     skipped_files: tuple[str, ...]
+    multi_label: bool = False  # targets are a 0/1 vector per image (task=multilabel), else a class index
 
 
 def is_readable_image(path: str) -> bool:
@@ -70,7 +71,11 @@ def _drop_unreadable(dataset: Labelled, split: str, workers: int) -> list[str]:
         dataset.imgs = dataset.samples
         dataset.targets = [target for _, target in dataset.samples]
         logger.warning("%s: skipping %d unreadable image(s), e.g. %s", split, len(skipped), skipped[0])
-    empty = sorted(set(dataset.classes) - {dataset.classes[t] for t in dataset.targets})
+    if dataset.targets and isinstance(dataset.targets[0], np.ndarray):  # multi-label: every class present somewhere
+        counts = np.sum(dataset.targets, axis=0)
+        empty = [name for name, count in zip(dataset.classes, counts) if count == 0] if split == "training" else []
+    else:
+        empty = sorted(set(dataset.classes) - {dataset.classes[t] for t in dataset.targets})
     if empty:
         raise DataError(f"{split} classes with no readable image: {empty}")
     return skipped
@@ -106,41 +111,67 @@ def _download_dir(paths: Paths) -> Path | None:
     return folder if os.access(folder, os.W_OK) else None
 
 
-def _read_channels(paths: Paths, hp: Hyperparameters) -> tuple[dict[str, Path], dict[str, list[tuple[str, str]]]]:
-    """Each split's ImageFolder, or its (path, label) rows from a manifest (a ``split`` column may
+Rows = list[tuple[str, tuple[str, ...]]]  # (path, labels) of the images a manifest lists
+
+
+def _read_channels(paths: Paths, hp: Hyperparameters) -> tuple[dict[str, Path], dict[str, Rows]]:
+    """Each split's ImageFolder, or its (path, labels) rows from a manifest (a ``split`` column may
     fill several splits from one channel's manifest)."""
     folders: dict[str, Path] = {}
-    listed: dict[str, list[tuple[str, str]]] = {}
+    listed: dict[str, Rows] = {}
+    multi_label = hp.task == "multilabel"
     channels = {"training": paths.train_dir, "validation": paths.validation_dir, "test": paths.test_dir}
     for split, channel in channels.items():
         if channel is None:
             continue
         found = find_manifest(channel, hp.data_format)
         if found is None:
+            if multi_label:
+                raise DataError(f"task=multilabel reads each image's labels from a manifest, and {channel} holds "
+                                "none (an ImageFolder gives an image one label: its folder)")
             folders[split] = channel
             continue
         manifest, data_format = found
         logger.info("%s: reading %s (%s)", split, manifest, data_format)
-        entries = read_manifest(manifest, data_format, label_attribute=hp.label_attribute)
-        for path, label, row_split in resolve(channel, entries, download_dir=_download_dir(paths)):
-            listed.setdefault(row_split or split, []).append((path, label))
+        entries = read_manifest(manifest, data_format, label_attribute=hp.label_attribute, multi_label=multi_label)
+        for path, labels, row_split in resolve(channel, entries, download_dir=_download_dir(paths)):
+            listed.setdefault(row_split or split, []).append((path, labels))
     for split in listed.keys() & folders.keys():
         raise DataError(f"{split} images come both from a manifest's split column and from the {split} "
                         f"channel ({folders[split]}): use one")
     return folders, listed
 
 
-def _dataset(split: str, folders: Mapping[str, Path], listed: Mapping[str, list[tuple[str, str]]],
+def _dataset(split: str, folders: Mapping[str, Path], listed: Mapping[str, Rows],
              transform: object, loader: Callable[[str], Image.Image]) -> Labelled | None:
     if split in folders:
         return _image_folder(folders[split], split, transform, loader)
     rows = listed.get(split)
     if not rows:
         return None
-    classes = sorted({label for _, label in rows})
+    classes = sorted({label for _, labels in rows for label in labels})
     index = {name: position for position, name in enumerate(classes)}
-    return LabelledImages([(path, index[label]) for path, label in rows], classes, transform,  # type: ignore[arg-type]
+    return LabelledImages([(path, index[label]) for path, (label,) in rows], classes, transform,  # type: ignore[arg-type]
                           loader)
+
+
+def _multi_label_dataset(split: str, rows: Rows | None, classes: Sequence[str] | None, transform: object,
+                         loader: Callable[[str], Image.Image]) -> LabelledImages | None:
+    """Images with a 0/1 target per class (the training split's classes, sorted)."""
+    if not rows:
+        return None
+    if classes is None:
+        classes = sorted({label for _, labels in rows for label in labels})
+    unknown = sorted({label for _, labels in rows for label in labels} - set(classes))
+    if unknown:
+        raise DataError(f"{split} labels that no training image has: {unknown}")
+    index = {name: position for position, name in enumerate(classes)}
+    samples = []
+    for path, labels in rows:
+        target = np.zeros(len(classes), dtype=np.float32)
+        target[[index[label] for label in labels]] = 1.0
+        samples.append((path, target))
+    return LabelledImages(samples, classes, transform, loader)  # type: ignore[arg-type]
 
 
 def load_splits(paths: Paths, hp: Hyperparameters, preprocessing: Preprocessing) -> Splits:
@@ -158,6 +189,8 @@ def load_splits(paths: Paths, hp: Hyperparameters, preprocessing: Preprocessing)
     # reported is the one served. Training's random crops see the full resolution.
     eval_loader = functools.partial(images.load, min_side=preprocessing.resize_size)
     folders, listed = _read_channels(paths, hp)
+    if hp.task == "multilabel":
+        return _multi_label_splits(paths, hp, listed, train_transform, eval_transform, eval_loader)
     train = _dataset("training", folders, listed, train_transform, images.load)
     if train is None:
         raise DataError(f"the manifest in {paths.train_dir} lists no training images (its split column names "
@@ -173,6 +206,25 @@ def load_splits(paths: Paths, hp: Hyperparameters, preprocessing: Preprocessing)
             skipped += _drop_unreadable(dataset, split, hp.workers)
             evaluated[split] = dataset
     return Splits(tuple(train.classes), train, evaluated.get("validation"), evaluated.get("test"), tuple(skipped))
+
+
+def _multi_label_splits(paths: Paths, hp: Hyperparameters, listed: Mapping[str, Rows], train_transform: object,
+                        eval_transform: object, eval_loader: Callable[[str], Image.Image]) -> Splits:
+    train = _multi_label_dataset("training", listed.get("training"), None, train_transform, images.load)
+    if train is None:
+        raise DataError(f"the manifest in {paths.train_dir} lists no training images (its split column names "
+                        f"only: {', '.join(sorted(listed))})")
+    if not train.classes:
+        raise DataError(f"the training images in {paths.train_dir} have no labels at all")
+    skipped = _drop_unreadable(train, "training", hp.workers)
+    evaluated = {}
+    for split in ("validation", "test"):
+        dataset = _multi_label_dataset(split, listed.get(split), train.classes, eval_transform, eval_loader)
+        if dataset is not None:
+            skipped += _drop_unreadable(dataset, split, hp.workers)
+            evaluated[split] = dataset
+    return Splits(tuple(train.classes), train, evaluated.get("validation"), evaluated.get("test"), tuple(skipped),
+                  multi_label=True)
 
 
 class SeededDataset(Dataset):

@@ -203,25 +203,30 @@ def from_main_process(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
-def all_gather_pairs(pairs: list[tuple[int, int]], device: torch.device) -> list[tuple[int, int]]:
-    """Every process's ``pairs`` of ints, in rank order, on every process (``pairs`` itself when
-    not distributed). Counts differ between processes: each shard is padded to the longest."""
+def all_gather_rows(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every process's ``rows`` (a 2-D tensor), in rank order, on every process, on the CPU
+    (``rows`` itself when not distributed). Counts differ between processes: each shard is padded
+    to the longest."""
     if not (dist.is_available() and dist.is_initialized()):
-        return pairs
+        return rows.cpu()
     world_size = dist.get_world_size()
-    count = torch.tensor([len(pairs)], dtype=torch.int64, device=device)
+    count = torch.tensor([len(rows)], dtype=torch.int64, device=device)
     counts = [torch.empty_like(count) for _ in range(world_size)]
     dist.all_gather(counts, count)
     sizes = [int(c.item()) for c in counts]
     if max(sizes) == 0:
-        return []
-    shard = torch.zeros((max(sizes), 2), dtype=torch.int64, device=device)
-    if pairs:
-        shard[: len(pairs)] = torch.tensor(pairs, dtype=torch.int64)
+        return rows.cpu()
+    shard = torch.zeros((max(sizes), rows.shape[1]), dtype=rows.dtype, device=device)
+    shard[: len(rows)] = rows.to(device)
     shards = [torch.empty_like(shard) for _ in range(world_size)]
     dist.all_gather(shards, shard)
-    return [(target, predicted) for gathered, size in zip(shards, sizes)
-            for target, predicted in gathered[:size].tolist()]
+    return torch.cat([gathered[:size] for gathered, size in zip(shards, sizes)]).cpu()
+
+
+def all_gather_pairs(pairs: list[tuple[int, int]], device: torch.device) -> list[tuple[int, int]]:
+    """Every process's ``pairs`` of ints, in rank order, on every process."""
+    rows = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+    return [(target, predicted) for target, predicted in all_gather_rows(rows, device).tolist()]
 
 
 def any_process(flag: bool, device: torch.device) -> bool:

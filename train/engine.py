@@ -10,10 +10,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from train.distributed import all_reduce_sum
+from train import multilabel
+from train.distributed import all_gather_rows, all_reduce_sum
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,14 @@ class Execution:
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+def right_answers(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Images whose top class is their label; for multi-label (0/1 targets, one row an image), the
+    share of each image's label decisions at probability 0.5 that are right, summed over images."""
+    if targets.ndim == 2:
+        return ((logits > 0) == (targets > 0.5)).float().mean(dim=1).sum().item()
+    return (logits.argmax(dim=1) == targets).sum().item()
 
 
 def memory_in_use(device: torch.device) -> str:
@@ -84,7 +94,7 @@ def train_one_epoch(
         scheduler.step()
 
         total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(dim=1) == targets).sum().item()
+        correct += right_answers(logits, targets)
         seen += len(targets)
         now = time.perf_counter()
         if interactive or now - last_log >= log_every_s:
@@ -144,3 +154,40 @@ def evaluate(
         "accuracy": correct / max(seen, 1),
         "top5_accuracy": correct_top5 / max(seen, 1),
     }
+
+
+@torch.inference_mode()
+def evaluate_multi_label(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    criterion: nn.Module,
+    device: torch.device,
+    num_classes: int,
+    *,
+    execution: Execution | None = None,
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Loss, label accuracy at probability 0.5 and mean average precision over every process's
+    images; and those images' probabilities and 0/1 targets (every process gets them all)."""
+    execution = execution or Execution()
+    model.eval()
+    total_loss, correct, seen = 0.0, 0.0, 0
+    outputs: list[torch.Tensor] = []
+    for images, targets in loader:
+        images = execution.prepare(images.to(device, non_blocking=True))
+        targets = targets.to(device, non_blocking=True)
+        with execution.autocast(device):
+            logits = model(images)
+        total_loss += criterion(logits.float(), targets).item() * len(targets)
+        correct += right_answers(logits, targets)
+        seen += len(targets)
+        outputs.append(torch.cat([torch.sigmoid(logits.float()), targets.float()], dim=1))
+    total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], device)
+    local = torch.cat(outputs) if outputs else torch.zeros((0, 2 * num_classes), device=device)
+    gathered = all_gather_rows(local, device).double().numpy()
+    scores, targets_all = gathered[:, :num_classes], gathered[:, num_classes:]
+    metrics = {
+        "loss": total_loss / max(seen, 1),
+        "accuracy": correct / max(seen, 1),
+        "mAP": multilabel.mean_average_precision(scores, targets_all),
+    }
+    return metrics, scores, targets_all

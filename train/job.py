@@ -30,12 +30,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from classifier import artifact
-from classifier.artifact import Manifest, Preprocessing
-from train import checkpoint
+from classifier.artifact import MULTICLASS, MULTILABEL, Manifest, Preprocessing
+from train import checkpoint, multilabel
 from train.checkpoint import Progress, Trainee
 from train.data import ShardSampler, Splits, eval_loader, load_splits, train_loader
 from train.distributed import Topology, all_gather_pairs, any_process, init_process_group, is_main_process
-from train.engine import Execution, evaluate, train_one_epoch
+from train.engine import Execution, evaluate, evaluate_multi_label, train_one_epoch
 from train.errors import SettingsError
 from train.model import build_model, make_optimizer, make_scheduler, preprocessing_for
 from train.report import write_reports
@@ -174,7 +174,11 @@ def train(settings: Settings, rank: int, world_size: int, device: torch.device, 
     optimizer = make_optimizer(hp, model)
     scheduler = make_scheduler(hp, optimizer, steps_per_epoch)
     trained = DistributedDataParallel(model, device_ids=[device.index] if pin else None) if world_size > 1 else model
-    criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    if splits.multi_label:
+        criterion: nn.Module = nn.BCEWithLogitsLoss()
+        score_name = "mAP"  # what chooses the best epoch
+    else:
+        criterion, score_name = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing), "accuracy"
     trainee = Trainee(model, optimizer, scheduler, execution.scaler, hp.architecture, splits.class_names)
 
     # Rank 0 holds the checkpoints; outside SageMaker it also mirrors them at an S3 prefix.
@@ -216,7 +220,10 @@ def train(settings: Settings, rank: int, world_size: int, device: torch.device, 
             logger.info("stopped by SIGTERM in epoch %d; run again to resume", epoch)
             return stop_with_checkpoints_saved(mirror)
         record: dict[str, Any] = {"epoch": epoch, "train": train_metrics}
-        if validation_loader is not None:
+        if validation_loader is not None and splits.multi_label:
+            record["validation"], _, _ = evaluate_multi_label(model, validation_loader, criterion, device,
+                                                              len(splits.class_names), execution=execution)
+        elif validation_loader is not None:
             record["validation"] = evaluate(model, validation_loader, nn.CrossEntropyLoss(), device,
                                             execution=execution)
         for split in ("train", "validation"):
@@ -225,9 +232,9 @@ def train(settings: Settings, rank: int, world_size: int, device: torch.device, 
         progress.history.append(record)
         observers.epoch(record, scheduler.get_last_lr()[0])
 
-        accuracy = record.get("validation", record["train"])["accuracy"]
-        if validation_loader is None or accuracy > progress.best_accuracy:
-            progress.best_accuracy, progress.best_epoch, progress.stale_epochs = accuracy, epoch, 0
+        score = record.get("validation", record["train"]).get(score_name, -1.0)
+        if validation_loader is None or score > progress.best_score:
+            progress.best_score, progress.best_epoch, progress.stale_epochs = score, epoch, 0
             progress.best_weights = copy.deepcopy(model.state_dict())
         else:
             progress.stale_epochs += 1
@@ -282,8 +289,10 @@ def write_artifact(settings: Settings, model: nn.Module, splits: Splits, progres
     best = next((record for record in progress.history if record["epoch"] == progress.best_epoch), {})
     if "validation" in best:
         metrics["validation"] = best["validation"]
+    if splits.multi_label:
+        thresholds = _tune_multi_label(settings, model, splits, metrics, device, execution, rank, world_size)
     pairs: list[tuple[int, int]] = []
-    if splits.test is not None:
+    if splits.test is not None and not splits.multi_label:
         test_loader = eval_loader(splits.test, hp, rank=rank, world_size=world_size, pin_memory=device.type == "cuda")
         metrics["test"] = evaluate(model, test_loader, nn.CrossEntropyLoss(), device,
                                    execution=execution, predictions=pairs)
@@ -298,6 +307,8 @@ def write_artifact(settings: Settings, model: nn.Module, splits: Splits, progres
         preprocessing=preprocessing,
         training=settings.to_dict(),
         metrics=metrics,
+        task=MULTILABEL if splits.multi_label else MULTICLASS,
+        thresholds=tuple(float(t) for t in thresholds) if splits.multi_label else (),
     )
     artifact.save(paths.model_dir, model, manifest)
     paths.output_data_dir.mkdir(parents=True, exist_ok=True)
@@ -314,3 +325,31 @@ def write_artifact(settings: Settings, model: nn.Module, splits: Splits, progres
         json.dumps({**metrics, "history": progress.history}, indent=2) + "\n"
     )
     logger.info("artifact written to %s (best epoch %d)", paths.model_dir, progress.best_epoch)
+
+
+def _tune_multi_label(settings: Settings, model: nn.Module, splits: Splits, metrics: dict[str, Any],
+                      device: torch.device, execution: Execution, rank: int, world_size: int) -> np.ndarray:
+    """Per-class thresholds with the best F1 on validation (0.5 without one); test metrics and a
+    per-class table (of the test split, else validation) into ``metrics``."""
+    hp, pin = settings.hyperparameters, device.type == "cuda"
+    thresholds = np.full(len(splits.class_names), multilabel.DEFAULT_THRESHOLD)
+    judged = None
+    criterion = nn.BCEWithLogitsLoss()
+    if splits.validation is not None:
+        loader = eval_loader(splits.validation, hp, rank=rank, world_size=world_size, pin_memory=pin)
+        _, scores, targets = evaluate_multi_label(model, loader, criterion, device, len(splits.class_names),
+                                                  execution=execution)
+        thresholds = multilabel.best_thresholds(scores, targets)
+        judged = ("validation", scores, targets)
+    if splits.test is not None:
+        loader = eval_loader(splits.test, hp, rank=rank, world_size=world_size, pin_memory=pin)
+        metrics["test"], scores, targets = evaluate_multi_label(model, loader, criterion, device,
+                                                                len(splits.class_names), execution=execution)
+        for name, value in metrics["test"].items():
+            emit_metric(f"test_{name}", value)
+        judged = ("test", scores, targets)
+    if judged is not None:
+        split, scores, targets = judged
+        metrics["per_class"] = {"split": split,
+                                "classes": multilabel.per_class(scores, targets, thresholds, splits.class_names)}
+    return thresholds

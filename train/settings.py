@@ -44,6 +44,7 @@ ALIASES = {"lr": "learning_rate", "arch": "architecture", "model_name": "archite
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "step", "constant")
 AUGMENTATIONS = ("none", "basic", "trivialaugment", "randaugment", "autoaugment")
+TASKS = ("multiclass", "multilabel")
 DATA_FORMATS = ("auto", "folder", "csv", "jsonl", "augmented-manifest", "manifest-file")  # see train.sources
 
 
@@ -79,6 +80,7 @@ class Hyperparameters:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data_format: str = "auto"  # how channels are read: auto (a manifest if there is one) or one of DATA_FORMATS
     label_attribute: str = ""  # a Ground Truth manifest's label attribute; "": the one with a class-name
+    task: str = "multiclass"  # multiclass: one label an image; multilabel: any number (from a manifest)
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -102,6 +104,7 @@ class Hyperparameters:
             ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"must be one of {', '.join(LR_SCHEDULES)}"),
             ("augmentation", self.augmentation in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
             ("data_format", self.data_format in DATA_FORMATS, f"must be one of {', '.join(DATA_FORMATS)}"),
+            ("task", self.task in TASKS, f"must be one of {', '.join(TASKS)}"),
         ]
         for name, ok, rule in checks:
             if not ok:

@@ -15,6 +15,10 @@ ImageFolder (``<class>/<image>``). ``data_format`` overrides the choice. Manifes
   ``<class>/<image>`` or ``<split>/<class>/<image>`` below the prefix: the class is the folder
   the image is in, as in an ImageFolder.
 
+With ``task=multilabel`` a record holds any number of labels: a JSON list (``"labels": ["cat",
+"dog"]``, or ``[]`` for none), a string or CSV cell with them separated by ``|`` or ``;``, or a
+Ground Truth multi-label job's class ids and their ``-metadata.class-map``.
+
 An image is named by a path relative to the channel, or by an ``s3://`` URI: that is the file at
 the object's key (or the end of it) under the channel when the images were copied there along
 with the manifest (``aws s3 sync``), else the object is downloaded before training starts. A ``split`` column
@@ -46,7 +50,8 @@ from train.errors import DataError
 
 logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("path", "image", "file", "filename", "key", "source-ref")
-LABEL_KEYS = ("label", "class", "class_name")
+LABEL_KEYS = ("label", "labels", "class", "class_name")
+SEVERAL_LABELS = re.compile(r"\s*[|;]\s*")  # between the labels of one CSV cell or string, task=multilabel
 SPLIT_NAMES = {"train": "training", "training": "training", "validation": "validation", "valid": "validation",
                "val": "validation", "test": "test"}
 DOWNLOAD_THREADS = 16
@@ -57,7 +62,7 @@ class Entry:
     """One labelled image as a manifest names it."""
 
     image: str  # a path relative to the channel, or an s3:// URI
-    label: str
+    labels: tuple[str, ...]  # one, or (task=multilabel) any number, none included
     split: str | None  # training, validation or test; None: the channel's own split
     line: int  # where the manifest names it: its line, or its item in a ManifestFile
 
@@ -155,11 +160,13 @@ def _first_key(record: Mapping[str, Any], keys: Sequence[str]) -> str | None:
 
 def _label_attribute(record: Mapping[str, Any], chosen: str) -> str | None:
     """A Ground Truth record's label attribute: the chosen one, else the one whose -metadata holds
-    a class-name, else a plain label key (``class``, as SageMaker's built-in algorithms read it)."""
+    a class-name (or a multi-label job's class-map), else a plain label key (``class``, as
+    SageMaker's built-in algorithms read it)."""
     if chosen:
         return chosen
     candidates = sorted(key.removesuffix("-metadata") for key, value in record.items()
-                        if key.endswith("-metadata") and isinstance(value, dict) and "class-name" in value)
+                        if key.endswith("-metadata") and isinstance(value, dict)
+                        and ("class-name" in value or "class-map" in value))
     if len(candidates) > 1:
         raise DataError(f"found {len(candidates)} label attributes with a class-name ({', '.join(candidates)}); "
                         "name one with the label_attribute hyperparameter")
@@ -181,6 +188,43 @@ def _label(value: Any, where: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise DataError(f"{where}: a label is a name or a number, not {json.dumps(value)[:80]}")
     return str(value).strip()
+
+
+def _labels(value: Any, where: str, *, multi_label: bool) -> tuple[str, ...] | None:
+    """One label; or, for task=multilabel, a list of them or a string of them separated by ``|`` or
+    ``;`` (an empty one: an image with none of the labels). None: no label given."""
+    if not multi_label:
+        label = _label(value, where)
+        return None if label is None else (label,)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part for part in SEVERAL_LABELS.split(value.strip()) if part]
+    if not isinstance(value, list):
+        value = [value]
+    labels = [_label(item, where) for item in value]
+    if None in labels:
+        raise DataError(f"{where}: an empty label in {json.dumps(value)[:80]}")
+    return tuple(sorted(set(labels)))  # type: ignore[arg-type]
+
+
+def _ground_truth_labels(record: Mapping[str, Any], attribute: str | None, where: str, *,
+                         multi_label: bool) -> tuple[str, ...] | None:
+    """The class names of a Ground Truth record: ``class-name`` (image classification), or the
+    ``class-map`` entries of the attribute's class ids (multi-label image classification). None
+    for a record its workers could not label."""
+    metadata = record.get(f"{attribute}-metadata")
+    if not isinstance(metadata, dict):
+        return _labels(record.get(attribute) if attribute else None, where, multi_label=multi_label)
+    if "class-map" in metadata:
+        if not multi_label:
+            raise DataError(f"{where}: a multi-label record (its metadata has a class-map): train it with "
+                            "task=multilabel")
+        ids, names = record.get(attribute), metadata["class-map"]
+        if not isinstance(ids, list) or not isinstance(names, dict) or any(str(i) not in names for i in ids):
+            raise DataError(f"{where}: {attribute} must list class ids that its metadata's class-map names")
+        return _labels([names[str(i)] for i in ids], where, multi_label=True)
+    return _labels(metadata["class-name"], where, multi_label=multi_label) if "class-name" in metadata else None
 
 
 def _records(manifest: Path, data_format: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
@@ -226,13 +270,14 @@ def _manifest_file(manifest: Path) -> list[Entry]:
             raise DataError(f"{where}: {key!r} is in no class folder: keys are <class>/<image> or "
                             "<split>/<class>/<image> below the prefix")
         split = SPLIT_NAMES.get(parts[0].lower()) if len(parts) > 2 else None
-        entries.append(Entry(prefix + key, parts[-2], split, item))
+        entries.append(Entry(prefix + key, (parts[-2],), split, item))
     if not entries:
         raise DataError(f"{manifest} lists no images")
     return entries
 
 
-def read_manifest(manifest: Path, data_format: str, *, label_attribute: str = "") -> list[Entry]:
+def read_manifest(manifest: Path, data_format: str, *, label_attribute: str = "",
+                  multi_label: bool = False) -> list[Entry]:
     """The manifest's labelled images. A Ground Truth record without a class name (an object its
     workers could not label, whose metadata says why) is left out with a warning."""
     if data_format == "manifest-file":
@@ -252,19 +297,16 @@ def read_manifest(manifest: Path, data_format: str, *, label_attribute: str = ""
                 attribute = attribute or _label_attribute(record, label_attribute)
             except DataError as error:
                 raise DataError(f"{where}: {error}") from None
-            metadata = record.get(f"{attribute}-metadata")
-            value = metadata.get("class-name") if isinstance(metadata, dict) and "class-name" in metadata else (
-                record.get(attribute) if attribute and not isinstance(metadata, dict) else None)
-            label = _label(value, where)
-            if label is None:
+            labels = _ground_truth_labels(record, attribute, where, multi_label=multi_label)
+            if labels is None:
                 unlabelled.append(line)
                 continue
         else:
             label_key = _first_key(record, LABEL_KEYS)
-            label = _label(record.get(label_key) if label_key else None, where)
-            if label is None:
+            labels = _labels(record.get(label_key) if label_key else None, where, multi_label=multi_label)
+            if labels is None:
                 raise DataError(f"{where}: no label ({' or '.join(LABEL_KEYS)})")
-        entries.append(Entry(image.strip(), label, _split(record.get("split"), where), line))
+        entries.append(Entry(image.strip(), labels, _split(record.get("split"), where), line))
     if unlabelled:
         logger.warning("%s: left out %d record(s) with no class name (not labelled), e.g. line %d",
                        manifest.name, len(unlabelled), unlabelled[0])
@@ -325,8 +367,8 @@ def _download(uris: Sequence[str], folder: Path, s3: Any) -> dict[str, Path]:
 
 
 def resolve(channel: Path, entries: Sequence[Entry], *,
-            download_dir: Path | None = None) -> list[tuple[str, str, str | None]]:
-    """(path on disk, label, split) for each entry, downloading the S3 images not in the channel."""
+            download_dir: Path | None = None) -> list[tuple[str, tuple[str, ...], str | None]]:
+    """(path on disk, labels, split) for each entry, downloading the S3 images not in the channel."""
     local = [_local_path(channel, entry.image) for entry in entries]
     remote = [entry.image for entry, path in zip(entries, local) if path is None]
     downloaded: dict[str, Path] = {}
@@ -336,5 +378,5 @@ def resolve(channel: Path, entries: Sequence[Entry], *,
         folder = download_dir or Path(tempfile.mkdtemp(prefix="images-", dir=os.environ.get("TMPDIR")))
         logger.info("downloading %d image(s) named by the manifest from S3 into %s", len(set(remote)), folder)
         downloaded = _download(remote, folder, boto3.client("s3"))
-    return [(str(path if path is not None else downloaded[entry.image]), entry.label, entry.split)
+    return [(str(path if path is not None else downloaded[entry.image]), entry.labels, entry.split)
             for entry, path in zip(entries, local)]

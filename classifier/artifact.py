@@ -32,6 +32,10 @@ from classifier.onnx_model import OnnxModel, OnnxModelError
 from classifier.presets import EvalPreset
 
 FORMAT_VERSION = 1
+# A multi-label artifact is version 2: a reader that knows only version 1 refuses it, rather than
+# serving it as single-label. This build reads both.
+MULTILABEL_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, MULTILABEL_FORMAT_VERSION)
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 TORCHSCRIPT = "torchscript"  # the architecture of an artifact that carries its network as TorchScript
@@ -98,10 +102,9 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ArtifactError(
-                f"unsupported artifact format_version {version!r} (this build reads {FORMAT_VERSION})"
-            )
+        if version not in READABLE_FORMAT_VERSIONS:
+            raise ArtifactError(f"unsupported artifact format_version {version!r} (this build reads "
+                                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
         try:
             prep = data["preprocessing"]
             preprocessing = Preprocessing(
@@ -131,6 +134,8 @@ class Manifest:
             raise ArtifactError("manifest lists no class names")
         if manifest.task not in (MULTICLASS, MULTILABEL):
             raise ArtifactError(f"manifest has task {manifest.task!r}; it must be {MULTICLASS} or {MULTILABEL}")
+        if manifest.task == MULTILABEL and version != MULTILABEL_FORMAT_VERSION:
+            raise ArtifactError(f"a {MULTILABEL} manifest has format_version {MULTILABEL_FORMAT_VERSION}, not {version}")
         if manifest.task == MULTILABEL and (len(manifest.thresholds) != len(class_names)
                                             or not all(0 <= t <= 1 for t in manifest.thresholds)):
             raise ArtifactError(f"a {MULTILABEL} manifest needs one threshold from 0 to 1 per class "
@@ -225,6 +230,7 @@ def save_onnx(directory: str | os.PathLike[str], source: str | os.PathLike[str],
 
 def _save(directory: str | os.PathLike[str], network_file: str, write_network: Any, manifest: Manifest) -> Path:
     """The network's file, then the manifest last: a directory with a manifest is complete."""
+    Manifest.from_dict(manifest.to_dict())  # what a reader would refuse is never written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _write_atomically(directory / network_file, write_network)

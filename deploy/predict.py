@@ -384,6 +384,8 @@ def print_table(console: Console, outcomes: Sequence[Outcome]) -> None:
             # Text, not str: a name like "x[bold].jpg" is not rich markup.
             table.add_row(Text(str(outcome.path)), Text(top.label), f"{top.probability:.4f}",
                           Text(", ".join(f"{p.label} ({p.probability:.4f})" for p in others)))
+        elif outcome.error is None:  # a multi-label model that answers none of its labels
+            table.add_row(Text(str(outcome.path)), "—", "", "")
     console.print(table)
 
 

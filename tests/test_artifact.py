@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tarfile
 from pathlib import Path
@@ -65,6 +66,11 @@ def test_missing_manifest_is_reported(tmp_path: Path) -> None:
         (lambda m: m["preprocessing"].update(crop_size=100_000), "crop_size 100000; it must be 1 to 4096 pixels"),
         (lambda m: m["preprocessing"].update(resize_size=0), "resize_size 0; it must be 1 to 4096 pixels"),
         (lambda m: m.update(training={"padding": "x" * artifact.MAX_MANIFEST_BYTES}), "a manifest is at most"),
+        (lambda m: m.update(task="regression"), "task 'regression'; it must be multiclass or multilabel"),
+        (lambda m: m.update(task="multilabel", thresholds=[0.5, 0.5, 0.5]), "multilabel manifest has format_version 2"),
+        (lambda m: m.update(task="multilabel", thresholds=[0.5], format_version=2), "one threshold from 0 to 1 per class"),
+        (lambda m: m.update(task="multilabel", thresholds=[0.5, float("nan"), 0.5], format_version=2),
+         "one threshold from 0 to 1 per class"),
     ],
 )
 def test_malformed_manifests_are_reported(tiny_artifact: Path, edit, message: str) -> None:
@@ -80,3 +86,26 @@ def test_artifact_files_are_readable_by_every_user(tiny_artifact: Path) -> None:
     # The image's unprivileged server reads what training, run as root, wrote.
     for name in (artifact.MANIFEST_FILE, artifact.WEIGHTS_FILE):
         assert (tiny_artifact / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_manifest_from_before_multi_label_is_single_label(tiny_artifact: Path) -> None:
+    path = tiny_artifact / artifact.MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    for key in ("task", "thresholds"):
+        del manifest[key]
+    path.write_text(json.dumps(manifest))
+    loaded = artifact.load_manifest(tiny_artifact)
+    assert (loaded.task, loaded.thresholds, loaded.format_version) == (artifact.MULTICLASS, (), 1)
+
+
+def test_a_multi_label_artifact_is_version_2_and_a_bad_one_is_never_written(tmp_path: Path, tiny_artifact: Path) -> None:
+    model, manifest = artifact.load(tiny_artifact)
+    tagged = dataclasses.replace(manifest, task=artifact.MULTILABEL, thresholds=(0.4,) * manifest.num_classes,
+                                 format_version=artifact.MULTILABEL_FORMAT_VERSION)
+    artifact.save(tmp_path / "ok", model, tagged)
+    assert json.loads((tmp_path / "ok" / artifact.MANIFEST_FILE).read_text())["format_version"] == 2
+    assert artifact.load_manifest(tmp_path / "ok").thresholds == (0.4,) * manifest.num_classes
+    diverged = dataclasses.replace(tagged, thresholds=(float("nan"),) * manifest.num_classes)
+    with pytest.raises(ArtifactError, match="one threshold from 0 to 1 per class"):
+        artifact.save(tmp_path / "bad", model, diverged)
+    assert not (tmp_path / "bad").exists()

@@ -21,7 +21,14 @@ from classifier import artifact
 from train import checkpoint
 from train.__main__ import main
 from train.data import SeededDataset, ShardSampler
-from train.distributed import Topology, all_gather_pairs, init_process_group, interface_address, store_address
+from train.distributed import (
+    Topology,
+    all_gather_pairs,
+    all_gather_rows,
+    init_process_group,
+    interface_address,
+    store_address,
+)
 from train.engine import train_one_epoch
 from train.errors import PeerError
 
@@ -184,13 +191,16 @@ def _gather_worker(local_rank: int, port: int, out: str) -> None:
     uneven = [(rank, 10 + i) for i in range(3)] if rank == 0 else []
     reversed_ = [] if rank == 0 else [(7, 8), (9, 2**40)]
     gathered = [all_gather_pairs(uneven, cpu), all_gather_pairs(reversed_, cpu), all_gather_pairs([], cpu)]
+    # Multi-label evaluation gathers float64 rows (probabilities and targets); rank 0's shard is empty.
+    rows = torch.tensor([[0.25, 1.0], [1 / 3, 0.0]], dtype=torch.float64) if rank == 1 else torch.zeros((0, 2))
+    gathered.append(all_gather_rows(rows.double(), cpu).tolist())
     Path(out, f"rank{rank}.json").write_text(json.dumps(gathered))
     dist.destroy_process_group()
 
 
 def test_pairs_are_gathered_as_tensors_in_rank_order(tmp_path: Path) -> None:
     mp.start_processes(_gather_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
-    expected = [[[0, 10], [0, 11], [0, 12]], [[7, 8], [9, 2**40]], []]
+    expected = [[[0, 10], [0, 11], [0, 12]], [[7, 8], [9, 2**40]], [], [[0.25, 1.0], [1 / 3, 0.0]]]
     for rank in range(WORLD):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected, rank
 

@@ -27,8 +27,8 @@ from train.sources import read_manifest
 from imagedata import CLASSES, encode
 
 TAGS = ("circle", "square")
-LEARN = ["--task", "multilabel", "--epochs", "5", "--image-size", "64", "--batch-size", "16",
-         "--learning-rate", "0.01", "--workers", "0"]
+LEARN = ["--task", "multilabel", "--epochs", "5", "--image-size", "64", "--batch-size", "16", "--learning-rate", "0.01"]
+IN_PROCESS = [*LEARN, "--workers", "0"]  # no loader processes: quicker for a run this small
 
 
 def test_average_precision_is_the_area_under_each_class_precision_recall_steps() -> None:
@@ -120,7 +120,7 @@ def tagged_images(channel: Path, counts: dict[str, int], seed: int) -> None:
 def test_a_multi_label_run_learns_both_tags_and_the_server_answers_both(tmp_path: Path) -> None:
     channel, base = tmp_path / "channel", tmp_path / "ml"
     tagged_images(channel, {"train": 160, "validation": 48, "test": 48}, seed=5)
-    assert main(["--train", str(channel), "--base-dir", str(base), *LEARN], {}) == 0
+    assert main(["--train", str(channel), "--base-dir", str(base), *IN_PROCESS], {}) == 0
 
     metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
     assert metrics["test"]["mAP"] >= 0.9, metrics["test"]  # chance is about 0.5 (each tag on half the images)
@@ -158,5 +158,34 @@ def test_multi_label_needs_a_manifest(tmp_path: Path) -> None:
     for tag in TAGS:
         write(folder / tag / "1.png", "")
     base = tmp_path / "ml"
-    assert main(["--train", str(folder), "--base-dir", str(base), *LEARN], {}) == 1
+    assert main(["--train", str(folder), "--base-dir", str(base), *IN_PROCESS], {}) == 1
     assert "task=multilabel reads each image's labels from a manifest" in (base / "output" / "failure").read_text()
+
+
+def test_ties_choose_the_highest_threshold_and_all_positive_answers_everything() -> None:
+    # Class 0: F1 2/3 answering from 0.9 (one hit) and 2/3 from 0.1 (two hits, two false): the
+    # higher threshold. Class 1: every image is positive, so answering all is best (F1 1).
+    scores = np.array([[0.9, 0.3], [0.5, 0.2], [0.4, 0.1], [0.1, 0.3]])
+    targets = np.array([[1, 1], [0, 1], [0, 1], [1, 1]], dtype=float)
+    thresholds = multilabel.best_thresholds(scores, targets)
+    assert thresholds[0] == pytest.approx((0.9 + 0.5) / 2)
+    assert thresholds[1] == pytest.approx(0.1 / 2)  # halfway from the lowest score down to 0
+
+
+@pytest.mark.container
+def test_the_image_trains_a_multi_label_model_and_serves_both_labels(tmp_path: Path) -> None:
+    """``docker run IMAGE train --task multilabel`` on a manifest, then ``serve`` of its artifact."""
+    from containers import classify, docker, image_for, serving
+
+    channel, base = tmp_path / "channel", tmp_path / "ml"
+    tagged_images(channel, {"train": 160, "validation": 48, "test": 48}, seed=5)
+    base.mkdir()
+    run = docker("run", "--rm", "-v", f"{channel}:/data:ro", "-v", f"{base}:/opt/ml", image_for("cpu"),
+                 "train", "--train", "/data", *LEARN, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((base / "output" / "data" / "metrics.json").read_text())["test"]["mAP"] >= 0.9
+    rng = random.Random(7)
+    with serving(image_for("cpu"), "-v", f"{base / 'model'}:/opt/ml/model:ro") as served:
+        answers = [sorted(p["label"] for p in classify(served.url, encode(render(set(TAGS), rng), "PNG")))
+                   for _ in range(4)]
+    assert sum(answer == ["circle", "square"] for answer in answers) >= 3, answers

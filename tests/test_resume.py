@@ -4,6 +4,7 @@ at SIGTERM fails the run with its reason and no partial file."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import safetensors.torch
 import torch
 
 from train import checkpoint
+from train.errors import SettingsError
 
 from imagedata import write_image_folder
 
@@ -182,3 +184,32 @@ def test_a_checkpoint_travels_between_ranks_as_safe_bytes() -> None:
     torch.testing.assert_close(copy["model"]["w"], torch.ones(2))
     with pytest.raises(Exception):  # noqa: B017 - whatever torch calls it, a payload is not loaded
         checkpoint.from_bytes(checkpoint.to_bytes({"payload": Payload(Path("/nonexistent/marker"))}))
+
+
+def _trainee(task: str = "multiclass") -> checkpoint.Trainee:
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return checkpoint.Trainee(model, optimizer, scheduler, None, "resnet18", ("a", "b", "c"), task)
+
+
+def test_a_checkpoint_keeps_the_names_it_has_always_had_and_restores_the_progress() -> None:
+    trainee = _trainee()
+    progress = checkpoint.Progress(epoch=3, step_in_epoch=5, global_step=25, history=[{"epoch": 1}, {"epoch": 2}],
+                                   best_score=0.75, best_epoch=2, best_weights=trainee.model.state_dict(),
+                                   stale_epochs=0)
+    state = checkpoint.capture(progress, trainee, {"hyperparameters": {"task": "multiclass"}})
+    assert set(state) == {"epoch", "step_in_epoch", "global_step", "history", "best_accuracy", "best_epoch",
+                          "best_state", "stale_epochs", "architecture", "class_names", "model", "optimizer",
+                          "scheduler", "scaler", "rng", "settings"}
+    restored = checkpoint.from_bytes(checkpoint.to_bytes(state))  # as a resumed job reads it
+    back = checkpoint.restore(restored, _trainee())
+    assert dataclasses.replace(back, best_weights=None) == dataclasses.replace(progress, best_weights=None)
+    assert back.best_weights is not None and torch.equal(back.best_weights["weight"], trainee.model.weight)
+
+
+def test_a_checkpoint_of_another_task_is_refused() -> None:
+    state = checkpoint.capture(checkpoint.Progress(), _trainee(), {"hyperparameters": {}})  # from before tasks
+    with pytest.raises(SettingsError, match="task=multiclass"):
+        checkpoint.restore(state, _trainee("multilabel"))
+    checkpoint.restore(state, _trainee("multiclass"))

@@ -61,13 +61,16 @@ class Trainee:
     scaler: torch.amp.GradScaler | None
     architecture: str
     class_names: tuple[str, ...]
+    task: str  # multiclass or multilabel
+
+
+# Progress fields stored under the names checkpoints have always used.
+STORED_AS = {"best_weights": "best_state", "best_score": "best_accuracy"}
 
 
 def capture(progress: Progress, trainee: Trainee, settings: dict[str, Any]) -> dict[str, Any]:
     """The whole training state as a checkpoint: tensors and plain data only (see above)."""
-    position = {f.name: getattr(progress, f.name) for f in fields(progress)}
-    # The names checkpoints have always used:
-    position["best_state"], position["best_accuracy"] = position.pop("best_weights"), position.pop("best_score")
+    position = {STORED_AS.get(f.name, f.name): getattr(progress, f.name) for f in fields(progress)}
     return {
         **position,
         "architecture": trainee.architecture,
@@ -83,11 +86,12 @@ def capture(progress: Progress, trainee: Trainee, settings: dict[str, Any]) -> d
 
 def restore(state: dict[str, Any], trainee: Trainee) -> Progress:
     """Load a checkpoint into ``trainee`` (and the random generators); the progress it recorded."""
-    made_for = (state["architecture"], tuple(state["class_names"]))
-    if made_for != (trainee.architecture, trainee.class_names):
+    task = state.get("settings", {}).get("hyperparameters", {}).get("task", "multiclass")
+    made_for = (state["architecture"], tuple(state["class_names"]), task)
+    if made_for != (trainee.architecture, trainee.class_names, trainee.task):
         raise SettingsError(
             f"the checkpoint folder holds a checkpoint of another run ({made_for[0]} with "
-            f"{len(made_for[1])} classes); remove it or choose another checkpoint folder"
+            f"{len(made_for[1])} classes, task={task}); remove it or choose another checkpoint folder"
         )
     trainee.model.load_state_dict(state["model"])
     trainee.optimizer.load_state_dict(state["optimizer"])
@@ -95,9 +99,7 @@ def restore(state: dict[str, Any], trainee: Trainee) -> Progress:
     if trainee.scaler is not None and state.get("scaler"):
         trainee.scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"])
-    names = {f.name for f in fields(Progress)} - {"best_weights", "best_score"}
-    return Progress(**{name: state[name] for name in names}, best_weights=state["best_state"],
-                    best_score=state["best_accuracy"])
+    return Progress(**{f.name: state[STORED_AS.get(f.name, f.name)] for f in fields(Progress)})
 
 
 def rng_state() -> dict[str, Any]:

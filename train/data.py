@@ -38,6 +38,7 @@ MEGABYTE = 1024 * 1024
 
 Labelled = ImageFolder | LabelledImages
 SPLITS = ("training", "validation", "test")
+Rows = list[tuple[str, tuple[str, ...]]]  # (path, labels) of the images a manifest lists
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,6 @@ def _download_dir(paths: Paths) -> Path | None:
     except OSError:
         return None
     return folder if os.access(folder, os.W_OK) else None
-
-
-Rows = list[tuple[str, tuple[str, ...]]]  # (path, labels) of the images a manifest lists
 
 
 def _read_channels(paths: Paths, hp: Hyperparameters) -> tuple[dict[str, Path], dict[str, Rows]]:

@@ -180,7 +180,8 @@ def evaluate_multi_label(
         total_loss += criterion(logits.float(), targets).item() * len(targets)
         correct += right_answers(logits, targets)
         seen += len(targets)
-        outputs.append(torch.cat([torch.sigmoid(logits.float()), targets.float()], dim=1))
+        # In float64, as the server computes them: a threshold tuned on these is compared with those.
+        outputs.append(torch.cat([torch.sigmoid(logits.double()), targets.double()], dim=1))
     total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], device)
     local = torch.cat(outputs) if outputs else torch.zeros((0, 2 * num_classes), device=device)
     gathered = all_gather_rows(local, device).double().numpy()

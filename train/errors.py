@@ -23,6 +23,10 @@ class PeerError(JobError):
     """The job's processes could not find or reach each other."""
 
 
+class DivergedError(JobError):
+    """Training produced numbers that are not finite (NaN or infinity)."""
+
+
 class CheckpointError(JobError):
     """A checkpoint could not be written; no partial file of it is left in the folder."""
 

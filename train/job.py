@@ -36,10 +36,10 @@ from train.checkpoint import Progress, Trainee
 from train.data import ShardSampler, Splits, eval_loader, load_splits, train_loader
 from train.distributed import Topology, all_gather_pairs, any_process, init_process_group, is_main_process
 from train.engine import Execution, evaluate, evaluate_multi_label, train_one_epoch
-from train.errors import SettingsError
+from train.errors import CheckpointSyncError, DivergedError, SettingsError
 from train.model import build_model, make_optimizer, make_scheduler, preprocessing_for
 from train.report import write_reports
-from train.s3_checkpoints import CheckpointSyncError, S3Checkpoints, watch_for_spot_notice
+from train.s3_checkpoints import S3Checkpoints, watch_for_spot_notice
 from train.settings import Hyperparameters, Paths, Settings
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ def run(settings: Settings, topology: Topology | None = None, local_rank: int = 
 
 def train(settings: Settings, rank: int, world_size: int, device: torch.device, stop: threading.Event,
           observers: Observers) -> Outcome:
-    """Train; write the artifact (best validation accuracy, else last epoch) and the reports."""
+    """Train; write the artifact (best validation accuracy or, multi-label, mAP; else the last
+    epoch) and the reports."""
     hp, paths = settings.hyperparameters, settings.paths
     seed_everything(hp.seed)
 
@@ -179,7 +180,7 @@ def train(settings: Settings, rank: int, world_size: int, device: torch.device, 
         score_name = "mAP"  # what chooses the best epoch
     else:
         criterion, score_name = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing), "accuracy"
-    trainee = Trainee(model, optimizer, scheduler, execution.scaler, hp.architecture, splits.class_names)
+    trainee = Trainee(model, optimizer, scheduler, execution.scaler, hp.architecture, splits.class_names, hp.task)
 
     # Rank 0 holds the checkpoints; outside SageMaker it also mirrors them at an S3 prefix.
     mirror = S3Checkpoints(paths.checkpoint_s3_uri, paths.checkpoint_dir) if paths.checkpoint_s3_uri and rank == 0 else None
@@ -248,14 +249,15 @@ def train(settings: Settings, rank: int, world_size: int, device: torch.device, 
             logger.info("early stopping: no validation improvement for %d epochs", progress.stale_epochs)
             break
 
-    assert progress.best_weights is not None  # every finished epoch is a candidate
+    if progress.best_weights is None:
+        raise RuntimeError("no epoch has finished, so there are no weights to write")
     model.load_state_dict(progress.best_weights)
     write_artifact(settings, model, splits, progress, preprocessing, device, execution, rank, world_size)
     if mirror is not None:
         try:
             mirror.flush()
         except CheckpointSyncError as exc:  # the artifact is written: the run did what it was for
-            logger.warning("checkpoints: %s", exc)
+            logger.warning("%s", exc)
     if dist.is_initialized():
         # Every host ends together, once rank 0 has written the artifact: launchers that stop
         # the whole job when one container exits (SDK local mode) cannot cut rank 0 short.
@@ -289,8 +291,9 @@ def write_artifact(settings: Settings, model: nn.Module, splits: Splits, progres
     best = next((record for record in progress.history if record["epoch"] == progress.best_epoch), {})
     if "validation" in best:
         metrics["validation"] = best["validation"]
+    thresholds: tuple[float, ...] = ()
     if splits.multi_label:
-        thresholds = _tune_multi_label(settings, model, splits, metrics, device, execution, rank, world_size)
+        thresholds = _tune_and_test_multi_label(settings, model, splits, metrics, device, execution, rank, world_size)
     pairs: list[tuple[int, int]] = []
     if splits.test is not None and not splits.multi_label:
         test_loader = eval_loader(splits.test, hp, rank=rank, world_size=world_size, pin_memory=device.type == "cuda")
@@ -308,7 +311,8 @@ def write_artifact(settings: Settings, model: nn.Module, splits: Splits, progres
         training=settings.to_dict(),
         metrics=metrics,
         task=MULTILABEL if splits.multi_label else MULTICLASS,
-        thresholds=tuple(float(t) for t in thresholds) if splits.multi_label else (),
+        thresholds=thresholds,
+        format_version=artifact.MULTILABEL_FORMAT_VERSION if splits.multi_label else artifact.FORMAT_VERSION,
     )
     artifact.save(paths.model_dir, model, manifest)
     paths.output_data_dir.mkdir(parents=True, exist_ok=True)
@@ -327,24 +331,34 @@ def write_artifact(settings: Settings, model: nn.Module, splits: Splits, progres
     logger.info("artifact written to %s (best epoch %d)", paths.model_dir, progress.best_epoch)
 
 
-def _tune_multi_label(settings: Settings, model: nn.Module, splits: Splits, metrics: dict[str, Any],
-                      device: torch.device, execution: Execution, rank: int, world_size: int) -> np.ndarray:
-    """Per-class thresholds with the best F1 on validation (0.5 without one); test metrics and a
-    per-class table (of the test split, else validation) into ``metrics``."""
-    hp, pin = settings.hyperparameters, device.type == "cuda"
+def _multi_label_outputs(model: nn.Module, dataset: Any, split: str, settings: Settings, num_classes: int,
+                         device: torch.device, execution: Execution, rank: int,
+                         world_size: int) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """The split's metrics, and every image's probabilities and targets."""
+    loader = eval_loader(dataset, settings.hyperparameters, rank=rank, world_size=world_size,
+                         pin_memory=device.type == "cuda")
+    metrics, scores, targets = evaluate_multi_label(model, loader, nn.BCEWithLogitsLoss(), device, num_classes,
+                                                    execution=execution)
+    if not np.isfinite(scores).all():
+        raise DivergedError(f"the model's {split} probabilities are not all finite numbers: training diverged "
+                            "(a lower learning_rate may help)")
+    return metrics, scores, targets
+
+
+def _tune_and_test_multi_label(settings: Settings, model: nn.Module, splits: Splits, metrics: dict[str, Any],
+                               device: torch.device, execution: Execution, rank: int,
+                               world_size: int) -> tuple[float, ...]:
+    """Per-class thresholds with the best F1 on validation (0.5 without it); the test split's
+    metrics, and a per-class table of the test split (else validation), into ``metrics``."""
+    place = (len(splits.class_names), device, execution, rank, world_size)
     thresholds = np.full(len(splits.class_names), multilabel.DEFAULT_THRESHOLD)
     judged = None
-    criterion = nn.BCEWithLogitsLoss()
     if splits.validation is not None:
-        loader = eval_loader(splits.validation, hp, rank=rank, world_size=world_size, pin_memory=pin)
-        _, scores, targets = evaluate_multi_label(model, loader, criterion, device, len(splits.class_names),
-                                                  execution=execution)
+        _, scores, targets = _multi_label_outputs(model, splits.validation, "validation", settings, *place)
         thresholds = multilabel.best_thresholds(scores, targets)
         judged = ("validation", scores, targets)
     if splits.test is not None:
-        loader = eval_loader(splits.test, hp, rank=rank, world_size=world_size, pin_memory=pin)
-        metrics["test"], scores, targets = evaluate_multi_label(model, loader, criterion, device,
-                                                                len(splits.class_names), execution=execution)
+        metrics["test"], scores, targets = _multi_label_outputs(model, splits.test, "test", settings, *place)
         for name, value in metrics["test"].items():
             emit_metric(f"test_{name}", value)
         judged = ("test", scores, targets)
@@ -352,4 +366,4 @@ def _tune_multi_label(settings: Settings, model: nn.Module, splits: Splits, metr
         split, scores, targets = judged
         metrics["per_class"] = {"split": split,
                                 "classes": multilabel.per_class(scores, targets, thresholds, splits.class_names)}
-    return thresholds
+    return tuple(float(t) for t in thresholds)

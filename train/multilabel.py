@@ -46,7 +46,7 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 
 def best_thresholds(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Per class, the threshold with the best F1: halfway between the lowest score still answered
-    and the next one below it (the score itself when nothing is below)."""
+    and the next one below it (or 0). Of thresholds with equal F1, the highest."""
     thresholds = np.full(targets.shape[1], DEFAULT_THRESHOLD)
     for column in range(targets.shape[1]):
         positives = targets[:, column].sum()
@@ -55,7 +55,7 @@ def best_thresholds(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
         distinct, true_positives, false_positives = _ranked(scores[:, column], targets[:, column])
         f1 = 2 * true_positives / (true_positives + false_positives + positives)
         best = int(np.argmax(f1))
-        below = distinct[best + 1] if best + 1 < len(distinct) else distinct[best]
+        below = distinct[best + 1] if best + 1 < len(distinct) else 0.0
         thresholds[column] = float((distinct[best] + below) / 2)
     return thresholds
 

@@ -57,7 +57,7 @@ class S3Checkpoints:
                     if "/" not in name and Path(name).match(checkpoint.PATTERN):
                         found.add(name)
         except Exception as exc:
-            raise CheckpointSyncError(f"cannot list {self.uri}: {exc}") from exc
+            raise CheckpointSyncError(f"checkpoints: cannot list {self.uri}: {exc}") from exc
         return found
 
     def restore(self) -> list[str]:
@@ -75,7 +75,7 @@ class S3Checkpoints:
                 self._in_s3[name] = _version(self.directory / name)
             except Exception as exc:
                 temporary.unlink(missing_ok=True)
-                raise CheckpointSyncError(f"cannot download {self.uri}{name}: {exc}") from exc
+                raise CheckpointSyncError(f"checkpoints: cannot download {self.uri}{name}: {exc}") from exc
         if names:
             logger.info("checkpoints: downloaded %s from %s", ", ".join(names), self.uri)
         return names
@@ -95,7 +95,7 @@ class S3Checkpoints:
                 except FileNotFoundError:
                     continue  # pruned by a newer checkpoint meanwhile
                 except Exception as exc:
-                    raise CheckpointSyncError(f"cannot upload {name} to {self.uri}: {exc}") from exc
+                    raise CheckpointSyncError(f"checkpoints: cannot upload {name} to {self.uri}: {exc}") from exc
                 self._in_s3[name] = version
                 logger.info("checkpoints: uploaded %s to %s", name, self.uri)
             for name in sorted(name for name in remote - set(local) if local and name < max(local)):

@@ -105,6 +105,8 @@ class Hyperparameters:
             ("augmentation", self.augmentation in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
             ("data_format", self.data_format in DATA_FORMATS, f"must be one of {', '.join(DATA_FORMATS)}"),
             ("task", self.task in TASKS, f"must be one of {', '.join(TASKS)}"),
+            ("label_smoothing", self.task == "multiclass" or self.label_smoothing == 0,
+             "is for task=multiclass (softmax); multi-label training takes none"),
         ]
         for name, ok, rule in checks:
             if not ok:

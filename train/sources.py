@@ -99,7 +99,7 @@ class LabelledImages(Dataset):
 FORMAT_SUFFIXES = {"csv": (".csv",), "jsonl": (".jsonl", ".manifest"), "augmented-manifest": (".jsonl", ".manifest"),
                    "manifest-file": (".json", ".manifest")}
 # What a file with each suffix may hold, looked for in this order.
-SUFFIX_FORMATS = {".csv": ("csv",), ".jsonl": ("jsonl",), ".manifest": ("manifest-file", "jsonl"),
+FORMATS_BY_SUFFIX = {".csv": ("csv",), ".jsonl": ("jsonl",), ".manifest": ("manifest-file", "jsonl"),
                   ".json": ("manifest-file",)}
 MANIFEST_FILE_START = re.compile(r'\A\s*\[\s*\{\s*"prefix"\s*:')
 
@@ -128,11 +128,11 @@ def find_manifest(folder: Path, data_format: str) -> tuple[Path, str] | None:
     that looks like a manifest; a named format takes the one file with its suffix."""
     if data_format == "folder":
         return None
-    files = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in SUFFIX_FORMATS)
+    files = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in FORMATS_BY_SUFFIX)
     found: list[tuple[Path, str]] = []
     if data_format == "auto":
         for path in files:
-            held = next((fmt for fmt in SUFFIX_FORMATS[path.suffix.lower()] if looks_like_manifest(path, fmt)), None)
+            held = next((fmt for fmt in FORMATS_BY_SUFFIX[path.suffix.lower()] if looks_like_manifest(path, fmt)), None)
             if held is None:
                 logger.info("%s: not a manifest (no images and labels); left alone", path)
             else:
@@ -158,18 +158,21 @@ def _first_key(record: Mapping[str, Any], keys: Sequence[str]) -> str | None:
     return next((key for key in keys if key in record), None)
 
 
-def _label_attribute(record: Mapping[str, Any], chosen: str) -> str | None:
+def _label_attribute(record: Mapping[str, Any], chosen: str, *, multi_label: bool) -> str | None:
     """A Ground Truth record's label attribute: the chosen one, else the one whose -metadata holds
-    a class-name (or a multi-label job's class-map), else a plain label key (``class``, as
-    SageMaker's built-in algorithms read it)."""
+    a class-name (or, multi-label, a class-map), else a plain label key (``class``, as SageMaker's
+    built-in algorithms read it)."""
     if chosen:
         return chosen
+    names = ("class-name", "class-map") if multi_label else ("class-name",)
     candidates = sorted(key.removesuffix("-metadata") for key, value in record.items()
-                        if key.endswith("-metadata") and isinstance(value, dict)
-                        and ("class-name" in value or "class-map" in value))
+                        if key.endswith("-metadata") and isinstance(value, dict) and any(n in value for n in names))
+    if not candidates and not multi_label and any(
+            isinstance(value, dict) and "class-map" in value for key, value in record.items() if key.endswith("-metadata")):
+        raise DataError("a multi-label record (its metadata has a class-map): train it with task=multilabel")
     if len(candidates) > 1:
-        raise DataError(f"found {len(candidates)} label attributes with a class-name ({', '.join(candidates)}); "
-                        "name one with the label_attribute hyperparameter")
+        raise DataError(f"found {len(candidates)} label attributes with a {' or '.join(names)} "
+                        f"({', '.join(candidates)}); name one with the label_attribute hyperparameter")
     return candidates[0] if candidates else _first_key(record, LABEL_KEYS)
 
 
@@ -294,7 +297,7 @@ def read_manifest(manifest: Path, data_format: str, *, label_attribute: str = ""
             raise DataError(f"{where}: no image ({'source-ref' if ground_truth else ' or '.join(IMAGE_KEYS)})")
         if ground_truth:
             try:
-                attribute = attribute or _label_attribute(record, label_attribute)
+                attribute = attribute or _label_attribute(record, label_attribute, multi_label=multi_label)
             except DataError as error:
                 raise DataError(f"{where}: {error}") from None
             labels = _ground_truth_labels(record, attribute, where, multi_label=multi_label)

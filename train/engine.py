@@ -7,7 +7,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,6 +122,17 @@ def train_one_epoch(
     }
 
 
+def _logits(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+            execution: Execution) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The model's logits for each batch of ``loader`` in evaluation mode, with the batch's targets."""
+    model.eval()
+    for images, targets in loader:
+        images = execution.prepare(images.to(device, non_blocking=True))
+        with execution.autocast(device):
+            logits = model(images)
+        yield logits, targets.to(device, non_blocking=True)  # outside autocast: the caller's metrics in float32
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -133,14 +144,8 @@ def evaluate(
     predictions: list[tuple[int, int]] | None = None,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy; (target, predicted) pairs appended to ``predictions``."""
-    execution = execution or Execution()
-    model.eval()
     total_loss, correct, correct_top5, seen = 0.0, 0, 0, 0
-    for images, targets in loader:
-        images = execution.prepare(images.to(device, non_blocking=True))
-        targets = targets.to(device, non_blocking=True)
-        with execution.autocast(device):
-            logits = model(images)
+    for logits, targets in _logits(model, loader, device, execution or Execution()):
         total_loss += criterion(logits.float(), targets).item() * len(targets)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct += (top[:, 0] == targets).sum().item()
@@ -168,15 +173,9 @@ def evaluate_multi_label(
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Loss, label accuracy at probability 0.5 and mean average precision over every process's
     images; and those images' probabilities and 0/1 targets (every process gets them all)."""
-    execution = execution or Execution()
-    model.eval()
     total_loss, correct, seen = 0.0, 0.0, 0
     outputs: list[torch.Tensor] = []
-    for images, targets in loader:
-        images = execution.prepare(images.to(device, non_blocking=True))
-        targets = targets.to(device, non_blocking=True)
-        with execution.autocast(device):
-            logits = model(images)
+    for logits, targets in _logits(model, loader, device, execution or Execution()):
         total_loss += criterion(logits.float(), targets).item() * len(targets)
         correct += right_answers(logits, targets)
         seen += len(targets)

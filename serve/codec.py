@@ -371,9 +371,10 @@ def over_thresholds(logits: np.ndarray, class_names: Sequence[str], thresholds: 
     probable whatever their thresholds."""
     with np.errstate(over="ignore"):
         probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    limits = np.asarray(thresholds)
     answered = []
     for row in probabilities:
-        chosen = range(len(row)) if k is not None else np.flatnonzero(row >= np.asarray(thresholds)).tolist()
+        chosen = range(len(row)) if k is not None else np.flatnonzero(row >= limits).tolist()
         order = sorted(chosen, key=lambda i: (-row[i], i))[:k]
         answered.append([Prediction(class_names[i], i, _finite(row[i])) for i in order])
     return answered

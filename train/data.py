@@ -187,42 +187,33 @@ def load_splits(paths: Paths, hp: Hyperparameters, preprocessing: Preprocessing)
     # reported is the one served. Training's random crops see the full resolution.
     eval_loader = functools.partial(images.load, min_side=preprocessing.resize_size)
     folders, listed = _read_channels(paths, hp)
-    if hp.task == "multilabel":
-        return _multi_label_splits(paths, hp, listed, train_transform, eval_transform, eval_loader)
-    train = _dataset("training", folders, listed, train_transform, images.load)
+    multi_label = hp.task == "multilabel"
+
+    def dataset(split: str, transform: object, loader: Callable[[str], Image.Image],
+                classes: Sequence[str] | None = None) -> Labelled | None:
+        if multi_label:
+            return _multi_label_dataset(split, listed.get(split), classes, transform, loader)
+        return _dataset(split, folders, listed, transform, loader)
+
+    train = dataset("training", train_transform, images.load)
     if train is None:
         raise DataError(f"the manifest in {paths.train_dir} lists no training images (its split column names "
                         f"only: {', '.join(sorted(listed))})")
-    if len(train.classes) < 2:
+    if multi_label and not train.classes:
+        raise DataError(f"the training images in {paths.train_dir} have no labels at all")
+    if not multi_label and len(train.classes) < 2:
         raise DataError(f"training data in {paths.train_dir} has {len(train.classes)} class; need at least 2")
     skipped = _drop_unreadable(train, "training", hp.workers)
     evaluated = {}
     for split in ("validation", "test"):
-        dataset = _dataset(split, folders, listed, eval_transform, eval_loader)
-        if dataset is not None:
-            _check_same_classes(train, dataset, split)
-            skipped += _drop_unreadable(dataset, split, hp.workers)
-            evaluated[split] = dataset
-    return Splits(tuple(train.classes), train, evaluated.get("validation"), evaluated.get("test"), tuple(skipped))
-
-
-def _multi_label_splits(paths: Paths, hp: Hyperparameters, listed: Mapping[str, Rows], train_transform: object,
-                        eval_transform: object, eval_loader: Callable[[str], Image.Image]) -> Splits:
-    train = _multi_label_dataset("training", listed.get("training"), None, train_transform, images.load)
-    if train is None:
-        raise DataError(f"the manifest in {paths.train_dir} lists no training images (its split column names "
-                        f"only: {', '.join(sorted(listed))})")
-    if not train.classes:
-        raise DataError(f"the training images in {paths.train_dir} have no labels at all")
-    skipped = _drop_unreadable(train, "training", hp.workers)
-    evaluated = {}
-    for split in ("validation", "test"):
-        dataset = _multi_label_dataset(split, listed.get(split), train.classes, eval_transform, eval_loader)
-        if dataset is not None:
-            skipped += _drop_unreadable(dataset, split, hp.workers)
-            evaluated[split] = dataset
+        held_out = dataset(split, eval_transform, eval_loader, train.classes)
+        if held_out is not None:
+            if not multi_label:  # multi-label splits are indexed by the training classes already
+                _check_same_classes(train, held_out, split)
+            skipped += _drop_unreadable(held_out, split, hp.workers)
+            evaluated[split] = held_out
     return Splits(tuple(train.classes), train, evaluated.get("validation"), evaluated.get("test"), tuple(skipped),
-                  multi_label=True)
+                  multi_label=multi_label)
 
 
 class SeededDataset(Dataset):

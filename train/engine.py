@@ -182,8 +182,8 @@ def evaluate_multi_label(
         # In float64, as the server computes them: a threshold tuned on these is compared with those.
         outputs.append(torch.cat([torch.sigmoid(logits.double()), targets.double()], dim=1))
     total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], device)
-    local = torch.cat(outputs) if outputs else torch.zeros((0, 2 * num_classes), device=device)
-    gathered = all_gather_rows(local, device).double().numpy()
+    local = torch.cat(outputs) if outputs else torch.zeros((0, 2 * num_classes), dtype=torch.float64, device=device)
+    gathered = all_gather_rows(local, device).numpy()
     scores, targets_all = gathered[:, :num_classes], gathered[:, num_classes:]
     metrics = {
         "loss": total_loss / max(seen, 1),

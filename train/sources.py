@@ -164,12 +164,14 @@ def _label_attribute(record: Mapping[str, Any], chosen: str, *, multi_label: boo
     built-in algorithms read it)."""
     if chosen:
         return chosen
+    def holding(name: str) -> list[str]:
+        return sorted(key.removesuffix("-metadata") for key, value in record.items()
+                      if key.endswith("-metadata") and isinstance(value, dict) and name in value)
+
+    # Single-label, a class-map attribute is taken only when there is nothing else, to be refused
+    # by name (see _ground_truth_labels).
     names = ("class-name", "class-map") if multi_label else ("class-name",)
-    candidates = sorted(key.removesuffix("-metadata") for key, value in record.items()
-                        if key.endswith("-metadata") and isinstance(value, dict) and any(n in value for n in names))
-    if not candidates and not multi_label and any(
-            isinstance(value, dict) and "class-map" in value for key, value in record.items() if key.endswith("-metadata")):
-        raise DataError("a multi-label record (its metadata has a class-map): train it with task=multilabel")
+    candidates = [attribute for name in names for attribute in holding(name)] or holding("class-map")
     if len(candidates) > 1:
         raise DataError(f"found {len(candidates)} label attributes with a {' or '.join(names)} "
                         f"({', '.join(candidates)}); name one with the label_attribute hyperparameter")

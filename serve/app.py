@@ -230,9 +230,9 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
                            max_queue=settings.max_queue, parallel=settings.handler_threads,
                            threads=settings.threads_per_worker, isolate_failures=True,
                            on_batch=metrics.batch_size.observe, **options)
-        # A GPU runs one pass at a time anyway; on a CPU, passes side by side use the cores best.
-        # ONNX Runtime spreads each pass over its own threads, whatever torch's setting: one at a time.
-        parallel = 1 if predictor.device.type == "cuda" or predictor.onnx else settings.inference_threads
+        # A GPU runs one pass at a time anyway; on a CPU, passes side by side use the cores best
+        # (ONNX Runtime's too: each pass runs on the session for its thread count).
+        parallel = 1 if predictor.device.type == "cuda" else settings.inference_threads
         return Batcher(predictor.infer, shared_pool, wide_executor=wide_pool, max_batch_size=settings.max_batch_size,
                        max_delay_s=settings.max_batch_delay_ms / 1000, max_queue=settings.max_queue,
                        parallel=parallel, threads=settings.threads_per_worker,
@@ -375,7 +375,7 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor] | Non
 
     def decode_in_pass(predictor: Predictor) -> bool:
         """Whether this model's passes decode their own small images (see DECODE_IN_PASS_MAX_BYTES)."""
-        return predictor.device.type == "cpu" and not predictor.onnx and (
+        return predictor.device.type == "cpu" and (
             settings.inference_threads > 1 or settings.threads_per_worker == 1)
 
     def prepare_image(predictor: Predictor, body: bytes) -> torch.Tensor:

@@ -3,12 +3,14 @@
 ``preprocess`` turns one image into the network's input (run in parallel, off the event loop);
 ``infer`` runs one forward pass over a stacked batch (run on one inference thread).
 
-On a CPU the network is traced and frozen with TorchScript by default: freezing folds batch norm
-into the convolutions and drops the Python dispatch between layers, which made a single-threaded
-EfficientNet-Lite0 pass 1.4x faster here (14 ms instead of 20 per image) and a ResNet-50 pass about
-10% faster. The traced network is checked against the original on a batch of another size and
-thrown away, with a warning, if it differs or tracing fails: the server then runs the network as
-it is. Inputs are channels-last on both devices (faster for convolutions on CPU and GPU alike).
+Which engine runs the passes is :mod:`serve.runtime`'s choice: on a CPU, by default, ONNX Runtime
+runs the network's exported graph, checked against the network first. With PyTorch
+(``CLASSIFIER_RUNTIME=torch``, a GPU, or a network that cannot be exported) the network is traced
+and frozen with TorchScript on a CPU (``CLASSIFIER_JIT``): freezing folds batch norm into the
+convolutions and drops the Python dispatch between layers. The traced network is checked against
+the original on a batch of another size and thrown away, with a warning, if it differs or tracing
+fails: the server then runs the network as it is. Inputs are channels-last on both devices
+(faster for convolutions on CPU and GPU alike), in half precision on a GPU.
 
 An ONNX artifact's network runs in ONNX Runtime on the CPU (see :mod:`classifier.onnx_model`),
 also in the CUDA image: its predictor's device is the CPU.
@@ -29,8 +31,8 @@ from torch import nn
 from classifier import artifact
 from classifier.artifact import ArtifactError, Manifest
 from classifier.onnx_model import OnnxModel
-from classifier.pretrained import default_model
-from serve import codec
+from classifier.pretrained import default_model, default_weights_file
+from serve import codec, runtime
 from serve.memory import model_bytes
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,9 @@ def freeze(model: nn.Module, input_shape: tuple[int, ...], device: torch.device,
 
     try:
         with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is in maintenance, not gone
+            # TorchScript is deprecated, not gone: a FutureWarning here, a DeprecationWarning in older torch.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.trace(
                 model, example(2), check_trace=False)
             frozen = torch.jit.freeze(scripted.eval())
@@ -78,6 +82,7 @@ class Predictor:
         self.input_shape = (3, crop, crop)
         self.resize_size = manifest.preprocessing.resize_size  # the short side preprocessing resizes to
         self.onnx = isinstance(model, OnnxModel)
+        self.runtime = runtime.ONNXRUNTIME if self.onnx else runtime.TORCH  # the engine that runs the passes
         if self.onnx:
             if device.type != "cpu":
                 logger.warning("the ONNX network runs on the CPU (ONNX Runtime); package a state dict or "
@@ -97,19 +102,25 @@ class Predictor:
         if device.type == "cpu" if jit is None else jit:
             frozen = freeze(model, self.input_shape, device, torch.float16 if self.half else torch.float32)
         self.jit = frozen is not None
+        self.runtime = "torchscript" if self.jit else runtime.TORCH
         # The network that runs: frozen when it could be (the original is then let go).
         self.model = frozen if frozen is not None else model
 
     @classmethod
     def load(cls, model_dir: Path, *, allow_default: bool, device: str = "auto", half: bool | None = None,
-             jit: bool | None = None, threads: int | None = None) -> Predictor:
+             jit: bool | None = None, threads: int | Sequence[int] | None = None, engine: str = runtime.AUTO,
+             graph_cache: Path | None = None) -> Predictor:
         """The artifact in ``model_dir``; for an empty (or missing) folder, if allowed, the built-in
         ImageNet model. A folder holding anything else is refused with what it holds. ``threads``:
-        for an ONNX network, the threads of its runtime (None: one per core)."""
+        for a network run by ONNX Runtime, the thread counts its passes may ask for (None: one per
+        core). ``engine``: a ``CLASSIFIER_RUNTIME`` value (see :mod:`serve.runtime`); ``graph_cache``:
+        where exported graphs are kept (None: nowhere)."""
         target = select_device(device)
         if artifact.is_artifact(model_dir):
             model, manifest = artifact.load(model_dir, device=target, threads=threads)
             logger.info("loaded %s with %d classes from %s", manifest.architecture, manifest.num_classes, model_dir)
+            artifact_dir: Path | None = model_dir
+            weights = artifact.weights_file(model_dir, manifest)
         elif artifact.visible_entries(model_dir):
             # Never answer with ImageNet labels for a model that was meant to be served.
             raise ArtifactError(artifact.not_an_artifact(model_dir))
@@ -117,8 +128,17 @@ class Predictor:
             model, manifest = default_model()
             logger.info("the model folder %s is empty; serving the built-in ImageNet %s", model_dir,
                         manifest.architecture)
+            artifact_dir, weights = None, default_weights_file()
         else:
             raise ArtifactError(f"no model artifact in {model_dir} and the default model is disabled")
+        # A TorchScript network cannot be exported by torch.export: it runs as it is.
+        if (isinstance(model, nn.Module) and not isinstance(model, torch.jit.ScriptModule)
+                and runtime.uses_onnxruntime(engine, target)):
+            graph = runtime.onnx_engine(model.cpu().float(), manifest, artifact_dir=artifact_dir, weights=weights,
+                                        cache=graph_cache, threads=threads)
+            if graph is not None:
+                return cls(graph, manifest, torch.device("cpu"))
+            model = model.to(target)
         return cls(model, manifest, target, half=half, jit=jit)
 
     @property
@@ -134,10 +154,11 @@ class Predictor:
         return self.preprocessing(image)
 
     @torch.inference_mode()
-    def infer(self, batch: torch.Tensor) -> np.ndarray:
-        """Logits (float32, on the CPU) for a batch of preprocessed inputs."""
+    def infer(self, batch: torch.Tensor, threads: int | None = None) -> np.ndarray:
+        """Logits (float32, on the CPU) for a batch of preprocessed inputs. ``threads``: for ONNX
+        Runtime, the session to run on (None: the calling thread's torch setting)."""
         if isinstance(self.model, OnnxModel):
-            return self.model(batch)
+            return self.model(batch, threads)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         if self.half:
@@ -159,7 +180,11 @@ class Predictor:
         """One inference on a blank image, so the first request does not pay for lazy setup; the
         network must answer one score per class name."""
         size = self.manifest.preprocessing.resize_size
-        logits = self.infer(self.preprocess(Image.new("RGB", (size, size)))[None])
+        batch = self.preprocess(Image.new("RGB", (size, size)))[None]
+        if isinstance(self.model, OnnxModel):
+            for threads in self.model.thread_counts:  # every session, whichever the caller's threads pick
+                self.model(batch, threads)
+        logits = self.infer(batch)
         if logits.shape != (1, self.manifest.num_classes):
             raise ArtifactError(f"the network answers {logits.shape[1:]} scores per image but the manifest names "
                                 f"{self.manifest.num_classes} classes")

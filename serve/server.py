@@ -52,7 +52,8 @@ def load_predictor(settings: Settings, startup_error: str | None = None):
                                  batching=settings.handler_batching,
                                  install=False)  # main() installed the requirements before any import
     return Predictor.load(settings.model_dir, allow_default=settings.default_model, device=settings.device,
-                          half=settings.half, jit=settings.jit, threads=settings.threads_per_worker)
+                          half=settings.half, jit=settings.jit, threads=settings.pass_threads(),
+                          engine=settings.runtime, graph_cache=settings.graph_cache)
 
 
 def install_requirements(settings: Settings) -> str | None:
@@ -81,7 +82,8 @@ def load_model(settings: Settings, model_dir: Path):
         return HandlerModel.load(model_dir, program=settings.program, default_accept=settings.default_accept,
                                  batching=settings.handler_batching, private=True)
     return Predictor.load(model_dir, allow_default=False, device=settings.device, half=settings.half,
-                          jit=settings.jit, threads=settings.threads_per_worker)
+                          jit=settings.jit, threads=settings.pass_threads(), engine=settings.runtime,
+                          graph_cache=settings.graph_cache)
 
 
 def build(settings: Settings, startup_error: str | None = None) -> FastAPI:

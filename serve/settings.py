@@ -11,6 +11,7 @@ everything else is ``CLASSIFIER_*``.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ ASYNC_BODY_TIMEOUT_S = 300.0
 ASYNC_MAX_MEMORY_BODY_MB = 8.0  # JSON, .npy and handler bodies behind an asynchronous endpoint
 # A server started from the environment whose model failed to load exits after this long.
 FAILED_EXIT_S = 60.0
+RUNTIMES = ("auto", "onnxruntime", "torch")  # CLASSIFIER_RUNTIME's values (see serve.runtime)
 
 
 class ConfigError(ValueError):
@@ -109,6 +111,8 @@ class Settings:
     device: str = "auto"
     half: bool | None = None  # None: half precision on CUDA, float32 on CPU
     jit: bool | None = None  # trace and freeze the network with TorchScript; None: on a CPU only
+    runtime: str = "auto"  # CLASSIFIER_RUNTIME, one of RUNTIMES: the engine of the forward passes (serve.runtime)
+    graph_cache: Path | None = None  # CLASSIFIER_GRAPH_CACHE: where exported graphs are kept; None: nowhere
     batch_transform: bool = False
     asynchronous: bool = False  # CLASSIFIER_ASYNC: behind an asynchronous endpoint (larger, slower requests)
     batch_strategy: str = "MULTI_RECORD"
@@ -131,6 +135,11 @@ class Settings:
     handler_batching: bool = False  # requests share predict_fn calls (input_fn returns rows; see serve.handlers)
     log_level: str = "INFO"
     log_json: bool = False
+
+    def pass_threads(self) -> tuple[int, ...]:
+        """The thread counts a forward pass on a CPU may get: every thread for a lone pass, an
+        equal share each for passes side by side (see serve.batching)."""
+        return tuple(sorted({self.threads_per_worker, max(1, self.threads_per_worker // self.inference_threads)}))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -165,6 +174,11 @@ class Settings:
                               "this server can write to")
         half = environ.get("CLASSIFIER_HALF", "auto").strip().lower()
         jit = environ.get("CLASSIFIER_JIT", "auto").strip().lower()
+        runtime = (environ.get("CLASSIFIER_RUNTIME") or cls.runtime).strip().lower()
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"environment variable CLASSIFIER_RUNTIME={runtime!r} is invalid: expected one of "
+                              f"{', '.join(RUNTIMES)}")
+        graph_cache = Path(environ.get("CLASSIFIER_GRAPH_CACHE") or Path(tempfile.gettempdir()) / "classifier-graphs")
         return cls(
             host=environ.get("CLASSIFIER_HOST") or cls.host,
             port=get("SAGEMAKER_BIND_TO_PORT", _positive_int, DEFAULT_PORT),
@@ -201,6 +215,8 @@ class Settings:
             device=environ.get("CLASSIFIER_DEVICE") or cls.device,
             half=None if half == "auto" else get("CLASSIFIER_HALF", parse_bool, False),
             jit=None if jit == "auto" else get("CLASSIFIER_JIT", parse_bool, False),
+            runtime=runtime,
+            graph_cache=graph_cache,
             batch_transform=batch,
             asynchronous=asynchronous,
             batch_strategy=strategy,

@@ -28,6 +28,11 @@ from imagedata import CLASSES, cat_photo_jpeg, write_image_folder
 from ports import free_port
 
 pytestmark = pytest.mark.container
+
+
+def logs(served) -> str:  # type: ignore[no-untyped-def]
+    result = docker("logs", served.container, check=False)
+    return result.stdout + result.stderr
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 HYPERPARAMETERS = {"epochs": "5", "image_size": "64", "batch_size": "16", "learning_rate": "0.01"}
 
@@ -62,6 +67,7 @@ def test_train_writes_the_artifact(trained) -> None:
     assert "metric: validation_accuracy=" in run.stdout
     assert (base / "output" / "data" / "metrics.json").is_file()
     assert not (base / "output" / "failure").exists()
+    assert (base / "model" / "graph.onnx").is_file()  # what a CPU serves (ONNX Runtime)
 
 
 def test_serve_loads_the_trained_model_and_classifies_held_out_images(trained, dataset: Path) -> None:
@@ -82,6 +88,8 @@ def test_serve_loads_the_trained_model_and_classifies_held_out_images(trained, d
                          headers={"Content-Type": "image/jpeg"}, timeout=30)
         assert bad.status_code == 400
         assert bad.json()["error"]["code"] == "invalid_image"
+        # No GPU here: both images serve on the CPU, from the graph training wrote.
+        assert "running the network with ONNX Runtime: graph from the artifact's graph.onnx" in logs(served)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -114,6 +122,8 @@ def test_default_model_recognises_a_cat(variant: str, tmp_path: Path) -> None:
         predictions = classify(served.url, cat_photo_jpeg(), "image/jpeg")
         assert predictions[0]["label"] in CAT_CLASSES, predictions
         assert len(predictions) == 5
+        # The image holds the built-in model's graph: nothing is exported at start.
+        assert "running the network with ONNX Runtime: graph from the graph cache" in logs(served)
     print(f"{variant}: first /ping 200 {served.seconds_to_ready:.1f} s after docker run")
 
 

@@ -255,10 +255,15 @@ def test_a_model_is_charged_its_tensors(models_dir: Path) -> None:
     expected = sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()])
     assert model_bytes(network) == expected
     assert (models_dir / "pets" / "model" / artifact.WEIGHTS_FILE).stat().st_size == pytest.approx(expected, rel=0.01)
-    # Frozen, the network's tensors are constants rather than parameters: the charge is taken before.
-    predictor = Predictor.load(models_dir / "pets" / "model", allow_default=False, device="cpu")
+    # With PyTorch, frozen, the network's tensors are constants rather than parameters: the charge
+    # is taken before.
+    predictor = Predictor.load(models_dir / "pets" / "model", allow_default=False, device="cpu", engine="torch")
     assert predictor.jit
     assert predictor.weight_bytes == expected
+    # In ONNX Runtime (the default on a CPU) each session, one per pass width, holds its own copy.
+    predictor = Predictor.load(models_dir / "pets" / "model", allow_default=False, device="cpu", threads=(1, 2))
+    assert predictor.runtime == "onnxruntime"
+    assert predictor.weight_bytes == pytest.approx(2 * expected, rel=0.05)
 
 
 def test_a_model_larger_than_the_budget_is_refused_without_unloading_others(models_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""The predictor: the network frozen with TorchScript on a CPU, and the fallback when it cannot be."""
+"""The predictor with PyTorch: the network frozen with TorchScript on a CPU, and the fallback when it cannot be
+(ONNX Runtime, the default on a CPU, is tests/test_runtime.py's)."""
 
 from __future__ import annotations
 
@@ -77,10 +78,10 @@ def test_a_network_that_does_not_trace_faithfully_runs_as_it_is(network: type[nn
     assert torch.allclose(torch.from_numpy(predictor.infer(batch)), logits(Small(), batch), atol=1e-5)
 
 
-def test_the_served_artifact_is_frozen_and_charged_its_weights(tiny_artifact) -> None:  # type: ignore[no-untyped-def]
+def test_with_pytorch_the_served_artifact_is_frozen_and_charged_its_weights(tiny_artifact) -> None:  # type: ignore[no-untyped-def]
     network, _ = artifact.load(tiny_artifact)
-    predictor = Predictor.load(tiny_artifact, allow_default=False, device="cpu")
-    assert predictor.jit
+    predictor = Predictor.load(tiny_artifact, allow_default=False, device="cpu", engine="torch")
+    assert predictor.jit and predictor.runtime == "torchscript"
     batch = torch.randn(3, 3, 32, 32)
     assert torch.allclose(torch.from_numpy(predictor.infer(batch)), logits(network, batch), atol=1e-4)
     assert predictor.weight_bytes == sum(t.numel() * t.element_size() for t in [*network.parameters(),

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from classifier import artifact
 from classifier.artifact import MULTICLASS, MULTILABEL, Manifest, Preprocessing
+from classifier.export import write_graph
 from train import checkpoint, multilabel
 from train.checkpoint import Progress, Trainee
 from train.data import ShardSampler, Splits, eval_loader, load_splits, train_loader
@@ -315,6 +316,8 @@ def write_artifact(settings: Settings, model: nn.Module, splits: Splits, progres
         format_version=artifact.MULTILABEL_FORMAT_VERSION if splits.multi_label else artifact.FORMAT_VERSION,
     )
     artifact.save(paths.model_dir, model, manifest)
+    if hp.export_graph:
+        write_graph(paths.model_dir, model, preprocessing.crop_size)
     paths.output_data_dir.mkdir(parents=True, exist_ok=True)
     report = write_reports(
         paths.output_data_dir,

@@ -77,6 +77,7 @@ class Hyperparameters:
     peer_timeout_s: float = 300.0
     tensorboard: bool = False  # scalars per epoch under <output>/tensorboard
     profile_steps: int = 0  # torch.profiler trace of this many steps (after 2 warm-up steps)
+    export_graph: bool = True  # write graph.onnx (the network as ONNX, checked) into the artifact
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data_format: str = "auto"  # how channels are read: auto (a manifest if there is one) or one of DATA_FORMATS
     label_attribute: str = ""  # a Ground Truth manifest's label attribute; "": the one with a class-name

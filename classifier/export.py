@@ -1,0 +1,159 @@
+"""The network exported as an ONNX graph, and the check that the graph computes what it does.
+
+Training writes the graph into the artifact (``graph.onnx``, beside the weights); the server runs
+it with ONNX Runtime on a CPU, and exports it itself for an artifact that lacks it. Either side
+runs the graph only once it has passed :func:`compare` against the PyTorch network on sample
+inputs: every logit within :data:`RELATIVE_TOLERANCE` of the largest logit's size (at least 1),
+and the same top-1 class for every input, except where PyTorch's own two best classes are closer
+than that tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from classifier.onnx_model import OnnxModel, OnnxModelError
+
+logger = logging.getLogger(__name__)
+GRAPH_FILE = "graph.onnx"
+RELATIVE_TOLERANCE = 1e-3
+EXPORT_BATCH, CHECK_BATCH = 2, 3  # the check runs another batch size than the export traced
+EXPORTER_LOGGERS = ("torch", "onnx_ir", "onnxscript")  # they log every rewrite they make
+TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours its messages
+
+
+class ExportError(RuntimeError):
+    """The network could not be exported as an ONNX graph."""
+
+
+def sample(batch: int, crop_size: int, seed: int) -> torch.Tensor:
+    """Reproducible inputs of the network's shape (the global random state is left alone)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, crop_size, crop_size, generator=generator)
+
+
+def export(model: nn.Module, crop_size: int) -> bytes:
+    """``model`` (on the CPU, float32) as an ONNX graph with any batch size: input ``images``
+    (N×3×crop×crop), output ``logits``. Raises :class:`ExportError` with the exporter's reason."""
+    buffer = io.BytesIO()
+    _thread_lock_for_progress_bars()
+    try:
+        # The exporter reports its progress on stdout, and warns and logs about what it rewrites.
+        with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+              contextlib.redirect_stderr(io.StringIO()), _quiet(EXPORTER_LOGGERS), torch.no_grad()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (sample(EXPORT_BATCH, crop_size, seed=0),), buffer, dynamo=True,
+                              input_names=["images"], output_names=["logits"], verbose=False,
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    except Exception as exc:  # noqa: BLE001 - the exporter fails in many ways; each means: no graph
+        text = TERMINAL_CODES.sub("", str(exc)).strip()
+        raise ExportError(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}") from None
+    return buffer.getvalue()
+
+
+def _thread_lock_for_progress_bars() -> None:
+    """The exporter runs torch.fx, which opens (disabled) tqdm progress bars; tqdm's default lock
+    is a multiprocessing semaphore, which a server's worker process leaves behind at exit (and
+    Python's resource tracker then prints a warning into the server's log). A thread lock does."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    if getattr(tqdm, "_lock", None) is None:
+        tqdm.set_lock(threading.RLock())
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """The named loggers' records below ERROR dropped for the duration: a failed export is reported
+    once, by the caller, in a sentence."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(max(logging.ERROR, each.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How the graph's logits compare with PyTorch's on the sample inputs."""
+
+    max_difference: float
+    tolerance: float
+    top1_agrees: bool
+    shape_agrees: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.shape_agrees and self.max_difference <= self.tolerance and self.top1_agrees
+
+    def describe(self) -> str:
+        if not self.shape_agrees:
+            return "the graph answers a different number of scores"
+        agreement = "same top-1" if self.top1_agrees else "a different top-1"
+        return f"largest logit difference {self.max_difference:.2g} (tolerance {self.tolerance:.2g}), {agreement}"
+
+
+def compare(model: nn.Module, graph: OnnxModel, crop_size: int) -> Comparison:
+    """Run ``model`` (on the CPU) and ``graph`` on the same sample inputs and compare the logits."""
+    inputs = sample(CHECK_BATCH, crop_size, seed=1)
+    with torch.inference_mode():
+        expected = model.eval()(inputs).float().numpy().astype(np.float64)
+    got = graph(inputs, threads=graph.thread_counts[0]).astype(np.float64)
+    tolerance = RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    if got.shape != expected.shape:
+        return Comparison(float("inf"), tolerance, False, shape_agrees=False)
+    difference = float(np.abs(got - expected).max())
+    ranked = np.sort(expected, axis=1)
+    decisive = ranked[:, -1] - ranked[:, -2] > tolerance if expected.shape[1] > 1 else np.ones(len(expected), bool)
+    agrees = bool(np.all((got.argmax(1) == expected.argmax(1)) | ~decisive))
+    return Comparison(difference, tolerance, agrees)
+
+
+def checked_graph(model: nn.Module, crop_size: int, *,
+                  threads: int | Iterable[int] | None = 1) -> tuple[bytes, OnnxModel, Comparison]:
+    """Export ``model`` and open and compare the graph. Raises :class:`ExportError` when the export
+    fails or the graph differs from the network."""
+    graph = export(model, crop_size)
+    network = OnnxModel(graph, threads)
+    comparison = compare(model, network, crop_size)
+    if not comparison.ok:
+        raise ExportError(f"the exported graph differs from the network: {comparison.describe()}")
+    return graph, network, comparison
+
+
+def write_graph(directory: str | os.PathLike[str], model: nn.Module, crop_size: int) -> Path | None:
+    """Export a copy of ``model`` (on the CPU, float32), check it, and write it to ``directory`` as
+    :data:`GRAPH_FILE`; None, with a warning, when it cannot be exported or differs (the server
+    then exports it itself or runs the network with PyTorch)."""
+    network = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
+    try:
+        graph, _, comparison = checked_graph(network, crop_size)
+    except (ExportError, OnnxModelError) as exc:
+        logger.warning("no %s in the artifact: %s", GRAPH_FILE, exc)
+        return None
+    path = Path(directory) / GRAPH_FILE
+    temporary = path.with_name(f".{GRAPH_FILE}.tmp")
+    temporary.write_bytes(graph)
+    temporary.chmod(0o644)
+    os.replace(temporary, path)
+    logger.info("%s written: the network as ONNX; %s", GRAPH_FILE, comparison.describe())
+    return path

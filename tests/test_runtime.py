@@ -1,0 +1,204 @@
+"""The runtimes: on a CPU the network runs as its exported ONNX graph in ONNX Runtime, checked
+against PyTorch first, from the artifact, the graph cache or a fresh export; a network whose graph
+cannot be made or differs runs with PyTorch, with a warning."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from classifier import artifact, export
+from classifier.artifact import Manifest, Preprocessing
+from classifier.onnx_model import OnnxModel
+from classifier.pretrained import default_model
+from serve import runtime
+from serve.predictor import Predictor
+from serve.settings import ConfigError, Settings
+
+from imagedata import encode
+
+MANIFEST = Manifest(architecture="test", class_names=("a", "b", "c"),
+                    preprocessing=Preprocessing(crop_size=16, resize_size=18, mean=(0.5,) * 3, std=(0.25,) * 3))
+# Real photos shipped with scikit-image, as JPEG, for the built-in ImageNet model.
+PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
+
+
+class Small(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class DiffersWhenExported(Small):
+    """Computes something else while being exported: the exported graph is not the network."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits * 2 if torch.onnx.is_in_onnx_export() else logits
+
+
+class Unexportable(Small):
+    """Branches on a value computed from its input: torch.export cannot follow that."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if float(logits.sum()) > 0 else -logits
+
+
+def weights_file(tmp_path: Path, network: nn.Module) -> Path:
+    path = tmp_path / "weights.pt"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+def photos() -> list[Image.Image]:
+    from skimage import data
+
+    return [Image.open(io.BytesIO(encode(Image.fromarray(getattr(data, name)()), "JPEG", quality=90))).convert("RGB")
+            for name in PHOTOS]
+
+
+def test_the_built_in_model_runs_in_onnx_runtime_with_pytorchs_answers_on_real_photos(tmp_path: Path) -> None:
+    model, manifest = default_model()
+    reference = Predictor(model, manifest, torch.device("cpu"), jit=False)  # PyTorch as it is
+    served = Predictor.load(tmp_path / "empty", allow_default=True, device="cpu", graph_cache=tmp_path / "cache")
+    assert served.runtime == runtime.ONNXRUNTIME
+    images = photos()
+    batch = torch.stack([reference.preprocess(image) for image in images])
+    expected, got = reference.infer(batch), served.infer(batch)
+    tolerance = export.RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    assert np.abs(got - expected).max() <= tolerance
+    assert got.argmax(1).tolist() == expected.argmax(1).tolist()
+    assert served.predict(images[:1], top_k=1)[0][0].label in {"tabby", "tiger cat", "Egyptian cat"}
+
+
+def test_a_graph_is_exported_once_then_taken_from_the_cache(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    network, cache = Small(), tmp_path / "cache"
+    weights = weights_file(tmp_path, network)
+    caplog.set_level(logging.INFO, logger="serve.runtime")
+    first = runtime.onnx_engine(network, MANIFEST, artifact_dir=None, weights=weights, cache=cache, threads=1)
+    assert first is not None and "graph exported now" in caplog.text
+    assert len(list(cache.glob("*.onnx"))) == 1
+    caplog.clear()
+    again = runtime.onnx_engine(network, MANIFEST, artifact_dir=None, weights=weights, cache=cache, threads=1)
+    assert again is not None and "graph from the graph cache" in caplog.text
+
+
+def test_a_cached_graph_that_differs_is_not_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    network, cache = Small(), tmp_path / "cache"
+    weights = weights_file(tmp_path, network)
+    key = runtime.cache_key(weights, MANIFEST)
+    cache.mkdir()
+    (cache / f"{key}.onnx").write_bytes(export.export(Small(seed=1), 16))  # another network's graph under this key
+    engine = runtime.onnx_engine(network, MANIFEST, artifact_dir=None, weights=weights, cache=cache, threads=1)
+    assert engine is not None
+    assert "not using the graph cache: it differs from the network" in caplog.text
+    batch = export.sample(4, 16, seed=5)
+    assert np.allclose(engine(batch), network(batch).detach().numpy(), atol=1e-4)
+
+
+def test_different_weights_have_different_cache_keys(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = weights_file(tmp_path / "a", Small(seed=0)), weights_file(tmp_path / "b", Small(seed=1))
+    assert runtime.cache_key(first, MANIFEST) != runtime.cache_key(second, MANIFEST)
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_export(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    caplog.set_level(logging.INFO, logger="serve.runtime")
+    engine = runtime.onnx_engine(Small(), MANIFEST, artifact_dir=None, weights=weights_file(tmp_path, Small()),
+                                 cache=blocked / "cache", threads=1)
+    assert engine is not None
+    assert "the exported graph is not cached" in caplog.text
+
+
+@pytest.mark.parametrize("network", [DiffersWhenExported, Unexportable])
+def test_a_network_whose_graph_differs_or_fails_runs_with_pytorch(network: type[nn.Module], tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = runtime.onnx_engine(network(), MANIFEST, artifact_dir=None, weights=None, cache=None, threads=1)
+    assert engine is None
+    assert "running the network with PyTorch: it could not be run with ONNX Runtime" in caplog.text
+    predictor = Predictor.load(save(tmp_path, network(), monkeypatch), allow_default=False, device="cpu")
+    assert predictor.runtime in ("torch", "torchscript")
+    batch = export.sample(2, 16, seed=3)
+    with torch.inference_mode():
+        expected = network().eval()(batch).numpy()
+    assert np.allclose(predictor.infer(batch), expected, atol=1e-4)
+
+
+def save(tmp_path: Path, network: nn.Module, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``network`` as an artifact, and artifact.load building the "test" architecture as its class."""
+    monkeypatch.setattr(artifact, "create_model", lambda architecture, num_classes: type(network)())
+    return artifact.save(tmp_path / "model", network, MANIFEST)
+
+
+def test_the_artifacts_graph_is_used_and_a_stale_one_is_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, logger="serve.runtime")
+    model_dir = save(tmp_path, Small(), monkeypatch)
+    assert export.write_graph(model_dir, Small(), 16) == model_dir / export.GRAPH_FILE
+    predictor = Predictor.load(model_dir, allow_default=False, device="cpu")
+    assert predictor.runtime == runtime.ONNXRUNTIME
+    assert "graph from the artifact's graph.onnx" in caplog.text
+    caplog.clear()
+    export.write_graph(model_dir, Small(seed=1), 16)  # weights changed, graph not re-made: stale
+    predictor = Predictor.load(model_dir, allow_default=False, device="cpu")
+    assert predictor.runtime == runtime.ONNXRUNTIME
+    assert "not using the artifact's graph.onnx: it differs from the network" in caplog.text
+    assert "graph exported now" in caplog.text
+
+
+def test_runtime_torch_runs_pytorch_and_an_onnx_artifact_runs_onnx_runtime(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = save(tmp_path, Small(), monkeypatch)
+    assert Predictor.load(model_dir, allow_default=False, device="cpu", engine="torch").runtime == "torchscript"
+    assert Predictor.load(model_dir, allow_default=False, device="cpu", engine="torch", jit=False).runtime == "torch"
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "source.onnx").write_bytes(export.export(Small(), 16))
+    manifest = Manifest(architecture=artifact.ONNX, class_names=MANIFEST.class_names,
+                        preprocessing=MANIFEST.preprocessing)
+    artifact.save_onnx(onnx_dir / "model", onnx_dir / "source.onnx", manifest)
+    assert Predictor.load(onnx_dir / "model", allow_default=False, device="cpu", engine="torch").runtime == "onnxruntime"
+
+
+def test_each_pass_runs_on_the_session_for_its_thread_count(tmp_path: Path) -> None:
+    network = OnnxModel(export.export(Small(), 16), threads=(1, 2))
+    assert network.thread_counts == (1, 2)
+    assert network.session_for(1) is not network.session_for(2)
+    assert network.session_for(8) is network.session_for(2)  # the widest that fits
+    batch = export.sample(3, 16, seed=4)
+    torch.set_num_threads(1)
+    narrow = network(batch)
+    assert np.allclose(narrow, network(batch, threads=2), atol=1e-5)
+    assert network.weight_bytes == 2 * len(export.export(Small(), 16))
+
+
+def test_pass_threads_are_the_lone_and_the_shared_pass_widths() -> None:
+    assert Settings(threads_per_worker=2, inference_threads=2).pass_threads() == (1, 2)
+    assert Settings(threads_per_worker=1, inference_threads=1).pass_threads() == (1,)
+    assert Settings(threads_per_worker=8, inference_threads=2).pass_threads() == (4, 8)
+
+
+def test_the_runtime_setting_is_checked() -> None:
+    assert Settings.from_env({}).runtime == "auto"
+    assert Settings.from_env({"CLASSIFIER_RUNTIME": "Torch"}).runtime == "torch"
+    with pytest.raises(ConfigError, match="CLASSIFIER_RUNTIME='tensorrt' is invalid: expected one of auto, "
+                                          "onnxruntime, torch"):
+        Settings.from_env({"CLASSIFIER_RUNTIME": "tensorrt"})
+    assert Settings.from_env({"CLASSIFIER_GRAPH_CACHE": "/somewhere"}).graph_cache == Path("/somewhere")

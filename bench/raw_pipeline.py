@@ -4,9 +4,10 @@ Every image goes through exactly what ``/invocations`` does with it, minus the w
 ``serve.codec.decode_image`` (the server's decoder: reduced-scale JPEG decode down to the resize
 size, as the server does by default, EXIF transpose, RGB),
 ``Predictor.preprocess`` (the manifest's resize, crop and normalisation), ``Predictor.infer`` on a
-stacked batch and ``codec.top_k``. A :class:`RawPool` keeps ``processes`` worker processes with the
-model loaded and ``threads`` torch threads each (set before loading, as the server does), so one pool
-measures several batch sizes without reloading.
+stacked batch (with the engine the server would run, or the one asked for) and ``codec.top_k``. A
+:class:`RawPool` keeps ``processes`` worker processes with the model loaded and ``threads`` torch
+threads each (set before loading, as the server does), so one pool measures several batch sizes
+without reloading.
 """
 
 from __future__ import annotations
@@ -76,15 +77,19 @@ def _measure(predictor: Any, bodies: Sequence[bytes], *, batch: int, start_at: f
     return images, stages
 
 
-def _worker(connection: Connection, model_dir: str | None, bodies: list[bytes], rank: int, threads: int) -> None:
+def _worker(connection: Connection, model_dir: str | None, bodies: list[bytes], rank: int, threads: int,
+            engine: str) -> None:
     """One pool process: load the model once, then answer measurement commands until ``None``."""
     import torch
 
     from serve.predictor import Predictor
+    from serve.settings import Settings
 
     torch.set_num_threads(threads)
-    # Like the server: the artifact when one is given, else the built-in ImageNet model.
-    predictor = Predictor.load(Path(model_dir or "/nonexistent"), allow_default=model_dir is None, device="cpu")
+    # Like the server: the artifact when one is given, else the built-in ImageNet model, on the
+    # engine asked for (CLASSIFIER_RUNTIME's values), its graph from the server's default cache.
+    predictor = Predictor.load(Path(model_dir or "/nonexistent"), allow_default=model_dir is None, device="cpu",
+                               threads=threads, engine=engine, graph_cache=Settings.from_env({}).graph_cache)
     predictor.warm_up()
     bodies = bodies[rank:] + bodies[:rank]  # processes start on different photos
     connection.send("ready")
@@ -93,9 +98,11 @@ def _worker(connection: Connection, model_dir: str | None, bodies: list[bytes], 
 
 
 class RawPool:
-    """``processes`` spawned workers holding the model; :meth:`run` measures them all at once."""
+    """``processes`` spawned workers holding the model; :meth:`run` measures them all at once.
+    ``engine``: a CLASSIFIER_RUNTIME value (auto: the server's default)."""
 
-    def __init__(self, processes: int, threads: int, model_dir: Path | None, bodies: Sequence[bytes]) -> None:
+    def __init__(self, processes: int, threads: int, model_dir: Path | None, bodies: Sequence[bytes],
+                 engine: str = "auto") -> None:
         context = multiprocessing.get_context("spawn")
         self.processes, self.threads = processes, threads
         self._connections: list[Connection] = []
@@ -103,7 +110,7 @@ class RawPool:
         for rank in range(processes):
             here, there = context.Pipe()
             worker = context.Process(target=_worker, args=(there, str(model_dir) if model_dir else None,
-                                                           list(bodies), rank, threads), daemon=True)
+                                                           list(bodies), rank, threads, engine), daemon=True)
             worker.start()
             self._connections.append(here)
             self._workers.append(worker)

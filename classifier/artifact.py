@@ -260,7 +260,9 @@ def any_weights_file(directory: str | os.PathLike[str]) -> Path | None:
 def load_torchscript(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
     """A TorchScript file, in eval mode (TorchScript's deprecation warning silenced: it still loads)."""
     with warnings.catch_warnings():
+        # Deprecated, not gone: a FutureWarning in this torch, a DeprecationWarning in some older ones.
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(str(path), map_location=device).eval()
 
 

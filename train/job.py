@@ -58,11 +58,15 @@ def emit_metric(name: str, value: float, epoch: int | None = None) -> None:
 
 
 def select_device(name: str, local_rank: int = 0) -> torch.device:
+    """The process's device: with ``cuda`` (or ``auto`` on a GPU host) and no index, the GPU of its
+    local rank, so the processes of a host never share GPU 0."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SettingsError(f"hyperparameter device={name!r} but no CUDA device is visible")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     return device
 
 
@@ -128,6 +132,9 @@ def run(settings: Settings, topology: Topology | None = None, local_rank: int = 
     hp = settings.hyperparameters
     topology = topology or Topology(("localhost",), "localhost", 1, "localhost", 0, None)
     device = select_device(hp.device, local_rank)
+    if device.type == "cuda":
+        # The current device too: NCCL's barrier and every tensor made without a device use it.
+        torch.cuda.set_device(device)
     if topology.distributed:
         init_process_group(topology, local_rank, use_cuda=device.type == "cuda", timeout_s=hp.peer_timeout_s)
     try:

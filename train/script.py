@@ -55,6 +55,7 @@ UNSUPPORTED_DISTRIBUTIONS = {
     "sagemaker_distributed_dataparallel_enabled": "smdistributed",
     "sagemaker_mpi_enabled": "mpi",
 }
+RANK_PREFIX = re.compile(r"^\[default\d+\]:")  # torchrun's mark on each line a process wrote
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*")
 
 
@@ -270,7 +271,7 @@ class Tail:
     def last_error(self) -> str:
         """The script's own error: the first line naming an exception after its first traceback
         (torchrun's ChildFailedError summary comes later and says less), else the last lines."""
-        lines = [line.strip() for line in self.lines]
+        lines = [RANK_PREFIX.sub("", line.strip()) for line in self.lines]
         start = next((index for index, line in enumerate(lines) if line.startswith("Traceback")), 0)
         for line in lines[start:]:
             if EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
@@ -344,8 +345,11 @@ def command_for(job: Job, extra_args: Sequence[str] = ()) -> list[str]:
         return ["/bin/sh", "-c", shlex.join([f"./{job.program}", *args])]
     if not job.torch_distributed:
         return [sys.executable, job.program, *args]
+    # Each process's stderr goes through a file of its own and reaches ours line by line, marked
+    # [default<rank>]: written straight to one pipe, the processes' tracebacks interleave mid-line.
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(job.hosts)),
-                "--nproc_per_node", str(job.processes_per_host)]
+                "--nproc_per_node", str(job.processes_per_host), "--redirects", "2", "--tee", "2",
+                "--log-dir", str(Path(tempfile.gettempdir()) / "torchrun")]
     if len(job.hosts) > 1:
         launcher += ["--master_addr", job.hosts[0], "--master_port", str(MASTER_PORT),
                      "--node_rank", str(job.hosts.index(job.current_host))]

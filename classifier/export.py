@@ -11,7 +11,6 @@ than that tolerance.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -26,14 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from classifier.onnx_model import OnnxModel, OnnxModelError
+from classifier import artifact
+from classifier.onnx_model import OnnxModel
 
 logger = logging.getLogger(__name__)
 GRAPH_FILE = "graph.onnx"
 RELATIVE_TOLERANCE = 1e-3
-EXPORT_BATCH, CHECK_BATCH = 2, 3  # the check runs another batch size than the export traced
+EXPORT_BATCH, CHECK_BATCHES = 2, (1, 3)  # the check runs other batch sizes than the export traced
 EXPORTER_LOGGERS = ("torch", "onnx_ir", "onnxscript")  # they log every rewrite they make
 TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours its messages
+EXPORTING = threading.Lock()
 
 
 class ExportError(RuntimeError):
@@ -52,17 +53,33 @@ def export(model: nn.Module, crop_size: int) -> bytes:
     buffer = io.BytesIO()
     _thread_lock_for_progress_bars()
     try:
-        # The exporter reports its progress on stdout, and warns and logs about what it rewrites.
-        with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
-              contextlib.redirect_stderr(io.StringIO()), _quiet(EXPORTER_LOGGERS), torch.no_grad()):
+        # One export at a time: the exporter's warnings, log records and prints are silenced for
+        # its duration, and those settings are the process's. A failed torch.export prints the
+        # whole traced graph to stderr; the log gets the reason in one line instead. (The log's
+        # handlers keep the streams they were given, so only bare prints from other threads are
+        # lost meanwhile.)
+        with (EXPORTING, warnings.catch_warnings(), _quiet(EXPORTER_LOGGERS),
+              contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), torch.no_grad()):
             warnings.simplefilter("ignore")
             torch.onnx.export(model.eval(), (sample(EXPORT_BATCH, crop_size, seed=0),), buffer, dynamo=True,
                               input_names=["images"], output_names=["logits"], verbose=False,
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as exc:  # noqa: BLE001 - the exporter fails in many ways; each means: no graph
-        text = TERMINAL_CODES.sub("", str(exc)).strip()
-        raise ExportError(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}") from None
+        raise ExportError(reason(exc)) from None
     return buffer.getvalue()
+
+
+def reason(exc: BaseException) -> str:
+    """An exception's first line, and its root cause's (the exporter wraps the cause that says
+    what in the network it could not follow in a generic "failed to export")."""
+    def first_line(error: BaseException) -> str:
+        text = TERMINAL_CODES.sub("", str(error)).strip()
+        return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return first_line(exc) if root is exc else f"{first_line(exc)} ... {first_line(root)}"
 
 
 def _thread_lock_for_progress_bars() -> None:
@@ -113,11 +130,12 @@ class Comparison:
 
 
 def compare(model: nn.Module, graph: OnnxModel, crop_size: int) -> Comparison:
-    """Run ``model`` (on the CPU) and ``graph`` on the same sample inputs and compare the logits."""
-    inputs = sample(CHECK_BATCH, crop_size, seed=1)
+    """Run ``model`` (on the CPU) and ``graph`` on the same sample inputs, one image and a batch of
+    three, and compare the logits."""
+    inputs = [sample(size, crop_size, seed=1) for size in CHECK_BATCHES]
     with torch.inference_mode():
-        expected = model.eval()(inputs).float().numpy().astype(np.float64)
-    got = graph(inputs, threads=graph.thread_counts[0]).astype(np.float64)
+        expected = np.concatenate([model.eval()(batch).float().numpy() for batch in inputs]).astype(np.float64)
+    got = np.concatenate([graph(batch, threads=graph.thread_counts[0]) for batch in inputs]).astype(np.float64)
     tolerance = RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max()))
     if got.shape != expected.shape:
         return Comparison(float("inf"), tolerance, False, shape_agrees=False)
@@ -131,29 +149,35 @@ def compare(model: nn.Module, graph: OnnxModel, crop_size: int) -> Comparison:
 def checked_graph(model: nn.Module, crop_size: int, *,
                   threads: int | Iterable[int] | None = 1) -> tuple[bytes, OnnxModel, Comparison]:
     """Export ``model`` and open and compare the graph. Raises :class:`ExportError` when the export
-    fails or the graph differs from the network."""
+    fails, the graph cannot be run, or it differs from the network."""
     graph = export(model, crop_size)
-    network = OnnxModel(graph, threads)
-    comparison = compare(model, network, crop_size)
+    try:
+        network = OnnxModel(graph, threads)
+        comparison = compare(model, network, crop_size)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; each means: no graph
+        raise ExportError(f"the exported graph cannot be run: {reason(exc)}") from None
     if not comparison.ok:
         raise ExportError(f"the exported graph differs from the network: {comparison.describe()}")
     return graph, network, comparison
 
 
-def write_graph(directory: str | os.PathLike[str], model: nn.Module, crop_size: int) -> Path | None:
-    """Export a copy of ``model`` (on the CPU, float32), check it, and write it to ``directory`` as
-    :data:`GRAPH_FILE`; None, with a warning, when it cannot be exported or differs (the server
-    then exports it itself or runs the network with PyTorch)."""
-    network = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
-    try:
-        graph, _, comparison = checked_graph(network, crop_size)
-    except (ExportError, OnnxModelError) as exc:
-        logger.warning("no %s in the artifact: %s", GRAPH_FILE, exc)
-        return None
+def write_graph(directory: str | os.PathLike[str]) -> Path | None:
+    """Export the network of the artifact in ``directory`` (as saved: on the CPU, float32), check
+    it, and write it there as :data:`GRAPH_FILE`; None, with a warning, when that fails (the
+    server then exports the network itself, or runs it with PyTorch). Never raises: the artifact
+    is complete without it. A graph left from earlier weights is removed first."""
     path = Path(directory) / GRAPH_FILE
     temporary = path.with_name(f".{GRAPH_FILE}.tmp")
-    temporary.write_bytes(graph)
-    temporary.chmod(0o644)
-    os.replace(temporary, path)
+    try:
+        path.unlink(missing_ok=True)
+        network, manifest = artifact.load(directory)
+        graph, _, comparison = checked_graph(network, manifest.preprocessing.crop_size)
+        temporary.write_bytes(graph)
+        temporary.chmod(0o644)
+        os.replace(temporary, path)
+    except Exception as exc:  # noqa: BLE001 - whatever fails, the artifact stands without the graph
+        temporary.unlink(missing_ok=True)
+        logger.warning("no %s in the artifact: %s", GRAPH_FILE, exc if isinstance(exc, ExportError) else reason(exc))
+        return None
     logger.info("%s written: the network as ONNX; %s", GRAPH_FILE, comparison.describe())
     return path

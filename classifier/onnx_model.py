@@ -62,7 +62,7 @@ class OnnxModel:
         self.weight_bytes = size_bytes * len(self._sessions)
 
     @staticmethod
-    def _open(onnxruntime, path: str | os.PathLike[str] | bytes, threads: int):  # noqa: ANN001, ANN205
+    def _open(onnxruntime, path: str | os.PathLike[str] | bytes, threads: int):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -77,7 +77,7 @@ class OnnxModel:
             raise OnnxModelError(f"{name} is not an ONNX model ONNX Runtime can run: "
                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
-    def session_for(self, threads: int):  # noqa: ANN201 - onnxruntime's type, imported lazily
+    def session_for(self, threads: int):
         """The widest session with at most ``threads`` threads (the narrowest if none is that narrow)."""
         fitting = [count for count in self.thread_counts if count <= threads]
         return self._sessions[fitting[-1] if fitting else self.thread_counts[0]]

@@ -165,6 +165,7 @@ def write_tarball(directory: Path, tarball: Path) -> None:
 def package(args: argparse.Namespace) -> tuple[Path, Path, Checked]:
     from classifier import artifact
     from classifier.artifact import Manifest, Preprocessing
+    from classifier.export import write_graph
 
     classes = read_classes(args.classes)
     size = onnx_image_size(Path(args.onnx), args.image_size) if args.onnx else args.image_size or DEFAULT_IMAGE_SIZE
@@ -188,6 +189,8 @@ def package(args: argparse.Namespace) -> tuple[Path, Path, Checked]:
             network = network_from_state_dict(args.architecture, Path(args.weights), len(classes))
         save(staging, network, Manifest(architecture=architecture, class_names=classes, preprocessing=preprocessing,
                                         training=source))
+        if save is artifact.save:  # a state dict: its ONNX graph too, so no server exports it at start
+            write_graph(staging)
         checked = check(staging, sample)
         output.mkdir(parents=True, exist_ok=True)
         for path in staging.iterdir():

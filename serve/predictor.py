@@ -82,12 +82,12 @@ class Predictor:
         self.input_shape = (3, crop, crop)
         self.resize_size = manifest.preprocessing.resize_size  # the short side preprocessing resizes to
         self.onnx = isinstance(model, OnnxModel)
-        self.runtime = runtime.ONNXRUNTIME if self.onnx else runtime.TORCH  # the engine that runs the passes
         if self.onnx:
             if device.type != "cpu":
                 logger.warning("the ONNX network runs on the CPU (ONNX Runtime); package a state dict or "
                                "TorchScript file to run on %s", device)
             self.device, self.half, self.jit = torch.device("cpu"), False, False
+            self.runtime = runtime.ONNXRUNTIME  # what runs the passes: onnxruntime, torchscript or torch
             self.weight_bytes = model.weight_bytes
             self.model: nn.Module | torch.jit.ScriptModule | OnnxModel = model
             return

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,8 +28,8 @@ import torch
 from torch import nn
 
 from classifier.artifact import Manifest
-from classifier.export import GRAPH_FILE, ExportError, checked_graph, compare
-from classifier.onnx_model import OnnxModel, OnnxModelError
+from classifier.export import GRAPH_FILE, ExportError, checked_graph, compare, reason
+from classifier.onnx_model import OnnxModel
 from serve.settings import RUNTIMES
 
 logger = logging.getLogger(__name__)
@@ -59,27 +60,20 @@ def onnx_engine(model: nn.Module, manifest: Manifest, *, artifact_dir: Path | No
     CPU); None, with a warning, when no graph passes. ``weights``: the file the network's weights
     came from (the cache key; None: no cache)."""
     crop = manifest.preprocessing.crop_size
-    candidates: list[tuple[str, Path]] = []
-    if artifact_dir is not None and (artifact_dir / GRAPH_FILE).is_file():
-        candidates.append((f"the artifact's {GRAPH_FILE}", artifact_dir / GRAPH_FILE))
-    cached = cache / f"{cache_key(weights, manifest)}.onnx" if cache is not None and weights is not None else None
-    if cached is not None and cached.is_file():
-        candidates.append(("the graph cache", cached))
-    for origin, path in candidates:
-        try:
-            network = OnnxModel(path, threads)
-        except OnnxModelError as exc:
-            logger.warning("%s cannot be run: %s", origin, exc)
-            continue
-        comparison = compare(model, network, crop)
-        if comparison.ok:
-            logger.info("running the network with ONNX Runtime: graph from %s; %s", origin, comparison.describe())
+    if artifact_dir is not None:
+        network = _checked(model, artifact_dir / GRAPH_FILE, f"the artifact's {GRAPH_FILE}", crop, threads)
+        if network is not None:
             return network
-        logger.warning("not using %s: it differs from the network (%s)", origin, comparison.describe())
+    cached = cache / f"{cache_key(weights, manifest)}.onnx" if cache is not None and weights is not None else None
+    if cached is not None:
+        network = _checked(model, cached, "the graph cache", crop, threads)
+        if network is not None:
+            return network
     try:
         graph, network, comparison = checked_graph(model, crop, threads=threads)
-    except (ExportError, OnnxModelError) as exc:
-        logger.warning("running the network with PyTorch: it could not be run with ONNX Runtime (%s)", exc)
+    except Exception as exc:  # noqa: BLE001 - whatever fails (onnxruntime missing too), PyTorch runs it
+        logger.warning("running the network with PyTorch: it could not be run with ONNX Runtime (%s)",
+                       exc if isinstance(exc, ExportError) else reason(exc))
         return None
     if cached is not None:
         _store(cached, graph)
@@ -87,15 +81,40 @@ def onnx_engine(model: nn.Module, manifest: Manifest, *, artifact_dir: Path | No
     return network
 
 
+def _checked(model: nn.Module, path: Path, origin: str, crop: int,
+             threads: int | Iterable[int] | None) -> OnnxModel | None:
+    """The graph at ``path`` opened, if there is one and it computes what ``model`` does; else None
+    (with a warning when there was a graph)."""
+    if not path.is_file():
+        return None
+    try:
+        network = OnnxModel(path, threads)
+        comparison = compare(model, network, crop)
+    except Exception as exc:  # noqa: BLE001 - a graph that cannot be opened or run is no graph
+        logger.warning("not using %s: it cannot be run (%s)", origin, reason(exc))
+        return None
+    if not comparison.ok:
+        logger.warning("not using %s: it differs from the network (%s)", origin, comparison.describe())
+        return None
+    logger.info("running the network with ONNX Runtime: graph from %s; %s", origin, comparison.describe())
+    return network
+
+
 def _store(path: Path, graph: bytes) -> None:
     """Write ``graph`` to the cache if the cache can be written; a failure only costs the next start
-    an export."""
+    an export. Readable by every user (the cache may be shared)."""
+    temporary: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_bytes(graph)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        temporary = Path(name)
+        with os.fdopen(handle, "wb") as file:
+            file.write(graph)
+        temporary.chmod(0o644)
         os.replace(temporary, path)
     except OSError as exc:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         logger.info("the exported graph is not cached (%s); the next start exports it again", exc)
 
 

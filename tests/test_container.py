@@ -28,13 +28,13 @@ from imagedata import CLASSES, cat_photo_jpeg, write_image_folder
 from ports import free_port
 
 pytestmark = pytest.mark.container
+CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
+HYPERPARAMETERS = {"epochs": "5", "image_size": "64", "batch_size": "16", "learning_rate": "0.01"}
 
 
 def logs(served) -> str:  # type: ignore[no-untyped-def]
     result = docker("logs", served.container, check=False)
     return result.stdout + result.stderr
-CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
-HYPERPARAMETERS = {"epochs": "5", "image_size": "64", "batch_size": "16", "learning_rate": "0.01"}
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ from train.distributed import (
     from_main_process,
     init_process_group,
 )
-from train.settings import HYPERPARAMETER_NAMES, resolve
+from train.settings import resolve
 
 from imagedata import CLASSES, render, write_image_folder, write_shape_splits
 from ports import free_port
@@ -70,11 +70,10 @@ FLOAT32_TOLERANCE = 1e-2  # float32 on the GPU (TF32 convolutions) against the C
 SCALER_SKIPPED_FIRST_STEP = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
 BARRIER_GUESSES_THE_DEVICE = r"barrier\(\): using the device under current context"
 # Small runs on the GPU: resnet18 from scratch on 32-pixel crops. The ONNX graph (a CPU export
-# checked on the CPU) is left out where the build has that hyperparameter: it costs seconds and
-# is no CUDA path.
+# checked on the CPU) is left out: it costs seconds and is no CUDA path.
 SMALL = ["--architecture", "resnet18", "--pretrained", "false", "--image-size", "32", "--batch-size", "8",
          "--workers", "0", "--device", "cuda", "--amp", "true", "--channels-last", "true",
-         *(["--export-graph", "false"] if "export_graph" in HYPERPARAMETER_NAMES else [])]
+         "--export-graph", "false"]
 
 
 @contextmanager
@@ -444,7 +443,7 @@ def test_a_training_job_runs_in_an_nccl_process_group(tmp_path: Path, caplog: py
         with (caplog.at_level(logging.INFO), warnings.catch_warnings(), nccl_world_of_one() as device,
               ExitStack() as stack):
             warnings.filterwarnings("ignore", message=SCALER_SKIPPED_FIRST_STEP, category=UserWarning)
-            # The job never binds a process to its GPU (no device_id, no torch.cuda.set_device), so
+            # job.train is called here without job.run, which sets the process's current device, so
             # torch warns at the final barrier that it uses "the device under current context".
             warnings.filterwarnings("ignore", message=BARRIER_GUESSES_THE_DEVICE, category=UserWarning)
             observers = job.Observers(settings.hyperparameters, settings.paths, 0, stack)

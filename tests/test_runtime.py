@@ -147,20 +147,48 @@ def save(tmp_path: Path, network: nn.Module, monkeypatch: pytest.MonkeyPatch) ->
     return artifact.save(tmp_path / "model", network, MANIFEST)
 
 
-def test_the_artifacts_graph_is_used_and_a_stale_one_is_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_artifacts_graph_is_used_and_one_for_other_weights_is_not(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.INFO, logger="serve.runtime")
     model_dir = save(tmp_path, Small(), monkeypatch)
-    assert export.write_graph(model_dir, Small(), 16) == model_dir / export.GRAPH_FILE
+    assert export.write_graph(model_dir) == model_dir / export.GRAPH_FILE
     predictor = Predictor.load(model_dir, allow_default=False, device="cpu")
     assert predictor.runtime == runtime.ONNXRUNTIME
     assert "graph from the artifact's graph.onnx" in caplog.text
     caplog.clear()
-    export.write_graph(model_dir, Small(seed=1), 16)  # weights changed, graph not re-made: stale
-    predictor = Predictor.load(model_dir, allow_default=False, device="cpu")
+    artifact.save(model_dir, Small(seed=1), MANIFEST)  # new weights, the old graph left beside them
+    predictor = Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=tmp_path / "cache")
     assert predictor.runtime == runtime.ONNXRUNTIME
     assert "not using the artifact's graph.onnx: it differs from the network" in caplog.text
     assert "graph exported now" in caplog.text
+    batch = export.sample(2, 16, seed=3)
+    with torch.inference_mode():
+        assert np.allclose(predictor.infer(batch), Small(seed=1).eval()(batch).numpy(), atol=1e-4)
+
+
+def test_an_artifact_graph_that_cannot_run_is_passed_over(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph exported for another crop size fails at its first run: the server exports anew."""
+    model_dir = save(tmp_path, Small(), monkeypatch)
+    (model_dir / export.GRAPH_FILE).write_bytes(b"not ONNX")
+    assert Predictor.load(model_dir, allow_default=False, device="cpu").runtime == runtime.ONNXRUNTIME
+    assert "not using the artifact's graph.onnx: it cannot be run" in caplog.text
+    caplog.clear()
+    fixed = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 24 * 24, 3))  # 24×24 inputs only
+    (model_dir / export.GRAPH_FILE).write_bytes(export.export(fixed, 24))
+    assert Predictor.load(model_dir, allow_default=False, device="cpu").runtime == runtime.ONNXRUNTIME
+    assert "not using the artifact's graph.onnx: it cannot be run" in caplog.text
+
+
+def test_writing_the_graph_never_fails_the_artifact(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = save(tmp_path, Unexportable(), monkeypatch)
+    (model_dir / export.GRAPH_FILE).write_bytes(b"an earlier run's graph")
+    assert export.write_graph(model_dir) is None
+    assert "no graph.onnx in the artifact" in caplog.text
+    assert not (model_dir / export.GRAPH_FILE).exists()  # the earlier graph is gone, not kept beside new weights
+    assert export.write_graph(tmp_path / "nothing here") is None  # no artifact at all: a warning, no exception
 
 
 def test_runtime_torch_runs_pytorch_and_an_onnx_artifact_runs_onnx_runtime(tmp_path: Path,
@@ -177,16 +205,38 @@ def test_runtime_torch_runs_pytorch_and_an_onnx_artifact_runs_onnx_runtime(tmp_p
     assert Predictor.load(onnx_dir / "model", allow_default=False, device="cpu", engine="torch").runtime == "onnxruntime"
 
 
-def test_each_pass_runs_on_the_session_for_its_thread_count(tmp_path: Path) -> None:
+def test_each_pass_runs_on_the_session_for_its_thread_count() -> None:
     network = OnnxModel(export.export(Small(), 16), threads=(1, 2))
     assert network.thread_counts == (1, 2)
-    assert network.session_for(1) is not network.session_for(2)
-    assert network.session_for(8) is network.session_for(2)  # the widest that fits
+    narrow, wide = network.session_for(1), network.session_for(2)
+    assert narrow is not wide
+    assert network.session_for(8) is wide  # the widest that fits
+    assert network.session_for(0) is narrow  # the narrowest when none fits
+    ran: list[object] = []
+    for session in (narrow, wide):
+        monkeypatch_run(session, ran)
     batch = export.sample(3, 16, seed=4)
-    torch.set_num_threads(1)
-    narrow = network(batch)
-    assert np.allclose(narrow, network(batch, threads=2), atol=1e-5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        by_setting = network(batch)  # the calling thread's torch setting picks the session
+        by_argument = network(batch, threads=2)
+    finally:
+        torch.set_num_threads(before)
+    assert ran == [narrow, wide]
+    assert np.allclose(by_setting, by_argument, atol=1e-5)
     assert network.weight_bytes == 2 * len(export.export(Small(), 16))
+
+
+def monkeypatch_run(session: object, ran: list[object]) -> None:
+    """Record each run of ``session`` in ``ran`` (ONNX Runtime's session objects take attributes)."""
+    original = session.run  # type: ignore[attr-defined]
+
+    def run(*args: object, **kwargs: object) -> object:
+        ran.append(session)
+        return original(*args, **kwargs)
+
+    session.run = run  # type: ignore[attr-defined]
 
 
 def test_pass_threads_are_the_lone_and_the_shared_pass_widths() -> None:

@@ -6,6 +6,7 @@ value a string) under a base folder of the test's own, and ``python -m train`` r
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -126,9 +127,25 @@ def test_every_sm_variable_a_script_reads(tmp_path: Path) -> None:
     assert training_env["master_hostname"] == "algo-1" and training_env["is_master"] is False
     assert training_env["job_name"] == "job-1"
     assert "user_args" not in training_env
-    assert script.command_for(job)[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert script.command_for(job)[3:13] == ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "algo-1",
-                                             "--master_port", "7777", "--node_rank", "1"]
+    command = script.command_for(job)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert command[3:11] == ["--nnodes", "2", "--nproc_per_node", "1", "--redirects", "2", "--tee", "2"]
+    at = command.index("--master_addr")
+    assert command[at:at + 6] == ["--master_addr", "algo-1", "--master_port", "7777", "--node_rank", "1"]
+
+
+def test_the_failure_names_the_error_whatever_marks_torchrun_and_torch_put_on_the_lines() -> None:
+    """torchrun marks each line with the local rank's [default<n>]:, and torch.distributed's
+    excepthook marks a traceback's lines with [rank<n>]: once a process group exists."""
+    lines = ["[default1]:[rank1]: Traceback (most recent call last):",
+             "[default1]:[rank1]:   File \"train.py\", line 4, in <module>",
+             "[default1]:[rank1]: ValueError: bad epochs",
+             "[default0]:Traceback (most recent call last):",
+             "[default0]:ValueError: bad epochs",
+             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: "]
+    tail = script.Tail(io.StringIO("\n".join(lines) + "\n"), io.StringIO())
+    tail.join()
+    assert tail.last_error() == "ValueError: bad epochs"
 
 
 def test_a_job_without_a_program_is_not_script_mode(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from classifier import artifact
+from classifier.export import GRAPH_FILE
 from serve.predictor import Predictor
 from train.__main__ import main
 
@@ -46,8 +47,11 @@ def test_learns_a_learnable_dataset_and_serves_what_it_evaluated(tmp_path: Path,
     assert metrics["test"]["accuracy"] >= 0.8
     assert f"metric: test_accuracy={metrics['test']['accuracy']:.6f}" in out
 
+    # The artifact carries the network as a checked ONNX graph too, which the server runs on a CPU.
+    assert (tmp_path / "ml" / "model" / GRAPH_FILE).is_file()
     predictor = Predictor.load(tmp_path / "ml" / "model", allow_default=False, device="cpu")
     assert predictor.manifest.class_names == tuple(sorted(CLASSES))
+    assert predictor.runtime == "onnxruntime"
     images, labels = [], []
     for class_name in CLASSES:
         for path in sorted((dataset / "test" / class_name).iterdir()):
@@ -61,12 +65,15 @@ def test_learns_a_learnable_dataset_and_serves_what_it_evaluated(tmp_path: Path,
 def test_sagemaker_layout_with_string_hyperparameters(tmp_path: Path, dataset: Path) -> None:
     base = sagemaker_base(tmp_path, dataset, {"epochs": "1", "pretrained": "false",
                                               "architecture": "resnet18", "image_size": "32",
-                                              "batch_size": "8", "workers": "0"})
+                                              "batch_size": "8", "workers": "0", "export_graph": "false"})
+    (base / "model").mkdir(parents=True, exist_ok=True)
+    (base / "model" / GRAPH_FILE).write_bytes(b"an earlier run's graph")
     assert main([], {"SAGEMAKER_BASE_DIR": str(base)}) == 0
     manifest = artifact.load_manifest(base / "model")
     assert manifest.training["hyperparameters"]["epochs"] == 1
     assert manifest.preprocessing.crop_size == 32
     assert not (base / "output" / "failure").exists()
+    assert not (base / "model" / GRAPH_FILE).exists()  # export_graph=false: none, and no stale one
 
 
 @pytest.mark.parametrize(

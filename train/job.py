@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from classifier import artifact
 from classifier.artifact import MULTICLASS, MULTILABEL, Manifest, Preprocessing
-from classifier.export import write_graph
+from classifier.export import GRAPH_FILE, write_graph
 from train import checkpoint, multilabel
 from train.checkpoint import Progress, Trainee
 from train.data import ShardSampler, Splits, eval_loader, load_splits, train_loader
@@ -324,7 +324,9 @@ def write_artifact(settings: Settings, model: nn.Module, splits: Splits, progres
     )
     artifact.save(paths.model_dir, model, manifest)
     if hp.export_graph:
-        write_graph(paths.model_dir, model, preprocessing.crop_size)
+        write_graph(paths.model_dir)
+    else:
+        (paths.model_dir / GRAPH_FILE).unlink(missing_ok=True)  # an earlier run's, for other weights
     paths.output_data_dir.mkdir(parents=True, exist_ok=True)
     report = write_reports(
         paths.output_data_dir,

@@ -55,7 +55,9 @@ UNSUPPORTED_DISTRIBUTIONS = {
     "sagemaker_distributed_dataparallel_enabled": "smdistributed",
     "sagemaker_mpi_enabled": "mpi",
 }
-RANK_PREFIX = re.compile(r"^\[default\d+\]:")  # torchrun's mark on each line a process wrote
+# torchrun's mark on each line a process wrote (its local rank), then torch.distributed's on a
+# traceback's lines once the process joined a group (its global rank).
+RANK_PREFIX = re.compile(r"^(\[default\d+\]:)?(\[rank\d+\]:)?\s?")
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*")
 
 

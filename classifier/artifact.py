@@ -233,9 +233,9 @@ def _save(directory: str | os.PathLike[str], network_file: str, write_network: A
     Manifest.from_dict(manifest.to_dict())  # what a reader would refuse is never written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / network_file, write_network)
+    write_atomically(directory / network_file, write_network)
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-    _write_atomically(directory / MANIFEST_FILE, lambda path: path.write_text(text))
+    write_atomically(directory / MANIFEST_FILE, lambda path: path.write_text(text))
     return directory
 
 
@@ -266,7 +266,7 @@ def load_torchscript(path: str | os.PathLike[str], device: str | torch.device = 
         return torch.jit.load(str(path), map_location=device).eval()
 
 
-def _write_atomically(target: Path, write: Any) -> None:
+def write_atomically(target: Path, write: Any) -> None:
     temporary = target.with_name(f".{target.name}.tmp")
     write(temporary)
     # Readable by all (safetensors writes 0600): a model trained as root is served by the image's

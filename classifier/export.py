@@ -146,18 +146,29 @@ def compare(model: nn.Module, graph: OnnxModel, crop_size: int) -> Comparison:
     return Comparison(difference, tolerance, agrees)
 
 
+def opened_and_checked(model: nn.Module, graph: str | os.PathLike[str] | bytes, crop_size: int, *,
+                       threads: int | Iterable[int] | None = 1) -> tuple[OnnxModel, Comparison]:
+    """``graph`` (a file or its bytes) opened in ONNX Runtime and compared with ``model``. Raises
+    :class:`ExportError` ("cannot be run: ...", "differs from the network: ...") otherwise."""
+    try:
+        network = OnnxModel(graph, threads)
+        comparison = compare(model, network, crop_size)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; each means: no graph
+        raise ExportError(f"cannot be run: {reason(exc)}") from None
+    if not comparison.ok:
+        raise ExportError(f"differs from the network: {comparison.describe()}")
+    return network, comparison
+
+
 def checked_graph(model: nn.Module, crop_size: int, *,
                   threads: int | Iterable[int] | None = 1) -> tuple[bytes, OnnxModel, Comparison]:
     """Export ``model`` and open and compare the graph. Raises :class:`ExportError` when the export
     fails, the graph cannot be run, or it differs from the network."""
     graph = export(model, crop_size)
     try:
-        network = OnnxModel(graph, threads)
-        comparison = compare(model, network, crop_size)
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; each means: no graph
-        raise ExportError(f"the exported graph cannot be run: {reason(exc)}") from None
-    if not comparison.ok:
-        raise ExportError(f"the exported graph differs from the network: {comparison.describe()}")
+        network, comparison = opened_and_checked(model, graph, crop_size, threads=threads)
+    except ExportError as exc:
+        raise ExportError(f"the exported graph {exc}") from None
     return graph, network, comparison
 
 
@@ -167,16 +178,13 @@ def write_graph(directory: str | os.PathLike[str]) -> Path | None:
     server then exports the network itself, or runs it with PyTorch). Never raises: the artifact
     is complete without it. A graph left from earlier weights is removed first."""
     path = Path(directory) / GRAPH_FILE
-    temporary = path.with_name(f".{GRAPH_FILE}.tmp")
     try:
         path.unlink(missing_ok=True)
         network, manifest = artifact.load(directory)
         graph, _, comparison = checked_graph(network, manifest.preprocessing.crop_size)
-        temporary.write_bytes(graph)
-        temporary.chmod(0o644)
-        os.replace(temporary, path)
+        artifact.write_atomically(path, lambda target: target.write_bytes(graph))
     except Exception as exc:  # noqa: BLE001 - whatever fails, the artifact stands without the graph
-        temporary.unlink(missing_ok=True)
+        path.with_name(f".{GRAPH_FILE}.tmp").unlink(missing_ok=True)  # write_atomically's, if it got that far
         logger.warning("no %s in the artifact: %s", GRAPH_FILE, exc if isinstance(exc, ExportError) else reason(exc))
         return None
     logger.info("%s written: the network as ONNX; %s", GRAPH_FILE, comparison.describe())

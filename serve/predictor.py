@@ -36,6 +36,7 @@ from serve import codec, runtime
 from serve.memory import model_bytes
 
 logger = logging.getLogger(__name__)
+TORCHSCRIPT = "torchscript"  # Predictor.runtime of a network traced and frozen (PyTorch's CPU path)
 
 
 def select_device(name: str) -> torch.device:
@@ -81,12 +82,11 @@ class Predictor:
         crop = manifest.preprocessing.crop_size
         self.input_shape = (3, crop, crop)
         self.resize_size = manifest.preprocessing.resize_size  # the short side preprocessing resizes to
-        self.onnx = isinstance(model, OnnxModel)
-        if self.onnx:
+        if isinstance(model, OnnxModel):
             if device.type != "cpu":
                 logger.warning("the ONNX network runs on the CPU (ONNX Runtime); package a state dict or "
                                "TorchScript file to run on %s", device)
-            self.device, self.half, self.jit = torch.device("cpu"), False, False
+            self.device, self.half = torch.device("cpu"), False
             self.runtime = runtime.ONNXRUNTIME  # what runs the passes: onnxruntime, torchscript or torch
             self.weight_bytes = model.weight_bytes
             self.model: nn.Module | torch.jit.ScriptModule | OnnxModel = model
@@ -101,8 +101,7 @@ class Predictor:
         frozen = None
         if device.type == "cpu" if jit is None else jit:
             frozen = freeze(model, self.input_shape, device, torch.float16 if self.half else torch.float32)
-        self.jit = frozen is not None
-        self.runtime = "torchscript" if self.jit else runtime.TORCH
+        self.runtime = TORCHSCRIPT if frozen is not None else runtime.TORCH
         # The network that runs: frozen when it could be (the original is then let go).
         self.model = frozen if frozen is not None else model
 
@@ -140,6 +139,16 @@ class Predictor:
                 return cls(graph, manifest, torch.device("cpu"))
             model = model.to(target)
         return cls(model, manifest, target, half=half, jit=jit)
+
+    @property
+    def onnx(self) -> bool:
+        """Whether ONNX Runtime runs the passes (on the CPU)."""
+        return self.runtime == runtime.ONNXRUNTIME
+
+    @property
+    def jit(self) -> bool:
+        """Whether the network runs traced and frozen with TorchScript."""
+        return self.runtime == TORCHSCRIPT
 
     @property
     def class_names(self) -> tuple[str, ...]:

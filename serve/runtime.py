@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from classifier.artifact import Manifest
-from classifier.export import GRAPH_FILE, ExportError, checked_graph, compare, reason
+from classifier.export import GRAPH_FILE, ExportError, checked_graph, opened_and_checked, reason
 from classifier.onnx_model import OnnxModel
 from serve.settings import RUNTIMES
 
@@ -88,13 +88,9 @@ def _checked(model: nn.Module, path: Path, origin: str, crop: int,
     if not path.is_file():
         return None
     try:
-        network = OnnxModel(path, threads)
-        comparison = compare(model, network, crop)
-    except Exception as exc:  # noqa: BLE001 - a graph that cannot be opened or run is no graph
-        logger.warning("not using %s: it cannot be run (%s)", origin, reason(exc))
-        return None
-    if not comparison.ok:
-        logger.warning("not using %s: it differs from the network (%s)", origin, comparison.describe())
+        network, comparison = opened_and_checked(model, path, crop, threads=threads)
+    except ExportError as exc:
+        logger.warning("not using %s: it %s", origin, exc)
         return None
     logger.info("running the network with ONNX Runtime: graph from %s; %s", origin, comparison.describe())
     return network

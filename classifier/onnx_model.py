@@ -6,8 +6,8 @@ many images at a time (the last batch filled up with blank images) and the answe
 a fixed image size is what preprocessing must produce (:attr:`OnnxModel.image_size` says which).
 
 One session is opened per thread count the caller asks for (``threads``): a pass runs on the
-session whose thread count is the calling thread's torch setting (``torch.set_num_threads``), so
-the server's batcher decides a pass's threads in one place for every engine. A single-threaded
+session for the thread count it is given (the server's scheduling policy decides it), or without
+one, the calling thread's torch setting (``torch.set_num_threads``). A single-threaded
 session runs on the calling thread itself, so several passes on it run side by side; a wider one
 spreads a pass over its own pool of threads. Each session holds its own copy of the weights.
 """

@@ -1,34 +1,22 @@
 """Dynamic batching: requests that wait for the model at the same time share one forward pass.
 
-The batcher never holds a lone request back: with ``max_delay_s`` = 0 (the default) it runs
-whatever is queued the moment a pass can start, so a single request costs one forward pass and
-concurrent requests are grouped while earlier passes run. A positive delay trades a little
-latency for larger batches. Requests over ``max_queue`` queued images are refused at once.
-Each model has its own batcher, so one forward pass never mixes two models' inputs.
+The batcher never holds a lone request back: with no delay (the default) it runs whatever is
+queued the moment a pass can start, so a single request costs one forward pass and concurrent
+requests are grouped while earlier passes run. Requests over ``max_queue`` queued images are
+refused at once. Each model has its own batcher, so one forward pass never mixes two models'
+inputs.
 
-Up to ``parallel`` passes run at once, each on its own thread of the executor. On a CPU that
-beats one pass spread over every core: small convolutions scale poorly across threads, while
-independent passes scale almost perfectly (PyTorch releases the GIL inside its kernels). A pass
-may use all ``threads`` torch threads when requests come one at a time: it starts with nothing
-else running, queued or on its way (a request being decoded, see :meth:`Batcher.incoming`), and
-the requests before it found the model idle too (a moving average of the requests each one found
-in the batcher stays under 1.5). So a lone request is as fast as the cores allow, while under
-concurrent load, where a queue can empty for a moment between passes, no pass goes wide only to
-have a pass start beside it with more threads than free cores (and its OpenMP threads spin
-between layers on cores the other passes need). Passes side by side get an equal share each.
-
-With passes side by side, a pass takes at most its fair share of the images waiting or in passes
-(their number divided by ``parallel``, rounded up): a pass that starts while another runs a
-single image does not take all seven queued behind it, which would make their wait the sum of
-seven forward passes while the other core soon idles.
+What the batcher decides nothing about: when a pass may start, how many images it takes, how many
+threads it runs with and whether a request is decoded inside it are the model's
+:class:`~serve.scheduling.Policy`'s answers to what the batcher shows it. The batcher carries
+them out: it runs up to ``policy.passes`` passes at once, each on a thread of its executor (a pass
+with every core on the one wide thread), and hands each pass its thread count explicitly:
+``infer(batch, threads)``.
 
 A request may also be submitted undecoded, as a function that makes its inputs: the pass that
 takes it runs the function on its own thread just before the forward pass, as one process of the
-raw pipeline would. On a CPU that saves two hand-overs between threads per request and keeps
-decoding from competing with the passes for the cores (measured here, in-process without HTTP:
-EfficientNet-Lite0 at 0.94-1.02x of two single-threaded raw processes, against 0.91-0.96x when a
-separate pool decodes). A request whose inputs cannot be made fails alone; the rest of its pass
-goes on.
+raw pipeline would. A request whose inputs cannot be made fails alone; the rest of its pass goes
+on.
 """
 
 from __future__ import annotations
@@ -46,10 +34,9 @@ import numpy as np
 import torch
 
 from serve.errors import NotReady, Overloaded
+from serve.scheduling import Backlog, Policy
 
 logger = logging.getLogger(__name__)
-LOAD_SMOOTHING = 0.2  # weight of the newest submission in the moving average of load
-ONE_AT_A_TIME = 1.5  # below this average, requests are coming one at a time
 
 
 # A request's images (or, for batched handlers, its rows: a tensor or array), or a function that makes them.
@@ -91,21 +78,19 @@ def _stackable(first: Inputs, other: Inputs) -> bool:
 
 
 class Batcher:
-    def __init__(self, infer: Callable[[torch.Tensor], np.ndarray], executor: Executor, *, max_batch_size: int,
-                 max_delay_s: float, max_queue: int, parallel: int = 1, threads: int | None = None,
-                 wide_executor: Executor | None = None, isolate_failures: bool = False,
+    def __init__(self, infer: Callable[[Inputs, int | None], np.ndarray], executor: Executor, *, policy: Policy,
+                 max_queue: int, wide_executor: Executor | None = None, isolate_failures: bool = False,
                  on_batch: Callable[[int], None] = lambda size: None,
                  closed_error: Callable[[], Exception] = lambda: NotReady("the model is being unloaded",
                                                                            headers={"Retry-After": "1"})) -> None:
+        """``infer(batch, threads)``: one forward pass with that many threads (None: the thread's
+        own setting). ``executor`` needs at least ``policy.passes`` threads; passes with every core
+        run on ``wide_executor`` (one thread: one OpenMP team in the process)."""
         self._infer = infer
-        self._executor = executor  # needs at least ``parallel`` threads
-        # Passes that use every torch thread run here (one thread: one OpenMP team in the process).
+        self._executor = executor
         self._wide_executor = wide_executor or executor
-        self._max_batch_size = max_batch_size
-        self._max_delay_s = max_delay_s
+        self.policy = policy
         self._max_queue = max_queue
-        self._parallel = parallel
-        self._threads = threads  # torch threads for a lone pass; None: leave the thread's setting alone
         self._on_batch = on_batch
         # A shared pass that fails is run again request by request, so that only the request whose
         # inputs broke it fails (user code, whose failures may come from one request's data).
@@ -116,11 +101,16 @@ class Batcher:
         self._incoming = 0  # requests being prepared that will be submitted next
         self._in_passes = 0  # requests in the passes running now
         self._images_in_passes = 0
-        self._recent_load = 0.0  # moving average of the requests each submission found here, itself included
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._passes: dict[asyncio.Task[None], float] = {}  # forward passes running now, and when each began
         self._closed = False
+
+    def backlog(self) -> Backlog:
+        """What this batcher holds now, as its policy reads it."""
+        return Backlog(queued_requests=len(self._queue), queued_images=self._queued_images,
+                       running_passes=len(self._passes), requests_in_passes=self._in_passes,
+                       images_in_passes=self._images_in_passes, incoming=self._incoming)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -155,8 +145,8 @@ class Batcher:
 
     @contextlib.contextmanager
     def incoming(self) -> Iterator[None]:
-        """Around preparing a request's inputs (decoding), so no pass starts wide while it is on its
-        way; submit right after, without awaiting anything in between."""
+        """Around preparing a request's inputs (decoding), so the policy sees it on its way;
+        submit right after, without awaiting anything in between."""
         self._incoming += 1
         try:
             yield
@@ -177,8 +167,7 @@ class Batcher:
         job = _Job(inputs, images, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._queued_images += images
-        load = len(self._queue) + self._in_passes + self._incoming
-        self._recent_load += (load - self._recent_load) * LOAD_SMOOTHING
+        self.policy.arrived(self.backlog())
         self._wakeup.set()
         logits, batch_size = await job.future
         done = time.perf_counter()
@@ -186,8 +175,7 @@ class Batcher:
                               job.prepare_s)
 
     def _take_batch(self) -> list[_Job]:
-        share = -(-(self._queued_images + self._images_in_passes) // self._parallel)
-        limit = min(self._max_batch_size, max(1, share))
+        limit = self.policy.batch_limit(self.backlog())
         jobs: list[_Job] = []
         size = 0
         while self._queue and (not jobs or (size + self._queue[0].images <= limit
@@ -202,19 +190,18 @@ class Batcher:
 
     async def _run(self) -> None:
         while True:
-            if not self._queue or len(self._passes) >= self._parallel:
+            if not self.policy.can_start(self.backlog()):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self._max_delay_s > 0 and self._queued_images < self._max_batch_size:
-                await asyncio.sleep(self._max_delay_s)
+            if delay_s := self.policy.delay_s(self.backlog()):
+                await asyncio.sleep(delay_s)
             jobs = self._take_batch()
             if not jobs:
                 continue
-            alone = (not self._passes and not self._queue and not self._incoming
-                     and self._recent_load < ONE_AT_A_TIME)
-            threads = self._threads if alone or self._threads is None else max(1, self._threads // self._parallel)
-            task = asyncio.get_running_loop().create_task(self._run_pass(jobs, threads))
+            plan = self.policy.next_pass(self.backlog())
+            executor = self._wide_executor if plan.wide else self._executor
+            task = asyncio.get_running_loop().create_task(self._run_pass(jobs, executor, plan.threads))
             self._passes[task] = time.monotonic()
             self._in_passes += len(jobs)
             self._images_in_passes += sum(job.images for job in jobs)
@@ -227,8 +214,6 @@ class Batcher:
     def _forward(self, jobs: list[_Job], threads: int | None) -> np.ndarray | None:
         """On the pass's thread: make the inputs that came undecoded, then one forward pass over
         the jobs whose inputs are there (None if there are none)."""
-        if threads is not None:
-            torch.set_num_threads(threads)  # this thread's own setting, for this pass
         for job in jobs:
             if not isinstance(job.inputs, ROWS):
                 began = time.perf_counter()
@@ -246,7 +231,7 @@ class Batcher:
         inputs = [job.inputs for job in ready]
         concatenate = np.concatenate if isinstance(inputs[0], np.ndarray) else torch.cat
         try:
-            return self._infer(inputs[0] if len(inputs) == 1 else concatenate(inputs))  # type: ignore[arg-type]
+            return self._infer(inputs[0] if len(inputs) == 1 else concatenate(inputs), threads)  # type: ignore[arg-type]
         except Exception:
             if not self._isolate_failures or len(ready) == 1:
                 raise
@@ -255,23 +240,22 @@ class Batcher:
             if job.future.done():  # its request timed out or went away meanwhile
                 continue
             try:
-                job.result = self._infer(job.inputs)[0 : len(job.inputs)]  # type: ignore[arg-type,index]
+                job.result = self._infer(job.inputs, threads)[0 : len(job.inputs)]  # type: ignore[arg-type,index]
             except Exception as exc:  # noqa: BLE001 - this request's own failure, raised to it alone
                 job.error = exc
         return None
 
-    async def _run_pass(self, jobs: list[_Job], threads: int | None) -> None:
+    async def _run_pass(self, jobs: list[_Job], executor: Executor, threads: int | None) -> None:
         try:
-            await self._forward_pass(jobs, threads)
+            await self._forward_pass(jobs, executor, threads)
         finally:
             # Before the answers are delivered: a client that submits again at once must not
             # find these requests still counted.
             self._in_passes -= len(jobs)
             self._images_in_passes -= sum(job.images for job in jobs)
 
-    async def _forward_pass(self, jobs: list[_Job], threads: int | None) -> None:
+    async def _forward_pass(self, jobs: list[_Job], executor: Executor, threads: int | None) -> None:
         try:
-            executor = self._wide_executor if threads is not None and threads == self._threads else self._executor
             logits = await asyncio.get_running_loop().run_in_executor(executor, self._forward, jobs, threads)
         except asyncio.CancelledError:
             for job in jobs:

@@ -164,10 +164,13 @@ class Predictor:
 
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor, threads: int | None = None) -> np.ndarray:
-        """Logits (float32, on the CPU) for a batch of preprocessed inputs. ``threads``: for ONNX
-        Runtime, the session to run on (None: the calling thread's torch setting)."""
+        """Logits (float32, on the CPU) for a batch of preprocessed inputs, computed with ``threads``
+        threads: ONNX Runtime's session for that many, or PyTorch's setting on this thread (None:
+        the calling thread's torch setting)."""
         if isinstance(self.model, OnnxModel):
             return self.model(batch, threads)
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         if self.half:
@@ -185,15 +188,16 @@ class Predictor:
             return codec.over_thresholds(logits, self.class_names, self.thresholds)
         return codec.top_k(logits, self.class_names, top_k)
 
-    def warm_up(self) -> None:
-        """One inference on a blank image, so the first request does not pay for lazy setup; the
-        network must answer one score per class name."""
+    def warm_up(self, threads: int | None = None) -> None:
+        """One inference on a blank image with ``threads`` threads (and with ONNX Runtime, one on
+        every session), so the first request does not pay for lazy setup; the network must answer
+        one score per class name."""
         size = self.manifest.preprocessing.resize_size
         batch = self.preprocess(Image.new("RGB", (size, size)))[None]
         if isinstance(self.model, OnnxModel):
-            for threads in self.model.thread_counts:  # every session, whichever the caller's threads pick
-                self.model(batch, threads)
-        logits = self.infer(batch)
+            for count in self.model.thread_counts:
+                self.model(batch, count)
+        logits = self.infer(batch, threads)
         if logits.shape != (1, self.manifest.num_classes):
             raise ArtifactError(f"the network answers {logits.shape[1:]} scores per image but the manifest names "
                                 f"{self.manifest.num_classes} classes")

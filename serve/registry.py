@@ -1,4 +1,5 @@
-"""Multi-model mode: models loaded, listed and unloaded by name while the server runs.
+"""The models a server holds, by name: the one model of single-model mode (added once it has
+loaded), or in multi-model mode those loaded, listed and unloaded while the server runs.
 
 This is the state behind SageMaker's multi-model container API (``POST /models`` and friends).
 Each model gets its own :class:`~serve.batching.Batcher`; all of them share the server's
@@ -91,13 +92,13 @@ def after_token(token: str) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, *, load: Callable[[Path], Predictor | HandlerModel],
+    def __init__(self, *, load: Callable[[Path], Predictor | HandlerModel] | None,
                  make_batcher: Callable[[Predictor | HandlerModel, str], Batcher | None],
                  warm_up: Callable[[Predictor | HandlerModel], None], device: torch.device,
                  budget_bytes: int | None = None, reserve_bytes: int = 0, evict: bool = True,
                  drain_timeout_s: float = 60.0, root: Path | None = None, program: str | None = None,
                  available: Callable[[torch.device], int | None] = memory.available_bytes) -> None:
-        self._load = load
+        self._load = load  # None: models only join through add() (single-model mode)
         self._make_batcher = make_batcher
         self._warm_up = warm_up  # blocking: one inference where the model's requests will run
         self._device = device
@@ -139,6 +140,8 @@ class ModelRegistry:
         return [self._models[name].describe() for name in chosen], (page_token(chosen[-1]) if more else None)
 
     async def load(self, name: str, url: str) -> LoadedModel:
+        if self._load is None:
+            raise ModelNotFound("this server serves one model; it loads no others")
         if name in self._models or name in self._loading:
             raise ModelAlreadyLoaded(f"model {name!r} is already loaded or loading")
         model_dir = self._folder(url)
@@ -155,18 +158,22 @@ class ModelRegistry:
                 await self._make_room(name, estimate)
                 started = time.perf_counter()
                 predictor = await self._load_warm(name, model_dir)
-                batcher = self._make_batcher(predictor, name)
-                if batcher is not None:
-                    batcher.start()
-                # Charged what its tensors occupy, measured; a model that holds what this server cannot
-                # measure (model_fn returned something other than a torch module) at least its estimate.
-                footprint = predictor.weight_bytes or estimate
-                loaded = LoadedModel(name, url, predictor, batcher, footprint)
-                self._models[name] = loaded
+                loaded = self.add(name, url, predictor, estimate_bytes=estimate)
         finally:
             self._loading.discard(name)
         logger.info("loaded model %r from %s in %.2f s (%.1f MB)", name, url, time.perf_counter() - started,
                     loaded.footprint_bytes / MEGABYTE)
+        return loaded
+
+    def add(self, name: str, url: str, predictor: Predictor | HandlerModel, *, estimate_bytes: int = 0) -> LoadedModel:
+        """``predictor`` (loaded and warmed up) served as ``name`` from now on, its batcher started.
+        Charged what its tensors occupy, measured; a model that holds what this server cannot
+        measure (model_fn returned something other than a torch module) at least its estimate."""
+        batcher = self._make_batcher(predictor, name)
+        if batcher is not None:
+            batcher.start()
+        loaded = LoadedModel(name, url, predictor, batcher, predictor.weight_bytes or estimate_bytes)
+        self._models[name] = loaded
         return loaded
 
     def _folder(self, url: str) -> Path:
@@ -193,6 +200,7 @@ class ModelRegistry:
 
     async def _load_warm(self, name: str, model_dir: Path) -> Predictor | HandlerModel:
         try:
+            assert self._load is not None
             predictor = await asyncio.to_thread(self._load, model_dir)
             await asyncio.to_thread(self._warm_up, predictor)
         except (MemoryError, torch.OutOfMemoryError):

@@ -156,6 +156,6 @@ def run(settings: Settings, sock: socket.socket) -> int:
             raise
     if not server.started:  # as uvicorn.run: the app's startup failed
         return STARTUP_FAILURE
-    from serve.app import Health
+    from serve.service import Health
 
-    return 1 if app.state.model.health is Health.FAILED else 0
+    return 1 if app.state.service.health is Health.FAILED else 0

@@ -137,9 +137,10 @@ class Settings:
     log_json: bool = False
 
     def pass_threads(self) -> tuple[int, ...]:
-        """The thread counts a forward pass on a CPU may get: every thread for a lone pass, an
-        equal share each for passes side by side (see serve.batching)."""
-        return tuple(sorted({self.threads_per_worker, max(1, self.threads_per_worker // self.inference_threads)}))
+        """The thread counts a forward pass on a CPU may get (see serve.scheduling)."""
+        from serve.scheduling import Policy
+
+        return Policy(cores=self.threads_per_worker, passes=self.inference_threads).widths()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

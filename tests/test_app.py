@@ -13,8 +13,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from serve.admission import SpooledBody
-from serve.app import Health, ModelState, create_app, public_reason
+from serve.app import create_app
 from serve.predictor import Predictor
+from serve.service import load_with_retries, public_reason
 from serve.settings import Settings
 
 from imagedata import encode
@@ -124,13 +125,13 @@ def test_oversized_body_without_content_length_is_refused(client: TestClient) ->
 
 def test_prediction_errors_are_500_json_without_internals(settings: Settings) -> None:
     class Broken(Predictor):
-        def infer(self, batch):  # type: ignore[no-untyped-def]
+        def infer(self, batch, threads=None):  # type: ignore[no-untyped-def]
             raise RuntimeError("secret internal detail")
 
     def loader() -> Predictor:
         good = Predictor.load(settings.model_dir, allow_default=False, device="cpu", jit=False)
         broken = Broken(good.model, good.manifest, good.device)
-        broken.warm_up = lambda: None  # type: ignore[method-assign]
+        broken.warm_up = lambda threads=None: None  # type: ignore[method-assign]
         return broken
 
     with client_for(settings, loader) as client:
@@ -234,14 +235,14 @@ def test_a_request_that_cannot_finish_in_its_budget_gets_504_and_ping_tells_of_t
     released = threading.Event()
 
     class Slow(Predictor):
-        def infer(self, batch):  # type: ignore[no-untyped-def]
+        def infer(self, batch, threads=None):  # type: ignore[no-untyped-def]
             released.wait(timeout=30)
-            return super().infer(batch)
+            return super().infer(batch, threads)
 
     def loader() -> Predictor:
         good = Predictor.load(settings.model_dir, allow_default=False, device="cpu", jit=False)
         slow = Slow(good.model, good.manifest, good.device)
-        slow.warm_up = lambda: None  # type: ignore[method-assign]
+        slow.warm_up = lambda threads=None: None  # type: ignore[method-assign]
         return slow
 
     with client_for(replace(settings, request_timeout_s=0.2), loader) as client:
@@ -350,9 +351,8 @@ def test_a_load_failure_that_may_pass_is_tried_again(settings: Settings, caplog)
             raise MemoryError("the host was short of memory for a moment")
         return Predictor.load(settings.model_dir, allow_default=False, device="cpu", jit=False)
 
-    state = ModelState()
-    state.load(flaky, lambda predictor: None, retry_delays_s=(0.0, 0.0))
-    assert (state.health, len(attempts)) == (Health.READY, 2)
+    assert isinstance(load_with_retries(flaky, lambda predictor: None, retry_delays_s=(0.0, 0.0)), Predictor)
+    assert len(attempts) == 2
     assert "trying again in 0 s" in caplog.text
 
 
@@ -363,10 +363,11 @@ def test_a_load_failure_no_retry_mends_fails_at_once_and_ping_shows_no_server_pa
         attempts.append(1)
         return Predictor.load(tmp_path / "nowhere", allow_default=False, device="cpu")
 
-    state = ModelState()
-    state.load(missing, lambda predictor: None, retry_delays_s=(0.0, 0.0))
-    assert (state.health, len(attempts)) == (Health.FAILED, 1)
-    assert str(tmp_path) not in state.reason and "nowhere" in state.reason
+    with pytest.raises(Exception) as failure:
+        load_with_retries(missing, lambda predictor: None, retry_delays_s=(0.0, 0.0))
+    assert len(attempts) == 1
+    reason = public_reason(failure.value)
+    assert str(tmp_path) not in reason and "nowhere" in reason
 
 
 @pytest.mark.parametrize(("text", "shown"), [

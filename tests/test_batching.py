@@ -1,4 +1,5 @@
-"""The batcher alone: grouping, parallel passes, thread shares, stopping and draining."""
+"""The batcher alone, carrying out its policy: grouping, parallel passes, thread shares, stopping and
+draining (the policy's decisions alone are in test_scheduling.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from serve.batching import Batcher
 from serve.errors import InvalidImage, ModelNotFound, NotReady, Overloaded
+from serve.scheduling import Policy
 
 
 class SlowModel:
@@ -27,11 +29,11 @@ class SlowModel:
         self.running = self.most_running = 0
         self.lock = threading.Lock()
 
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+    def __call__(self, batch: torch.Tensor, threads: int | None = None) -> np.ndarray:
         with self.lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
-            self.passes.append((len(batch), torch.get_num_threads()))
+            self.passes.append((len(batch), torch.get_num_threads() if threads is None else threads))
             self.thread_names.append(threading.current_thread().name)
         time.sleep(self.delay_s)
         with self.lock:
@@ -47,8 +49,8 @@ async def run(model: SlowModel, values: list[float], *, parallel: int, threads: 
               stagger_s: float = 0.0, **options: object) -> list[float]:
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="shared") as executor, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="wide") as wide:
-        batcher = Batcher(model, executor, max_batch_size=options.pop("max_batch_size", 8), max_delay_s=0,
-                          max_queue=64, parallel=parallel, threads=threads, wide_executor=wide, **options)
+        policy = Policy(cores=threads, passes=parallel, max_batch_size=options.pop("max_batch_size", 8))
+        batcher = Batcher(model, executor, policy=policy, max_queue=64, wide_executor=wide, **options)
         batcher.start()
 
         async def one(value: float, position: int) -> float:
@@ -95,8 +97,8 @@ async def two_cores(model: SlowModel, *, max_batch_size: int) -> AsyncIterator[B
     """A started batcher for two cores: two single-threaded passes side by side, or one with two threads."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shared") as executor, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="wide") as wide:
-        batcher = Batcher(model, executor, max_batch_size=max_batch_size, max_delay_s=0, max_queue=64, parallel=2,
-                          threads=2, wide_executor=wide)
+        batcher = Batcher(model, executor, policy=Policy(cores=2, passes=2, max_batch_size=max_batch_size),
+                          max_queue=64, wide_executor=wide)
         batcher.start()
         try:
             yield batcher
@@ -124,7 +126,7 @@ def test_no_pass_starts_wide_while_a_request_is_on_its_way() -> None:
 def test_a_pass_beside_another_takes_its_fair_share_of_the_queue() -> None:
     async def scenario(model: SlowModel) -> None:
         with ThreadPoolExecutor(max_workers=2) as executor:
-            batcher = Batcher(model, executor, max_batch_size=16, max_delay_s=0, max_queue=64, parallel=2)
+            batcher = Batcher(model, executor, policy=Policy(cores=None, passes=2, max_batch_size=16), max_queue=64)
             batcher.start()
             first = asyncio.ensure_future(batcher.submit(image(0.0)))
             await asyncio.sleep(0.02)  # running alone: the next seven arrive together beside it
@@ -150,7 +152,7 @@ def test_inputs_made_by_the_pass_and_a_failure_stays_with_its_request() -> None:
 
     async def scenario() -> list[object]:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shared") as executor:
-            batcher = Batcher(model, executor, max_batch_size=8, max_delay_s=0, max_queue=64)
+            batcher = Batcher(model, executor, policy=Policy(cores=None, max_batch_size=8), max_queue=64)
             batcher.start()
             blocker = asyncio.ensure_future(batcher.submit(image(0.0)))  # the next three queue behind it
             await asyncio.sleep(0.01)
@@ -187,7 +189,7 @@ def test_after_a_burst_passes_go_wide_again_once_requests_come_one_at_a_time() -
 def test_stop_fails_queued_requests_with_the_closed_error() -> None:
     async def scenario() -> list[object]:
         with ThreadPoolExecutor(max_workers=1) as executor:
-            batcher = Batcher(SlowModel(0.2), executor, max_batch_size=1, max_delay_s=0, max_queue=64,
+            batcher = Batcher(SlowModel(0.2), executor, policy=Policy(cores=None, max_batch_size=1), max_queue=64,
                               closed_error=lambda: ModelNotFound("gone"))
             batcher.start()
             requests = [asyncio.ensure_future(batcher.submit(image(1.0))) for _ in range(3)]
@@ -205,7 +207,8 @@ def test_stop_fails_queued_requests_with_the_closed_error() -> None:
 def test_drain_answers_what_is_queued_then_refuses() -> None:
     async def scenario() -> tuple[list[object], float]:
         with ThreadPoolExecutor(max_workers=2) as executor:
-            batcher = Batcher(SlowModel(0.05), executor, max_batch_size=1, max_delay_s=0, max_queue=64, parallel=2)
+            batcher = Batcher(SlowModel(0.05), executor, policy=Policy(cores=None, passes=2, max_batch_size=1),
+                              max_queue=64)
             batcher.start()
             requests = [asyncio.ensure_future(batcher.submit(image(float(n)))) for n in range(4)]
             await asyncio.sleep(0.01)
@@ -225,14 +228,14 @@ def test_a_pass_never_mixes_rows_of_different_shapes_or_types() -> None:
     shapes: list[tuple[int, ...]] = []
     release = threading.Event()
 
-    def infer(batch: torch.Tensor) -> torch.Tensor:
+    def infer(batch: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         shapes.append(tuple(batch.shape))
         release.wait(10)
         return batch.sum(dim=tuple(range(1, batch.dim())))
 
     async def send() -> list:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            batcher = Batcher(infer, pool, max_batch_size=16, max_delay_s=0, max_queue=64)
+            batcher = Batcher(infer, pool, policy=Policy(cores=None, max_batch_size=16), max_queue=64)
             batcher.start()
             first = asyncio.ensure_future(batcher.submit(torch.ones(1, 3)))
             while not shapes:
@@ -255,12 +258,12 @@ def test_a_request_larger_than_the_queue_is_taken_when_nothing_waits() -> None:
         with ThreadPoolExecutor(max_workers=1) as pool:
             release, started = threading.Event(), threading.Event()
 
-            def infer(batch: torch.Tensor) -> torch.Tensor:
+            def infer(batch: torch.Tensor, threads: int | None = None) -> torch.Tensor:
                 started.set()
                 release.wait(10)
                 return batch.sum(dim=1)
 
-            batcher = Batcher(infer, pool, max_batch_size=4, max_delay_s=0, max_queue=8)
+            batcher = Batcher(infer, pool, policy=Policy(cores=None, max_batch_size=4), max_queue=8)
             batcher.start()
             big = asyncio.ensure_future(batcher.submit(torch.ones(20, 2)))  # nothing waits: taken
             while not started.is_set():
@@ -279,7 +282,7 @@ def test_a_request_larger_than_the_queue_is_taken_when_nothing_waits() -> None:
 
 
 def test_with_isolated_failures_a_failing_shared_pass_fails_only_the_request_that_broke_it() -> None:
-    def infer(batch: torch.Tensor) -> torch.Tensor:
+    def infer(batch: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         if (batch < 0).any():
             raise ValueError("negative input")
         return batch.sum(dim=1)
@@ -289,13 +292,14 @@ def test_with_isolated_failures_a_failing_shared_pass_fails_only_the_request_tha
             release = threading.Event()
             started = threading.Event()
 
-            def gate(batch: torch.Tensor) -> torch.Tensor:
+            def gate(batch: torch.Tensor, threads: int | None = None) -> torch.Tensor:
                 if not started.is_set():
                     started.set()
                     release.wait(10)
                 return infer(batch)
 
-            batcher = Batcher(gate, pool, max_batch_size=16, max_delay_s=0, max_queue=64, isolate_failures=True)
+            batcher = Batcher(gate, pool, policy=Policy(cores=None, max_batch_size=16), max_queue=64,
+                              isolate_failures=True)
             batcher.start()
             first = asyncio.ensure_future(batcher.submit(torch.ones(1, 2)))
             while not started.is_set():

@@ -343,7 +343,7 @@ def test_batched_handlers_share_predict_fn_calls_and_answer_each_request_its_own
     model_dir = model_folder(tmp_path / "model", BATCHED_PY)
     with batched_client(model_dir, "inference_batched") as client:
         wait_for(client, "ready")
-        functions = client.app.state.model.predictor.functions["predict_fn"].__globals__
+        functions = client.app.state.service.model().predictor.functions["predict_fn"].__globals__
         requests = [[[1, 1, 1]], [[1, 0, 0], [0, 1, 0]], [[0, 0, 3]], [[2, 2, 2], [1, 2, 3], [0, 0, 0]]]
         answers = behind_a_held_call(client, functions, [{"inputs": rows} for rows in requests], monkeypatch)
     for rows, answer in zip(requests, answers, strict=True):
@@ -359,7 +359,7 @@ def test_a_shared_call_that_fails_fails_only_the_request_that_broke_it(tmp_path:
     model_dir = model_folder(tmp_path / "model", BATCHED_PY)
     with batched_client(model_dir, "inference_batched_isolated") as client:
         wait_for(client, "ready")
-        functions = client.app.state.model.predictor.functions["predict_fn"].__globals__
+        functions = client.app.state.service.model().predictor.functions["predict_fn"].__globals__
         bodies = [{"inputs": [[1, 1, 1]]}, {"inputs": [[1, 0, 0]]}, {"inputs": [[9, 9, 9], [1, 1, 1]]},
                   {"inputs": [[0, 0, 2]]}]  # the third makes predict_fn drop a row: its call fails
         first, good, bad, other = behind_a_held_call(client, functions, bodies, monkeypatch)
@@ -384,7 +384,7 @@ def test_a_predict_fn_returning_a_tuple_gives_each_request_its_own_part_of_each(
     model_dir = model_folder(tmp_path / "model", TUPLE_PY)
     with batched_client(model_dir, "inference_batched_tuple") as client:
         wait_for(client, "ready")
-        functions = client.app.state.model.predictor.functions["predict_fn"].__globals__
+        functions = client.app.state.service.model().predictor.functions["predict_fn"].__globals__
         requests = [[[1, 1, 1]], [[1, 2, 0]], [[0, 0, 1], [3, 0, 0]]]
         answers = behind_a_held_call(client, functions, [{"inputs": rows} for rows in requests], monkeypatch)
     for rows, answer in zip(requests, answers, strict=True):
@@ -397,7 +397,7 @@ def test_batched_handlers_name_what_input_fn_or_predict_fn_must_return(tmp_path:
     model_dir = model_folder(tmp_path / "model", BATCHED_PY)
     with batched_client(model_dir, "inference_batched_errors") as client:
         wait_for(client, "ready")
-        client.app.state.model.predictor.functions["predict_fn"].__globals__["RELEASE"].set()
+        client.app.state.service.model().predictor.functions["predict_fn"].__globals__["RELEASE"].set()
         not_rows = post(client, {"shape_only": True})
         assert not_rows.status_code == 500 and not_rows.json()["error"]["code"] == "handler_error"
         assert "input_fn must return a tensor or array" in not_rows.json()["error"]["message"]

@@ -25,6 +25,7 @@ from serve.memory import model_bytes
 from serve.multi_model import MAX_LOAD_BODY
 from serve.predictor import Predictor
 from serve.registry import ModelRegistry, estimate_bytes
+from serve.scheduling import Policy
 from serve.settings import MEGABYTE, Settings
 
 from artifacts import constant_artifact
@@ -54,11 +55,11 @@ class Recorder:
         predictor = Predictor.load(model_dir, allow_default=False, device="cpu")
         infer, name = predictor.infer, model_dir.parent.name
 
-        def recorded(batch: torch.Tensor):
+        def recorded(batch: torch.Tensor, threads: int | None = None):
             with self.lock:
                 self.batches[name].append(len(batch))
             time.sleep(self.delay_s)  # a slower model, so that concurrent requests queue up
-            return infer(batch)
+            return infer(batch, threads)
 
         predictor.infer = recorded
         return predictor
@@ -311,7 +312,7 @@ def test_eviction_stops_once_the_credited_memory_fits(models_dir: Path) -> None:
 
     async def scenario() -> list[str]:
         registry = ModelRegistry(load=Recorder(), make_batcher=lambda predictor, name: Batcher(
-            predictor.infer, executor, max_batch_size=4, max_delay_s=0, max_queue=16), warm_up=lambda predictor: predictor.warm_up(),
+            predictor.infer, executor, policy=Policy(cores=None, max_batch_size=4), max_queue=16), warm_up=lambda predictor: predictor.warm_up(),
             device=torch.device("cpu"), available=FakeMemory(10 * need))
         for name in ("a", "b", "c"):
             await registry.load(name, str(models_dir / "pets" / "model"))

@@ -1,0 +1,126 @@
+"""When a forward pass starts, what it takes and how wide it runs: one small policy per model.
+
+Two quantities describe a worker's cores, each with one name here:
+
+- ``cores``: the threads one pass may use when it runs alone (``CLASSIFIER_THREADS_PER_WORKER``);
+- ``passes``: how many passes may run side by side (``CLASSIFIER_INFERENCE_THREADS`` on a CPU;
+  one on a GPU, which runs one pass at a time anyway).
+
+A pass is *wide* (every core) when it starts with nothing else in sight: no pass running, nothing
+queued, no request on its way, and requests have been arriving one at a time (a moving average of
+the requests each arrival found waiting, itself included, under ``ONE_AT_A_TIME``). Otherwise it
+is *narrow*: ``cores // passes`` threads, so passes side by side never ask for more threads than
+there are cores. A narrow pass takes at most its fair share of the images in sight (queued or in
+passes, divided by ``passes``, rounded up): a pass starting beside another does not take the
+whole queue while the other core soon idles.
+
+A lone small image is decoded by the pass that classifies it, on the pass's thread (no hand-over
+between threads), when the model runs on a CPU and passes can run side by side (or a pass has one
+core): then decoding uses a core that would otherwise wait. Anything larger, by body or by pixels,
+is decoded beforehand on the decode pool, under the memory gate, so no slow decode holds up a
+batch. bench/results/scheduling.md has the measurements behind each rule.
+
+The policy holds no clock and no threads: the batcher describes what it sees
+(:class:`Backlog`), the policy answers (:class:`Pass`), so every decision is tested without sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+LOAD_SMOOTHING = 0.2  # weight of the newest arrival in the moving average of load
+ONE_AT_A_TIME = 1.5  # below this average, requests are arriving one at a time
+# The largest single image a pass decodes itself: by body, and by pixels once decoded (a few
+# kilobytes of PNG can hold tens of megapixels).
+DECODE_IN_PASS_MAX_BYTES = 256 * 1024
+DECODE_IN_PASS_MAX_PIXELS = 2_000_000
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What a model's batcher holds at a decision: requests queued, requests in the passes running
+    now, and requests being decoded that will be queued next (``incoming``)."""
+
+    queued_requests: int = 0
+    queued_images: int = 0
+    running_passes: int = 0
+    requests_in_passes: int = 0
+    images_in_passes: int = 0
+    incoming: int = 0
+
+
+@dataclass(frozen=True)
+class Pass:
+    """How the next forward pass runs: with ``threads`` threads (None: the thread's own setting),
+    and ``wide`` when it has every core to itself (the batcher runs it on its one wide thread)."""
+
+    threads: int | None
+    wide: bool
+
+
+class Policy:
+    def __init__(self, *, cores: int | None, passes: int = 1, max_batch_size: int = 16, max_delay_s: float = 0.0,
+                 decode_in_pass: bool = False) -> None:
+        """``cores``: threads for a lone pass (None: threads are never set, and no pass is wide).
+        ``decode_in_pass``: whether this model's passes may decode their own small images (a model
+        on a CPU); it holds when passes run side by side or a pass has one core."""
+        if passes < 1 or max_batch_size < 1 or (cores is not None and cores < 1):
+            raise ValueError("cores, passes and max_batch_size must be at least 1")
+        self.cores = cores
+        self.passes = passes
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.decode_in_pass = decode_in_pass and (passes > 1 or cores == 1)
+        self.recent_load = 0.0  # moving average of the requests each arrival found, itself included
+
+    @property
+    def narrow_threads(self) -> int | None:
+        """Threads for a pass that may have others beside it: an equal share of the cores."""
+        return None if self.cores is None else max(1, self.cores // self.passes)
+
+    def widths(self) -> tuple[int, ...]:
+        """Every thread count a pass may be given (an engine may prepare a session for each)."""
+        if self.cores is None or self.narrow_threads is None:
+            return ()
+        return tuple(sorted({self.cores, self.narrow_threads}))
+
+    def arrived(self, backlog: Backlog) -> None:
+        """A request has just been queued (``backlog`` counts it)."""
+        load = backlog.queued_requests + backlog.requests_in_passes + backlog.incoming
+        self.recent_load += (load - self.recent_load) * LOAD_SMOOTHING
+
+    def can_start(self, backlog: Backlog) -> bool:
+        """Whether a pass may start now: something is queued and a pass slot is free."""
+        return backlog.queued_requests > 0 and backlog.running_passes < self.passes
+
+    def delay_s(self, backlog: Backlog) -> float:
+        """How long to wait for more requests before taking a batch (``max_delay_s`` while the
+        queue holds less than a full batch; none by default)."""
+        return self.max_delay_s if self.max_delay_s > 0 and backlog.queued_images < self.max_batch_size else 0.0
+
+    def batch_limit(self, backlog: Backlog) -> int:
+        """The most images the next pass may take: a full batch, or with passes side by side its
+        fair share of the images in sight."""
+        share = -(-(backlog.queued_images + backlog.images_in_passes) // self.passes)
+        return min(self.max_batch_size, max(1, share))
+
+    def next_pass(self, backlog: Backlog) -> Pass:
+        """How the pass whose batch was just taken runs (``backlog``: what is left besides it)."""
+        alone = (backlog.running_passes == 0 and backlog.queued_requests == 0 and backlog.incoming == 0
+                 and self.recent_load < ONE_AT_A_TIME)
+        if self.cores is None:
+            return Pass(None, wide=False)
+        # A pass with every core to itself (with one pass at a time, every pass) runs on the one
+        # wide thread: each thread that runs a multi-threaded PyTorch op owns an OpenMP team.
+        wide = alone or self.passes == 1
+        return Pass(self.cores if wide else self.narrow_threads, wide=wide)
+
+    def decodes_in_pass(self, body_bytes: int, pixels: Callable[[], int | None]) -> bool:
+        """Whether a lone image of ``body_bytes`` is decoded by its pass rather than beforehand;
+        ``pixels()`` counts what it decodes to (from its header; None: unknown), asked only for a
+        body small enough."""
+        if not self.decode_in_pass or body_bytes > DECODE_IN_PASS_MAX_BYTES:
+            return False
+        count = pixels()
+        return count is not None and count <= DECODE_IN_PASS_MAX_PIXELS

@@ -9,8 +9,6 @@ whose :class:`serve.scheduling.Policy` has one rule switched off:
 
 - ``policy``: the server as shipped;
 - ``never wide``: no pass gets every core, even a lone one (each pass gets an equal share);
-- ``no load memory``: a pass goes wide whenever nothing else is in sight at that instant (no
-  moving average of the load);
 - ``whole queue``: a pass takes every queued image up to the largest batch (no fair share);
 - ``decode beforehand``: every image is decoded on the decode pool, none inside its pass.
 
@@ -39,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
-VARIANTS = ("policy", "never wide", "no load memory", "whole queue", "decode beforehand")
+VARIANTS = ("policy", "never wide", "whole queue", "decode beforehand")
 RESULTS = BENCH / "results"
 
 
@@ -51,8 +49,6 @@ def patch(variant: str) -> None:
         def never_wide(self: Policy, backlog: Backlog) -> Pass:
             return Pass(self.narrow_threads, wide=self.passes == 1)
         Policy.next_pass = never_wide  # type: ignore[method-assign]
-    elif variant == "no load memory":
-        Policy.arrived = lambda self, backlog: None  # type: ignore[method-assign]
     elif variant == "whole queue":
         Policy.batch_limit = lambda self, backlog: self.max_batch_size  # type: ignore[method-assign]
     elif variant == "decode beforehand":

@@ -33,7 +33,7 @@ from serve.multi_model import TARGET_MODEL_HEADER, models_router
 from serve.observe import Observe
 from serve.predictor import Predictor
 from serve.registry import LoadedModel
-from serve.service import Health, Invocation, Service
+from serve.service import Health, Service
 from serve.settings import MEGABYTE, Settings
 
 logger = logging.getLogger(__name__)
@@ -143,13 +143,12 @@ def create_app(settings: Settings, load_predictor: Callable[[], Predictor | Hand
                                spool_dir=settings.spool_dir)
 
     async def serve_request(request: Request, model: LoadedModel) -> Response:
-        """A request for ``model``: its body read, answered by the service."""
+        """A request for ``model``: its headers checked, then its body read, answered by the service."""
         headers = request.headers
-        invocation = Invocation(await receive(request, model), content_type=headers.get("content-type"),
-                                accept=headers.get("accept"),
-                                custom_attributes=headers.get("x-amzn-sagemaker-custom-attributes"),
-                                headers={key.lower(): value for key, value in headers.items()})
-        reply = await service.invoke(model, invocation)
+        invocation = service.invocation(model, content_type=headers.get("content-type"), accept=headers.get("accept"),
+                                        custom_attributes=headers.get("x-amzn-sagemaker-custom-attributes"),
+                                        headers={key.lower(): value for key, value in headers.items()})
+        reply = await service.invoke(model, invocation, await receive(request, model))
         return Response(reply.payload, media_type=reply.media_type, headers={"Server-Timing": reply.server_timing})
 
     def target_model(request: Request) -> LoadedModel:

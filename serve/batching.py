@@ -99,8 +99,7 @@ class Batcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_images = 0
         self._incoming = 0  # requests being prepared that will be submitted next
-        self._in_passes = 0  # requests in the passes running now
-        self._images_in_passes = 0
+        self._images_in_passes = 0  # images in the passes running now
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._passes: dict[asyncio.Task[None], float] = {}  # forward passes running now, and when each began
@@ -109,8 +108,8 @@ class Batcher:
     def backlog(self) -> Backlog:
         """What this batcher holds now, as its policy reads it."""
         return Backlog(queued_requests=len(self._queue), queued_images=self._queued_images,
-                       running_passes=len(self._passes), requests_in_passes=self._in_passes,
-                       images_in_passes=self._images_in_passes, incoming=self._incoming)
+                       running_passes=len(self._passes), images_in_passes=self._images_in_passes,
+                       incoming=self._incoming)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -126,7 +125,7 @@ class Batcher:
             job = self._queue.popleft()
             if not job.future.done():
                 job.future.set_exception(self._closed_error())
-        self._queued_images = self._in_passes = self._images_in_passes = 0
+        self._queued_images = self._images_in_passes = 0
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new work, finish what is queued or running (for up to ``timeout_s``), then stop."""
@@ -167,7 +166,6 @@ class Batcher:
         job = _Job(inputs, images, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._queued_images += images
-        self.policy.arrived(self.backlog())
         self._wakeup.set()
         logits, batch_size = await job.future
         done = time.perf_counter()
@@ -203,7 +201,6 @@ class Batcher:
             executor = self._wide_executor if plan.wide else self._executor
             task = asyncio.get_running_loop().create_task(self._run_pass(jobs, executor, plan.threads))
             self._passes[task] = time.monotonic()
-            self._in_passes += len(jobs)
             self._images_in_passes += sum(job.images for job in jobs)
             task.add_done_callback(self._pass_done)
 
@@ -251,7 +248,6 @@ class Batcher:
         finally:
             # Before the answers are delivered: a client that submits again at once must not
             # find these requests still counted.
-            self._in_passes -= len(jobs)
             self._images_in_passes -= sum(job.images for job in jobs)
 
     async def _forward_pass(self, jobs: list[_Job], executor: Executor, threads: int | None) -> None:

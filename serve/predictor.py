@@ -165,11 +165,11 @@ class Predictor:
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor, threads: int | None = None) -> np.ndarray:
         """Logits (float32, on the CPU) for a batch of preprocessed inputs, computed with ``threads``
-        threads: ONNX Runtime's session for that many, or PyTorch's setting on this thread (None:
-        the calling thread's torch setting)."""
+        threads: ONNX Runtime's session for that many, or PyTorch's setting on this thread (on a
+        GPU, for the host-side copies; None: the calling thread's torch setting)."""
         if isinstance(self.model, OnnxModel):
             return self.model(batch, threads)
-        if threads is not None and self.device.type == "cpu":
+        if threads is not None:
             torch.set_num_threads(threads)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)

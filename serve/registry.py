@@ -140,8 +140,6 @@ class ModelRegistry:
         return [self._models[name].describe() for name in chosen], (page_token(chosen[-1]) if more else None)
 
     async def load(self, name: str, url: str) -> LoadedModel:
-        if self._load is None:
-            raise ModelNotFound("this server serves one model; it loads no others")
         if name in self._models or name in self._loading:
             raise ModelAlreadyLoaded(f"model {name!r} is already loaded or loading")
         model_dir = self._folder(url)
@@ -169,6 +167,8 @@ class ModelRegistry:
         """``predictor`` (loaded and warmed up) served as ``name`` from now on, its batcher started.
         Charged what its tensors occupy, measured; a model that holds what this server cannot
         measure (model_fn returned something other than a torch module) at least its estimate."""
+        if name in self._models:
+            raise ModelAlreadyLoaded(f"model {name!r} is already loaded")
         batcher = self._make_batcher(predictor, name)
         if batcher is not None:
             batcher.start()

@@ -7,10 +7,8 @@ Two quantities describe a worker's cores, each with one name here:
   one on a GPU, which runs one pass at a time anyway).
 
 A pass is *wide* (every core) when it starts with nothing else in sight: no pass running, nothing
-queued, no request on its way, and requests have been arriving one at a time (a moving average of
-the requests each arrival found waiting, itself included, under ``ONE_AT_A_TIME``). Otherwise it
-is *narrow*: ``cores // passes`` threads, so passes side by side never ask for more threads than
-there are cores. A narrow pass takes at most its fair share of the images in sight (queued or in
+queued and no request on its way. Otherwise it is *narrow*: ``cores // passes`` threads, so
+passes side by side never ask for more threads than there are cores. A narrow pass takes at most its fair share of the images in sight (queued or in
 passes, divided by ``passes``, rounded up): a pass starting beside another does not take the
 whole queue while the other core soon idles.
 
@@ -20,7 +18,7 @@ core): then decoding uses a core that would otherwise wait. Anything larger, by 
 is decoded beforehand on the decode pool, under the memory gate, so no slow decode holds up a
 batch. bench/results/scheduling.md has the measurements behind each rule.
 
-The policy holds no clock and no threads: the batcher describes what it sees
+The policy holds no state, no clock and no threads: the batcher describes what it sees
 (:class:`Backlog`), the policy answers (:class:`Pass`), so every decision is tested without sleeps.
 """
 
@@ -29,8 +27,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-LOAD_SMOOTHING = 0.2  # weight of the newest arrival in the moving average of load
-ONE_AT_A_TIME = 1.5  # below this average, requests are arriving one at a time
 # The largest single image a pass decodes itself: by body, and by pixels once decoded (a few
 # kilobytes of PNG can hold tens of megapixels).
 DECODE_IN_PASS_MAX_BYTES = 256 * 1024
@@ -39,13 +35,12 @@ DECODE_IN_PASS_MAX_PIXELS = 2_000_000
 
 @dataclass(frozen=True)
 class Backlog:
-    """What a model's batcher holds at a decision: requests queued, requests in the passes running
-    now, and requests being decoded that will be queued next (``incoming``)."""
+    """What a model's batcher holds at a decision: requests queued, the passes running now, and
+    requests being decoded that will be queued next (``incoming``)."""
 
     queued_requests: int = 0
     queued_images: int = 0
     running_passes: int = 0
-    requests_in_passes: int = 0
     images_in_passes: int = 0
     incoming: int = 0
 
@@ -71,8 +66,7 @@ class Policy:
         self.passes = passes
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        self.decode_in_pass = decode_in_pass and (passes > 1 or cores == 1)
-        self.recent_load = 0.0  # moving average of the requests each arrival found, itself included
+        self.may_decode_in_pass = decode_in_pass and (passes > 1 or cores == 1)
 
     @property
     def narrow_threads(self) -> int | None:
@@ -81,14 +75,9 @@ class Policy:
 
     def widths(self) -> tuple[int, ...]:
         """Every thread count a pass may be given (an engine may prepare a session for each)."""
-        if self.cores is None or self.narrow_threads is None:
+        if self.cores is None:
             return ()
-        return tuple(sorted({self.cores, self.narrow_threads}))
-
-    def arrived(self, backlog: Backlog) -> None:
-        """A request has just been queued (``backlog`` counts it)."""
-        load = backlog.queued_requests + backlog.requests_in_passes + backlog.incoming
-        self.recent_load += (load - self.recent_load) * LOAD_SMOOTHING
+        return tuple(sorted({self.cores, max(1, self.cores // self.passes)}))
 
     def can_start(self, backlog: Backlog) -> bool:
         """Whether a pass may start now: something is queued and a pass slot is free."""
@@ -107,10 +96,9 @@ class Policy:
 
     def next_pass(self, backlog: Backlog) -> Pass:
         """How the pass whose batch was just taken runs (``backlog``: what is left besides it)."""
-        alone = (backlog.running_passes == 0 and backlog.queued_requests == 0 and backlog.incoming == 0
-                 and self.recent_load < ONE_AT_A_TIME)
         if self.cores is None:
             return Pass(None, wide=False)
+        alone = backlog.running_passes == 0 and backlog.queued_requests == 0 and backlog.incoming == 0
         # A pass with every core to itself (with one pass at a time, every pass) runs on the one
         # wide thread: each thread that runs a multi-threaded PyTorch op owns an OpenMP team.
         wide = alone or self.passes == 1
@@ -120,7 +108,7 @@ class Policy:
         """Whether a lone image of ``body_bytes`` is decoded by its pass rather than beforehand;
         ``pixels()`` counts what it decodes to (from its header; None: unknown), asked only for a
         body small enough."""
-        if not self.decode_in_pass or body_bytes > DECODE_IN_PASS_MAX_BYTES:
+        if not self.may_decode_in_pass or body_bytes > DECODE_IN_PASS_MAX_BYTES:
             return False
         count = pixels()
         return count is not None and count <= DECODE_IN_PASS_MAX_PIXELS

@@ -80,14 +80,19 @@ def load_with_retries(load: Callable[[], Model], warm_up: Callable[[Model], None
                       retry_delays_s: tuple[float, ...] = LOAD_RETRY_DELAYS_S) -> Model:
     """The model loaded and warmed up; a failure that may pass is tried again after each delay, and
     the last failure (or one no retry mends) is raised."""
-    for attempt, delay in enumerate((*retry_delays_s, None), start=1):
+    delays = list(retry_delays_s)
+    attempt = 0
+    while True:
+        attempt += 1
+        model: Model | None = None
         try:
             model = load()
             warm_up(model)
             return model
         except Exception as exc:
-            if delay is None or not may_pass(exc):
+            if not delays or not may_pass(exc):
                 raise
+            delay = delays.pop(0)
             logger.warning("model failed to load (attempt %d, %s: %s); trying again in %g s",
                            attempt, type(exc).__name__, exc, delay)
         model = None  # the next attempt must not need room for two copies
@@ -95,7 +100,6 @@ def load_with_retries(load: Callable[[], Model], warm_up: Callable[[Model], None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 class PoolLoad:
@@ -136,13 +140,14 @@ class PoolLoad:
 
 @dataclass(frozen=True)
 class Invocation:
-    """One request to a model, as the HTTP layer received it."""
+    """One request to a model, as the HTTP layer received its headers; for the built-in path, its
+    options and answer type already checked (so a bad header is refused before the body is read)."""
 
-    body: bytes | SpooledBody
     content_type: str | None = None
     accept: str | None = None
-    custom_attributes: str | None = None  # X-Amzn-SageMaker-Custom-Attributes
     headers: Mapping[str, str] = field(default_factory=dict)  # every header, names in lower case
+    options: codec.Options | None = None  # from X-Amzn-SageMaker-Custom-Attributes (built-in path)
+    response_type: str = codec.JSON  # what the built-in path answers with
 
 
 @dataclass(frozen=True)
@@ -171,12 +176,13 @@ class Service:
         self.metrics = Metrics()
         self.health = Health.LOADING
         self.reason = ""  # why the model failed to load (shown by /ping)
+        self._stopped = False
         self._load_predictor = load_predictor
         self._load_model = load_model
-        # Multi-threaded torch work happens on one thread only, "inference": passes with every core,
-        # and warm-ups. Each thread that runs a multi-threaded op owns an OpenMP team, and with more
-        # team threads than cores libgomp stops spinning between parallel regions. Passes side by
-        # side run on "inference-shared"; decoding and loading run torch single-threaded.
+        # Passes with every core, and warm-ups, run on one thread, "inference": each thread that
+        # runs a multi-threaded op owns an OpenMP team, and with more team threads than cores
+        # libgomp stops spinning between parallel regions. Passes side by side (each with its share
+        # of the cores) run on "inference-shared"; decoding and loading run torch single-threaded.
         self.decode_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="decode",
                                               initializer=torch.set_num_threads, initargs=(1,))
         self.wide_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -222,6 +228,7 @@ class Service:
         if isinstance(model, HandlerModel):
             if not model.batching:
                 return None
+
             def predict(rows: Any, threads: int | None) -> Any:
                 if threads is not None:
                     torch.set_num_threads(threads)
@@ -252,20 +259,30 @@ class Service:
         try:
             return load_with_retries(self._load_predictor, self.warm_up)
         except Exception as exc:  # noqa: BLE001 - any failure is the model's state, shown by /ping
-            logger.exception("model failed to load")
-            self.reason = public_reason(exc)
-            self.health = Health.FAILED
+            self._failed(exc)
+            return None
+
+    def _failed(self, exc: Exception) -> None:
+        logger.error("model failed to load", exc_info=exc)
+        self.reason = public_reason(exc)
+        self.health = Health.FAILED
         if self.settings.failed_exit_s > 0 and self.settings.workers == 1:
             # SIGTERM stops the server the way the platform would; __main__ then exits with status 1.
             logger.error("the server exits in %g s: the model failed to load", self.settings.failed_exit_s)
             exit_timer = threading.Timer(self.settings.failed_exit_s, signal.raise_signal, (signal.SIGTERM,))
             exit_timer.daemon = True
             exit_timer.start()
-        return None
 
     def _serve_single(self, model: Model) -> None:
-        """On the event loop: the loaded model joins the registry, and the server is ready."""
-        self.registry.add(SINGLE_MODEL, str(self.settings.model_dir), model)
+        """On the event loop: the loaded model joins the registry, and the server is ready (unless
+        it is stopping by now)."""
+        if self._stopped:
+            return
+        try:
+            self.registry.add(SINGLE_MODEL, str(self.settings.model_dir), model)
+        except Exception as exc:  # noqa: BLE001 - the model cannot be served: shown by /ping
+            self._failed(exc)
+            return
         self.health = Health.READY
         logger.info("model ready")
 
@@ -299,6 +316,7 @@ class Service:
         threading.Thread(target=load, name="model-loader", daemon=True).start()
 
     async def stop(self) -> None:
+        self._stopped = True
         await self.registry.close()
         for pool in (self.decode_pool, self.wide_pool, self.shared_pool, self.handler_pool):
             pool.shutdown(wait=False, cancel_futures=True)
@@ -306,6 +324,8 @@ class Service:
     def model(self, name: str | None = None) -> LoadedModel:
         """The model a request is for: ``name`` in multi-model mode, else the one model (503 until
         it is ready)."""
+        if self._stopped:
+            raise NotReady("the server is stopping", headers={"Retry-After": "5"})
         if name is None:
             if self.health is not Health.READY:
                 raise NotReady(f"the model is {self.health.value}", headers={"Retry-After": "5"})
@@ -318,20 +338,32 @@ class Service:
 
     # One request.
 
-    async def invoke(self, model: LoadedModel, invocation: Invocation) -> Reply:
-        """``invocation`` answered by ``model`` within the request timeout: through its own handlers,
+    def invocation(self, model: LoadedModel, *, content_type: str | None, accept: str | None,
+                   custom_attributes: str | None, headers: Mapping[str, str]) -> Invocation:
+        """A request's headers, checked before its body is read: for the built-in path, its options
+        (``X-Amzn-SageMaker-Custom-Attributes``) and an answer type the client accepts."""
+        if isinstance(model.predictor, HandlerModel):
+            return Invocation(content_type, accept, headers)
+        options = codec.parse_options(custom_attributes, default_top_k=self.settings.top_k)
+        response_type = codec.choose_response_type(
+            accept, lines=codec.media_type(content_type) in codec.JSON_LINES_ALIASES)
+        return Invocation(content_type, accept, headers, options, response_type)
+
+    async def invoke(self, model: LoadedModel, invocation: Invocation, body: bytes | SpooledBody) -> Reply:
+        """The answer of ``model`` to ``body`` within the request timeout: through its own handlers,
         or classified by the built-in path."""
         timeout_s = self.settings.request_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 if isinstance(model.predictor, HandlerModel):
-                    return await self._through_handlers(model, invocation)
-                return await self._classify(model, invocation)
+                    assert isinstance(body, bytes)
+                    return await self._through_handlers(model, invocation, body)
+                return await self._classify(model, invocation, body)
         except TimeoutError:
             raise Timeout(f"the request did not finish within {timeout_s:g} s") from None
         finally:
-            if isinstance(invocation.body, SpooledBody):
-                invocation.body.release()
+            if isinstance(body, SpooledBody):
+                body.release()
 
     def _prepare_image(self, predictor: Predictor, body: bytes) -> torch.Tensor:
         """On the pass's thread: decoded and preprocessed single-threaded, as on the decode pool (the
@@ -360,47 +392,45 @@ class Service:
             return torch.from_numpy(inputs.tensor), inputs
         return torch.stack(inputs.images), inputs
 
-    def _decodes_in_pass(self, batcher: Batcher, predictor: Predictor, invocation: Invocation) -> bool:
-        body = invocation.body
-        if not isinstance(body, bytes) or not codec.is_one_image(invocation.content_type):
+    def _decodes_in_pass(self, batcher: Batcher, predictor: Predictor, content_type: str | None,
+                         body: bytes | SpooledBody) -> bool:
+        if not isinstance(body, bytes) or not codec.is_one_image(content_type):
             return False
         # Counting the pixels reads the image's header on the event loop: microseconds for a body this small.
         return batcher.policy.decodes_in_pass(len(body), lambda: codec.decoded_pixels(
             body, max_pixels=self.settings.max_image_pixels,
             min_side=predictor.resize_size if self.settings.fast_decode else None))
 
-    async def _classify(self, model: LoadedModel, invocation: Invocation) -> Reply:
+    async def _classify(self, model: LoadedModel, invocation: Invocation, body: bytes | SpooledBody) -> Reply:
         """Decode the request (inside its pass or beforehand, as the policy says), run it through
         the model's batcher and encode the answer."""
         predictor, batcher = model.predictor, model.batcher
-        assert isinstance(predictor, Predictor) and batcher is not None
-        options = codec.parse_options(invocation.custom_attributes, default_top_k=self.settings.top_k)
-        response_type = codec.choose_response_type(
-            invocation.accept, lines=codec.media_type(invocation.content_type) in codec.JSON_LINES_ALIASES)
-        if self._decodes_in_pass(batcher, predictor, invocation):
+        assert isinstance(predictor, Predictor) and batcher is not None and invocation.options is not None
+        if self._decodes_in_pass(batcher, predictor, invocation.content_type, body):
+            assert isinstance(body, bytes)
             inputs = ONE_IMAGE
-            logits, timing = await batcher.submit(functools.partial(self._prepare_image, predictor, invocation.body))
+            logits, timing = await batcher.submit(functools.partial(self._prepare_image, predictor, body))
             decode_s = timing.prepare_s
         else:
             started = time.perf_counter()
             with batcher.incoming():
                 batch, inputs = await asyncio.get_running_loop().run_in_executor(
-                    self.decode_pool, self._prepare, predictor, invocation.body, invocation.content_type)
+                    self.decode_pool, self._prepare, predictor, body, invocation.content_type)
             decode_s = time.perf_counter() - started
             logits, timing = await batcher.submit(batch)
-        payload = codec.encode(logits, predictor.class_names, inputs=inputs, options=options,
-                               response_type=response_type, thresholds=predictor.thresholds)
+        payload = codec.encode(logits, predictor.class_names, inputs=inputs, options=invocation.options,
+                               response_type=invocation.response_type, thresholds=predictor.thresholds)
         self.metrics.images.inc(len(logits))
-        return Reply(payload, response_type, f"decode;dur={decode_s * 1000:.2f}, queue;dur={timing.queue_s * 1000:.2f}, "
+        return Reply(payload, invocation.response_type,
+                     f"decode;dur={decode_s * 1000:.2f}, queue;dur={timing.queue_s * 1000:.2f}, "
                      f"inference;dur={timing.inference_s * 1000:.2f};desc=\"batch of {timing.batch_size}\"")
 
-    async def _through_handlers(self, model: LoadedModel, invocation: Invocation) -> Reply:
+    async def _through_handlers(self, model: LoadedModel, invocation: Invocation, body: bytes) -> Reply:
         """One request through the user's inference.py: on the handler threads, or, with batched
         handlers, input_fn and output_fn there (single-threaded) and predict_fn in passes shared
         with other requests."""
         handlers = model.predictor
-        assert isinstance(handlers, HandlerModel) and isinstance(invocation.body, bytes)
-        body = invocation.body
+        assert isinstance(handlers, HandlerModel)
         content_type = invocation.content_type or "application/octet-stream"
         if model.batcher is not None:
             return await self._batched_handlers(handlers, model.batcher, body, content_type, invocation)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from classifier.parsing import parse_bool
+from serve.scheduling import Policy
 
 T = TypeVar("T")
 DEFAULT_PORT = 8080
@@ -138,8 +139,6 @@ class Settings:
 
     def pass_threads(self) -> tuple[int, ...]:
         """The thread counts a forward pass on a CPU may get (see serve.scheduling)."""
-        from serve.scheduling import Policy
-
         return Policy(cores=self.threads_per_worker, passes=self.inference_threads).widths()
 
     @classmethod

@@ -92,6 +92,14 @@ def test_a_lone_pass_gets_every_thread_and_side_by_side_passes_share_them() -> N
     assert all(name.startswith("shared") for name in busy.thread_names[1:])
 
 
+def test_single_threaded_passes_run_side_by_side_on_the_shared_threads() -> None:
+    """One core a pass, two passes: under load both run at once (none waits for the wide thread)."""
+    model = SlowModel(0.05)
+    asyncio.run(run(model, [1.0] * 8, parallel=2, threads=1, max_batch_size=1))
+    assert model.most_running == 2
+    assert [threads for _, threads in model.passes] == [1] * 8
+
+
 @contextlib.asynccontextmanager
 async def two_cores(model: SlowModel, *, max_batch_size: int) -> AsyncIterator[Batcher]:
     """A started batcher for two cores: two single-threaded passes side by side, or one with two threads."""
@@ -170,20 +178,6 @@ def test_inputs_made_by_the_pass_and_a_failure_stays_with_its_request() -> None:
     assert timing.batch_size == 2 and timing.prepare_s >= 0.005
     assert model.passes[-1][0] == 2  # one pass for the two good ones
     assert all(name.startswith("shared") for name in made_on)  # made on the pass's own thread
-
-
-def test_after_a_burst_passes_go_wide_again_once_requests_come_one_at_a_time() -> None:
-    async def scenario(model: SlowModel) -> None:
-        async with two_cores(model, max_batch_size=1) as batcher:
-            await asyncio.gather(*(batcher.submit(image(1.0)) for _ in range(8)))
-            for _ in range(12):  # one at a time
-                await batcher.submit(image(1.0))
-
-    model = SlowModel(0.005)
-    asyncio.run(scenario(model))
-    lone = [threads for _, threads in model.passes[8:]]
-    assert lone[0] == 1  # the burst is still in recent memory: no wide pass that others may join
-    assert lone[-1] == 2 and lone == sorted(lone)
 
 
 def test_stop_fails_queued_requests_with_the_closed_error() -> None:

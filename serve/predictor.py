@@ -31,7 +31,7 @@ from torch import nn
 from classifier import artifact
 from classifier.artifact import ArtifactError, Manifest
 from classifier.onnx_model import OnnxModel
-from classifier.pretrained import default_model, default_weights_file
+from classifier.pretrained import default_manifest, default_model, default_weights_file
 from serve import codec, runtime
 from serve.memory import model_bytes
 
@@ -115,6 +115,11 @@ class Predictor:
         core). ``engine``: a ``CLASSIFIER_RUNTIME`` value (see :mod:`serve.runtime`); ``graph_cache``:
         where exported graphs are kept (None: nowhere)."""
         target = select_device(device)
+        onnx = runtime.uses_onnxruntime(engine, target)
+        trusted = cls._trusted_graph(model_dir, allow_default=allow_default, cache=graph_cache,
+                                     threads=threads) if onnx else None
+        if trusted is not None:
+            return cls(*trusted, torch.device("cpu"))
         if artifact.is_artifact(model_dir):
             model, manifest = artifact.load(model_dir, device=target, threads=threads)
             logger.info("loaded %s with %d classes from %s", manifest.architecture, manifest.num_classes, model_dir)
@@ -131,14 +136,36 @@ class Predictor:
         else:
             raise ArtifactError(f"no model artifact in {model_dir} and the default model is disabled")
         # A TorchScript network cannot be exported by torch.export: it runs as it is.
-        if (isinstance(model, nn.Module) and not isinstance(model, torch.jit.ScriptModule)
-                and runtime.uses_onnxruntime(engine, target)):
+        if isinstance(model, nn.Module) and not isinstance(model, torch.jit.ScriptModule) and onnx:
             graph = runtime.onnx_engine(model.cpu().float(), manifest, artifact_dir=artifact_dir, weights=weights,
                                         cache=graph_cache, threads=threads)
             if graph is not None:
                 return cls(graph, manifest, torch.device("cpu"))
             model = model.to(target)
         return cls(model, manifest, target, half=half, jit=jit)
+
+    @staticmethod
+    def _trusted_graph(model_dir: Path, *, allow_default: bool, cache: Path | None,
+                       threads: int | Sequence[int] | None) -> tuple[OnnxModel, Manifest] | None:
+        """The graph cache's graph of the network ``model_dir`` holds (or of the built-in model),
+        when it can be run without building the network (see :func:`runtime.trusted_cached_graph`)."""
+        if cache is None:
+            return None
+        if artifact.is_artifact(model_dir):
+            manifest = artifact.load_manifest(model_dir)
+            if manifest.architecture in (artifact.TORCHSCRIPT, artifact.ONNX):
+                return None
+            weights, source = artifact.weights_file(model_dir, manifest), str(model_dir)
+        elif allow_default and not artifact.visible_entries(model_dir):
+            manifest, weights = default_manifest(), default_weights_file()
+            source = f"the built-in ImageNet model ({model_dir} is empty)"
+        else:
+            return None
+        graph = runtime.trusted_cached_graph(weights, manifest, cache, threads) if weights.is_file() else None
+        if graph is None:
+            return None
+        logger.info("serving %s with %d classes from %s", manifest.architecture, manifest.num_classes, source)
+        return graph, manifest
 
     @property
     def onnx(self) -> bool:

@@ -11,6 +11,11 @@ the first place that has one that passes :func:`classifier.export.compare`:
 3. a fresh export, written to the cache for the next start (skipped when the cache cannot be
    written, e.g. on a read-only file system).
 
+A graph enters the cache only once it has passed the check, so a cached graph that no one but its
+writer (this user or root) can have changed is opened without building the PyTorch network at
+all (:func:`trusted_cached_graph`): the built-in model starts from the image's baked graph in a
+fraction of a second. Any other graph is checked each time it is opened.
+
 A network that cannot be exported, or whose graph differs, runs with PyTorch, with a warning that
 says why. An artifact that is itself ONNX runs with ONNX Runtime whatever the setting.
 """
@@ -52,6 +57,32 @@ def cache_key(weights: Path, manifest: Manifest) -> str:
             digest.update(chunk)
     digest.update(f"{manifest.architecture}/{manifest.preprocessing.crop_size}/{torch.__version__}".encode())
     return digest.hexdigest()[:32]
+
+
+def trusted_cached_graph(weights: Path, manifest: Manifest, cache: Path | None,
+                         threads: int | Iterable[int] | None) -> OnnxModel | None:
+    """The cached graph of these weights, opened without the PyTorch network, if the cache holds
+    one written by this user or root that no one else may write; else None (and the caller checks
+    whatever graph it finds against the network)."""
+    if cache is None:
+        return None
+    path = cache / f"{cache_key(weights, manifest)}.onnx"
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    if info.st_uid not in (0, os.getuid()) or info.st_mode & 0o022:
+        logger.warning("checking %s against the network: others than its owner may have written it", path)
+        return None
+    try:
+        network = OnnxModel(path, threads)
+    except Exception as exc:  # noqa: BLE001 - the caller falls back to the checked path
+        logger.warning("not using the graph cache's %s: %s", path.name, reason(exc))
+        return None
+    if network.image_size not in (None, manifest.preprocessing.crop_size):
+        return None
+    logger.info("running the network with ONNX Runtime: graph from the graph cache (checked when it was stored)")
+    return network
 
 
 def onnx_engine(model: nn.Module, manifest: Manifest, *, artifact_dir: Path | None, weights: Path | None,

@@ -167,6 +167,46 @@ def test_the_artifacts_graph_is_used_and_one_for_other_weights_is_not(tmp_path: 
         assert np.allclose(predictor.infer(batch), Small(seed=1).eval()(batch).numpy(), atol=1e-4)
 
 
+def test_a_graph_this_user_cached_is_served_without_building_the_network(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """It passed the check when it was stored, under its weights' hash: the next start opens it
+    alone (the built-in model starts from the image's baked graph this way)."""
+    caplog.set_level(logging.INFO, logger="serve.runtime")
+    model_dir, cache = save(tmp_path, Small(), monkeypatch), tmp_path / "cache"
+    first = Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert "graph exported now" in caplog.text and first.runtime == runtime.ONNXRUNTIME
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("built the network although the cached graph could be trusted")
+
+    monkeypatch.setattr(artifact, "load", no_network)
+    again = Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert "graph from the graph cache (checked when it was stored)" in caplog.text
+    batch = export.sample(2, 16, seed=3)
+    assert np.allclose(again.infer(batch), first.infer(batch), atol=1e-6)
+    again.warm_up()  # the graph still answers one score per class the manifest names
+
+
+def test_a_cached_graph_others_may_have_written_is_checked_against_the_network(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, cache = save(tmp_path, Small(), monkeypatch), tmp_path / "cache"
+    Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    (cached,) = cache.glob("*.onnx")
+    cached.write_bytes(export.export(Small(seed=1), 16))  # another network's graph, put there by anyone
+    cached.chmod(0o666)
+    built: list[Path] = []
+    load = artifact.load
+    monkeypatch.setattr(artifact, "load", lambda directory, **options: built.append(directory) or load(directory, **options))
+    predictor = Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert built == [model_dir]
+    assert "others than its owner may have written it" in caplog.text
+    assert "not using the graph cache: it differs from the network" in caplog.text
+    batch = export.sample(2, 16, seed=3)
+    with torch.inference_mode():
+        assert np.allclose(predictor.infer(batch), Small().eval()(batch).numpy(), atol=1e-4)
+
+
 def test_an_artifact_graph_that_cannot_run_is_passed_over(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A graph exported for another crop size fails at its first run: the server exports anew."""

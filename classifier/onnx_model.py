@@ -52,6 +52,8 @@ class OnnxModel:
         batch, channels, height, width = (size if isinstance(size, int) else None for size in inputs[0].shape)
         if channels not in (3, None):
             raise OnnxModelError(f"the input has {channels} channels; images here have 3 (RGB)")
+        scores = outputs[0].shape[-1] if outputs[0].shape else None
+        self.num_classes = scores if isinstance(scores, int) else None  # scores per image; None: not fixed
         self.batch_size = batch  # None: any
         self.image_size = height if height is not None and height == width else None  # None: any (or not square)
         self.fixed_shape = (height, width)

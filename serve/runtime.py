@@ -7,14 +7,17 @@ the first place that has one that passes :func:`classifier.export.compare`:
 
 1. ``graph.onnx`` in the artifact (training writes it);
 2. the graph cache (``CLASSIFIER_GRAPH_CACHE``), under a key made of the weights' SHA-256, the
-   crop size and the PyTorch version, so a cached graph is never used for other weights;
+   crop size, the versions of everything that builds or exports the network (PyTorch,
+   torchvision, timm, ONNX Runtime, onnxscript) and a digest of this project's own network code,
+   so a cached graph is never used for other weights or after any of those changed;
 3. a fresh export, written to the cache for the next start (skipped when the cache cannot be
    written, e.g. on a read-only file system).
 
-A graph enters the cache only once it has passed the check, so a cached graph that no one but its
-writer (this user or root) can have changed is opened without building the PyTorch network at
-all (:func:`trusted_cached_graph`): the built-in model starts from the image's baked graph in a
-fraction of a second. Any other graph is checked each time it is opened.
+A graph enters the cache only once it has passed the check. So before all of these, a cached
+graph that only its owner (this user or root) may change, in a folder where no one else can
+replace it, is opened as it is, without building the PyTorch network
+(:func:`trusted_cached_graph`): the built-in model starts from the image's baked graph this way.
+Any other graph is checked each time it is opened.
 
 A network that cannot be exported, or whose graph differs, runs with PyTorch, with a warning that
 says why. An artifact that is itself ONNX runs with ONNX Runtime whatever the setting.
@@ -22,9 +25,12 @@ says why. An artifact that is itself ONNX runs with ONNX Runtime whatever the se
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import classifier
 from classifier.artifact import Manifest
 from classifier.export import GRAPH_FILE, ExportError, checked_graph, opened_and_checked, reason
 from classifier.onnx_model import OnnxModel
@@ -49,37 +56,85 @@ def uses_onnxruntime(runtime: str, device: torch.device) -> bool:
     return runtime == ONNXRUNTIME or (runtime == AUTO and device.type == "cpu")
 
 
-def cache_key(weights: Path, manifest: Manifest) -> str:
-    """The cache's name for the graph of these weights, exported by this PyTorch at this crop size."""
+# What builds and exports a network besides the weights: a change in any makes other graphs.
+GRAPH_MAKERS = ("torch", "torchvision", "timm", "onnxruntime", "onnxscript")
+
+
+@functools.cache
+def graph_makers() -> str:
+    """The versions of the libraries that build and export networks, and a digest of this
+    project's code that does (``classifier/*.py``)."""
+    versions = []
+    for name in GRAPH_MAKERS:
+        try:
+            versions.append(f"{name}={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name}=none")
+    code = hashlib.sha256()
+    for path in sorted(Path(classifier.__file__).parent.glob("*.py")):
+        code.update(path.name.encode() + b"\0" + path.read_bytes())
+    return ",".join([*versions, f"classifier={code.hexdigest()[:16]}"])
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_digest(path: Path, size: int, modified_ns: int) -> str:
     digest = hashlib.sha256()
-    with weights.open("rb") as file:
+    with path.open("rb") as file:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
-    digest.update(f"{manifest.architecture}/{manifest.preprocessing.crop_size}/{torch.__version__}".encode())
+    return digest.hexdigest()
+
+
+def cache_key(weights: Path, manifest: Manifest) -> str:
+    """The cache's name for the graph of these weights, exported at this crop size by these
+    libraries and this code (the weights are hashed once per file version)."""
+    info = weights.stat()
+    digest = hashlib.sha256(_weights_digest(weights, info.st_size, info.st_mtime_ns).encode())
+    digest.update(f"{manifest.architecture}/{manifest.preprocessing.crop_size}/{graph_makers()}".encode())
     return digest.hexdigest()[:32]
+
+
+def _only_owner_writes(info: os.stat_result) -> bool:
+    return info.st_uid in (0, os.getuid()) and not info.st_mode & 0o022
+
+
+def _sole_folder(info: os.stat_result) -> bool:
+    """A folder where nobody but its owner (this user or root) can put a file in another's place:
+    writable by its owner only, or sticky (as /tmp and the image's /opt/graphs are)."""
+    return info.st_uid in (0, os.getuid()) and (not info.st_mode & 0o022 or bool(info.st_mode & stat.S_ISVTX))
 
 
 def trusted_cached_graph(weights: Path, manifest: Manifest, cache: Path | None,
                          threads: int | Iterable[int] | None) -> OnnxModel | None:
-    """The cached graph of these weights, opened without the PyTorch network, if the cache holds
-    one written by this user or root that no one else may write; else None (and the caller checks
-    whatever graph it finds against the network)."""
+    """The cached graph of these weights, opened without the PyTorch network, if it is a regular
+    file (not a link) that only its owner, this user or root, may change, in a folder where no one
+    else can replace it, and it takes this crop size and answers the manifest's classes; else None
+    (and the caller checks whatever graph it finds against the network)."""
     if cache is None:
         return None
     path = cache / f"{cache_key(weights, manifest)}.onnx"
     try:
-        info = path.stat()
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
-        return None
-    if info.st_uid not in (0, os.getuid()) or info.st_mode & 0o022:
-        logger.warning("checking %s against the network: others than its owner may have written it", path)
-        return None
+        return None  # none cached (or a link, which is not followed)
+    with os.fdopen(descriptor, "rb") as file:
+        info = os.fstat(file.fileno())
+        folder = os.stat(cache)
+        if not stat.S_ISREG(info.st_mode) or not _only_owner_writes(info) or not _sole_folder(folder):
+            logger.info("checking the graph cache's %s against the network: others than this user or root "
+                        "may have written it", path.name)
+            return None
+        graph = file.read()  # what is run is what was checked for owner and mode, even if the name changes now
     try:
-        network = OnnxModel(path, threads)
+        network = OnnxModel(graph, threads)
     except Exception as exc:  # noqa: BLE001 - the caller falls back to the checked path
         logger.warning("not using the graph cache's %s: %s", path.name, reason(exc))
         return None
-    if network.image_size not in (None, manifest.preprocessing.crop_size):
+    crop, classes = manifest.preprocessing.crop_size, network.num_classes
+    if network.fixed_shape not in ((None, None), (crop, crop)) or classes not in (None, manifest.num_classes):
+        logger.warning("checking the graph cache's %s against the network: it takes %s images and answers %s "
+                       "classes, the manifest %d×%d and %d", path.name, network.fixed_shape, classes, crop, crop,
+                       manifest.num_classes)
         return None
     logger.info("running the network with ONNX Runtime: graph from the graph cache (checked when it was stored)")
     return network

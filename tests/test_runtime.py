@@ -5,7 +5,9 @@ cannot be made or differs runs with PyTorch, with a warning."""
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,23 +190,88 @@ def test_a_graph_this_user_cached_is_served_without_building_the_network(tmp_pat
     again.warm_up()  # the graph still answers one score per class the manifest names
 
 
-def test_a_cached_graph_others_may_have_written_is_checked_against_the_network(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def cached_then_tampered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path, list[Path]]:
+    """An artifact whose graph is in the cache, and a record of each time its network is built."""
     model_dir, cache = save(tmp_path, Small(), monkeypatch), tmp_path / "cache"
     Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
     (cached,) = cache.glob("*.onnx")
-    cached.write_bytes(export.export(Small(seed=1), 16))  # another network's graph, put there by anyone
-    cached.chmod(0o666)
     built: list[Path] = []
     load = artifact.load
     monkeypatch.setattr(artifact, "load", lambda directory, **options: built.append(directory) or load(directory, **options))
-    predictor = Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
-    assert built == [model_dir]
-    assert "others than its owner may have written it" in caplog.text
-    assert "not using the graph cache: it differs from the network" in caplog.text
+    return model_dir, cache, cached, built
+
+
+def served_like_small(predictor: Predictor) -> bool:
     batch = export.sample(2, 16, seed=3)
     with torch.inference_mode():
-        assert np.allclose(predictor.infer(batch), Small().eval()(batch).numpy(), atol=1e-4)
+        return np.allclose(predictor.infer(batch), Small().eval()(batch).numpy(), atol=1e-4)
+
+
+def test_a_cached_graph_others_may_have_written_is_checked_against_the_network(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, logger="serve.runtime")
+    model_dir, cache, cached, built = cached_then_tampered(tmp_path, monkeypatch)
+    cached.write_bytes(export.export(Small(seed=1), 16))  # another network's graph, put there by anyone
+    cached.chmod(0o666)
+    predictor = Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert built == [model_dir]
+    assert "others than this user or root may have written it" in caplog.text
+    assert "not using the graph cache: it differs from the network" in caplog.text
+    assert served_like_small(predictor)
+
+
+def test_a_link_in_the_cache_is_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, cache, cached, built = cached_then_tampered(tmp_path, monkeypatch)
+    elsewhere = tmp_path / "elsewhere.onnx"
+    elsewhere.write_bytes(export.export(Small(seed=1), 16))
+    cached.unlink()
+    cached.symlink_to(elsewhere)
+    predictor = Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert built == [model_dir] and served_like_small(predictor)
+
+
+def test_a_cache_folder_others_may_write_is_not_trusted_unless_sticky(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, cache, _, built = cached_then_tampered(tmp_path, monkeypatch)
+    cache.chmod(0o777)
+    Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert built == [model_dir]
+    cache.chmod(0o1777)  # as /tmp and the image's /opt/graphs: no one replaces another's file
+    Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert built == [model_dir]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_cached_graph_of_another_user_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, cache, cached, built = cached_then_tampered(tmp_path, monkeypatch)
+    os.chown(cached, 54321, -1)
+    monkeypatch.setattr(runtime.os, "getuid", lambda: 12345)  # neither root nor the file's owner
+    os.chown(cache, 12345, -1)
+    Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert built == [model_dir]
+
+
+def test_a_cached_graph_for_another_class_count_is_not_served(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, cache, _, built = cached_then_tampered(tmp_path, monkeypatch)
+    manifest = artifact.load_manifest(model_dir)
+    four = Manifest(architecture=manifest.architecture, class_names=("a", "b", "c", "d"),
+                    preprocessing=manifest.preprocessing)
+    (model_dir / artifact.MANIFEST_FILE).write_text(json.dumps(four.to_dict()))  # same weights, four names
+    predictor = Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert built == [model_dir] and "answers 3 classes, the manifest 16×16 and 4" in caplog.text
+    with pytest.raises(artifact.ArtifactError, match="manifest names 4 classes"):
+        predictor.warm_up()  # (a real artifact fails earlier: its weights do not fit four classes)
+
+
+def test_the_cache_key_changes_with_the_code_that_builds_networks(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = weights_file(tmp_path, Small())
+    makers = runtime.graph_makers()
+    assert all(f"{name}=" in makers for name in (*runtime.GRAPH_MAKERS, "classifier"))
+    before = runtime.cache_key(weights, MANIFEST)
+    monkeypatch.setattr(runtime, "graph_makers", lambda: makers.replace("timm=", "timm=another"))
+    assert runtime.cache_key(weights, MANIFEST) != before
 
 
 def test_an_artifact_graph_that_cannot_run_is_passed_over(tmp_path: Path, caplog: pytest.LogCaptureFixture,

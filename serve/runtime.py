@@ -77,7 +77,7 @@ def graph_makers() -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _weights_digest(path: Path, size: int, modified_ns: int) -> str:
+def _weights_digest(path: Path, identity: tuple[int, ...]) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
         while chunk := file.read(1 << 20):
@@ -88,52 +88,68 @@ def _weights_digest(path: Path, size: int, modified_ns: int) -> str:
 def cache_key(weights: Path, manifest: Manifest) -> str:
     """The cache's name for the graph of these weights, exported at this crop size by these
     libraries and this code (the weights are hashed once per file version)."""
-    info = weights.stat()
-    digest = hashlib.sha256(_weights_digest(weights, info.st_size, info.st_mtime_ns).encode())
+    info = weights.stat()  # a new file, or a changed one, has another identity (ctime changes with any write)
+    identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    digest = hashlib.sha256(_weights_digest(weights, identity).encode())
     digest.update(f"{manifest.architecture}/{manifest.preprocessing.crop_size}/{graph_makers()}".encode())
     return digest.hexdigest()[:32]
 
 
-def _only_owner_writes(info: os.stat_result) -> bool:
-    return info.st_uid in (0, os.getuid()) and not info.st_mode & 0o022
-
-
-def _sole_folder(info: os.stat_result) -> bool:
-    """A folder where nobody but its owner (this user or root) can put a file in another's place:
-    writable by its owner only, or sticky (as /tmp and the image's /opt/graphs are)."""
-    return info.st_uid in (0, os.getuid()) and (not info.st_mode & 0o022 or bool(info.st_mode & stat.S_ISVTX))
+def _distrust(info: os.stat_result, *, folder: bool) -> str | None:
+    """Why a cache folder, or a graph in it, may hold what someone else put there (None: it cannot).
+    A folder must be its owner's alone or sticky (as /tmp and the image's /opt/graphs are), so no
+    one replaces another's file; a graph must be one plain file that only its owner may change."""
+    if info.st_uid not in (0, os.getuid()):
+        return f"it belongs to user {info.st_uid}"
+    if folder:
+        return None if not info.st_mode & 0o022 or info.st_mode & stat.S_ISVTX else "others may write into it"
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        return "it is not one plain file"
+    return "others may write it" if info.st_mode & 0o022 else None
 
 
 def trusted_cached_graph(weights: Path, manifest: Manifest, cache: Path | None,
                          threads: int | Iterable[int] | None) -> OnnxModel | None:
-    """The cached graph of these weights, opened without the PyTorch network, if it is a regular
-    file (not a link) that only its owner, this user or root, may change, in a folder where no one
-    else can replace it, and it takes this crop size and answers the manifest's classes; else None
-    (and the caller checks whatever graph it finds against the network)."""
+    """The cached graph of these weights, opened without the PyTorch network, if neither the cache
+    folder nor the graph may hold what someone else put there (:func:`_distrust`; the graph is not
+    a link, and is read from the descriptor its owner and mode were read from) and it takes the
+    manifest's crop size and answers its class count; else None (and the caller checks whatever
+    graph it finds against the network)."""
     if cache is None:
         return None
-    path = cache / f"{cache_key(weights, manifest)}.onnx"
+    name = f"{cache_key(weights, manifest)}.onnx"
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        folder = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return None  # none cached (or a link, which is not followed)
-    with os.fdopen(descriptor, "rb") as file:
-        info = os.fstat(file.fileno())
-        folder = os.stat(cache)
-        if not stat.S_ISREG(info.st_mode) or not _only_owner_writes(info) or not _sole_folder(folder):
-            logger.info("checking the graph cache's %s against the network: others than this user or root "
-                        "may have written it", path.name)
+        return None
+    try:
+        why = _distrust(os.fstat(folder), folder=True)
+        if why is not None:
+            logger.info("checking cached graphs against the network: the graph cache %s may hold others' files (%s)",
+                        cache, why)
             return None
-        graph = file.read()  # what is run is what was checked for owner and mode, even if the name changes now
+        try:
+            # Not through a link; never waiting on a pipe someone put there.
+            descriptor = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
+        except OSError:
+            return None  # none cached (or a link, which is not followed)
+    finally:
+        os.close(folder)
+    with os.fdopen(descriptor, "rb") as file:
+        why = _distrust(os.fstat(file.fileno()), folder=False)
+        if why is not None:
+            logger.info("checking the graph cache's %s against the network: %s", name, why)
+            return None
+        graph = file.read()
     try:
         network = OnnxModel(graph, threads)
     except Exception as exc:  # noqa: BLE001 - the caller falls back to the checked path
-        logger.warning("not using the graph cache's %s: %s", path.name, reason(exc))
+        logger.warning("not using the graph cache's %s: %s", name, reason(exc))
         return None
     crop, classes = manifest.preprocessing.crop_size, network.num_classes
-    if network.fixed_shape not in ((None, None), (crop, crop)) or classes not in (None, manifest.num_classes):
+    if network.fixed_shape not in ((None, None), (crop, crop)) or classes != manifest.num_classes:
         logger.warning("checking the graph cache's %s against the network: it takes %s images and answers %s "
-                       "classes, the manifest %d×%d and %d", path.name, network.fixed_shape, classes, crop, crop,
+                       "classes, the manifest %d×%d and %d", name, network.fixed_shape, classes, crop, crop,
                        manifest.num_classes)
         return None
     logger.info("running the network with ONNX Runtime: graph from the graph cache (checked when it was stored)")
@@ -183,16 +199,22 @@ def _checked(model: nn.Module, path: Path, origin: str, crop: int,
 
 
 def _store(path: Path, graph: bytes) -> None:
-    """Write ``graph`` to the cache if the cache can be written; a failure only costs the next start
-    an export. Readable by every user (the cache may be shared)."""
+    """Write ``graph`` to the cache if the cache can be written and no one else may write into it
+    (see :func:`_distrust`); a failure only costs the next start an export. Readable by every user
+    (the cache may be shared)."""
     temporary: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        why = _distrust(path.parent.stat(), folder=True)
+        if why is not None:
+            logger.info("the exported graph is not cached: the graph cache %s may hold others' files (%s)",
+                        path.parent, why)
+            return
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
         temporary = Path(name)
         with os.fdopen(handle, "wb") as file:
             file.write(graph)
-        temporary.chmod(0o644)
+            os.fchmod(file.fileno(), 0o644)  # the file written, never what its name may point to by now
         os.replace(temporary, path)
     except OSError as exc:
         if temporary is not None:

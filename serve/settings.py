@@ -178,7 +178,9 @@ class Settings:
         if runtime not in RUNTIMES:
             raise ConfigError(f"environment variable CLASSIFIER_RUNTIME={runtime!r} is invalid: expected one of "
                               f"{', '.join(RUNTIMES)}")
-        graph_cache = Path(environ.get("CLASSIFIER_GRAPH_CACHE") or Path(tempfile.gettempdir()) / "classifier-graphs")
+        # Outside the image, one folder per user: another user's folder is neither trusted nor written.
+        graph_cache = Path(environ.get("CLASSIFIER_GRAPH_CACHE")
+                           or Path(tempfile.gettempdir()) / f"classifier-graphs-{os.getuid()}")
         return cls(
             host=environ.get("CLASSIFIER_HOST") or cls.host,
             port=get("SAGEMAKER_BIND_TO_PORT", _positive_int, DEFAULT_PORT),

@@ -215,7 +215,7 @@ def test_a_cached_graph_others_may_have_written_is_checked_against_the_network(
     cached.chmod(0o666)
     predictor = Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
     assert built == [model_dir]
-    assert "others than this user or root may have written it" in caplog.text
+    assert "against the network: others may write it" in caplog.text
     assert "not using the graph cache: it differs from the network" in caplog.text
     assert served_like_small(predictor)
 
@@ -224,10 +224,19 @@ def test_a_link_in_the_cache_is_not_trusted(tmp_path: Path, monkeypatch: pytest.
     model_dir, cache, cached, built = cached_then_tampered(tmp_path, monkeypatch)
     elsewhere = tmp_path / "elsewhere.onnx"
     elsewhere.write_bytes(export.export(Small(seed=1), 16))
+    elsewhere.chmod(0o644)  # trusted itself: only the link is in question
     cached.unlink()
     cached.symlink_to(elsewhere)
     predictor = Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
     assert built == [model_dir] and served_like_small(predictor)
+
+
+def test_a_second_name_for_a_cached_graph_is_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hard link puts one trusted graph under another key (another model's weights)."""
+    model_dir, cache, cached, built = cached_then_tampered(tmp_path, monkeypatch)
+    os.link(cached, tmp_path / "second-name.onnx")
+    Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert built == [model_dir]
 
 
 def test_a_cache_folder_others_may_write_is_not_trusted_unless_sticky(tmp_path: Path,
@@ -239,6 +248,22 @@ def test_a_cache_folder_others_may_write_is_not_trusted_unless_sticky(tmp_path: 
     cache.chmod(0o1777)  # as /tmp and the image's /opt/graphs: no one replaces another's file
     Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
     assert built == [model_dir]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+def test_a_cache_folder_of_another_user_is_neither_trusted_nor_written(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, logger="serve.runtime")
+    model_dir, cache, cached, built = cached_then_tampered(tmp_path, monkeypatch)
+    cached.unlink()
+    os.chown(cache, 54321, -1)
+    Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert "the exported graph is not cached: the graph cache" in caplog.text
+    assert list(cache.iterdir()) == []
+    cached.write_bytes(export.export(Small(), 16))
+    cached.chmod(0o644)
+    Predictor.load(model_dir, allow_default=False, device="cpu", graph_cache=cache)
+    assert built == [model_dir, model_dir] and "it belongs to user 54321" in caplog.text
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")

@@ -1,6 +1,6 @@
 """Does each scheduling rule pay? The server's policy against itself with one rule switched off.
 
-    .venv/bin/python bench/scheduling.py            # 2 rounds, about 4 minutes per model on 2 cores
+    .venv/bin/python bench/scheduling.py            # 2 rounds, about 5 minutes per model on 2 cores
     .venv/bin/python bench/scheduling.py --quick    # a smoke run of every code path
     .venv/bin/python bench/scheduling.py --models efficientnet_lite0 resnet50
 
@@ -10,7 +10,9 @@ whose :class:`serve.scheduling.Policy` has one rule switched off:
 - ``policy``: the server as shipped;
 - ``never wide``: no pass gets every core, even a lone one (each pass gets an equal share);
 - ``whole queue``: a pass takes every queued image up to the largest batch (no fair share);
-- ``decode beforehand``: every image is decoded on the decode pool, none inside its pass.
+- ``decode beforehand``: every image is decoded on the decode pool, none inside its pass;
+- ``unbounded batches``: a pass takes its fair share however long its images take (no bound by
+  the work one pass should gather, ``BATCH_WORK_S``).
 
 All variants stay loaded; round after round each is measured in turn (the order reversed every
 other round) under a closed loop of 1 and of 8 clients sending real photos (as
@@ -37,7 +39,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
-VARIANTS = ("policy", "never wide", "whole queue", "decode beforehand")
+VARIANTS = ("policy", "never wide", "whole queue", "decode beforehand", "unbounded batches")
 RESULTS = BENCH / "results"
 
 
@@ -53,6 +55,8 @@ def patch(variant: str) -> None:
         Policy.batch_limit = lambda self, backlog: self.max_batch_size  # type: ignore[method-assign]
     elif variant == "decode beforehand":
         Policy.decodes_in_pass = lambda self, body_bytes, pixels: False  # type: ignore[method-assign]
+    elif variant == "unbounded batches":
+        Policy.useful_batch = property(lambda self: self.max_batch_size)  # type: ignore[assignment,method-assign]
     elif variant != "policy":
         raise SystemExit(f"unknown variant {variant!r}")
 

@@ -19,6 +19,7 @@ also in the CUDA image: its predictor's device is the CPU.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +83,9 @@ class Predictor:
         crop = manifest.preprocessing.crop_size
         self.input_shape = (3, crop, crop)
         self.resize_size = manifest.preprocessing.resize_size  # the short side preprocessing resizes to
+        # Seconds a pass of one image takes, and each image of a batch, as time_passes() found.
+        self.image_s: float | None = None
+        self.batched_image_s: float | None = None
         if isinstance(model, OnnxModel):
             if device.type != "cpu":
                 logger.warning("the ONNX network runs on the CPU (ONNX Runtime); package a state dict or "
@@ -219,8 +223,7 @@ class Predictor:
         """One inference on a blank image with ``threads`` threads (and with ONNX Runtime, one on
         every session), so the first request does not pay for lazy setup; the network must answer
         one score per class name."""
-        size = self.manifest.preprocessing.resize_size
-        batch = self.preprocess(Image.new("RGB", (size, size)))[None]
+        batch = self._blank_image()
         if isinstance(self.model, OnnxModel):
             for count in self.model.thread_counts:
                 self.model(batch, count)
@@ -228,3 +231,25 @@ class Predictor:
         if logits.shape != (1, self.manifest.num_classes):
             raise ArtifactError(f"the network answers {logits.shape[1:]} scores per image but the manifest names "
                                 f"{self.manifest.num_classes} classes")
+
+    def time_passes(self, threads: int | None, batch: int, runs: int = 2) -> tuple[float, float]:
+        """Seconds a pass of one blank image takes with ``threads`` threads, and each image's share
+        of a pass of ``batch``: the least of ``runs`` each (after :meth:`warm_up`, which pays for
+        the lazy setup). Kept as :attr:`image_s` and :attr:`batched_image_s`."""
+        one = self._blank_image()
+        many = one.expand(batch, *one.shape[1:]).contiguous()
+
+        def fastest(inputs: torch.Tensor) -> float:
+            seconds = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                self.infer(inputs, threads)
+                seconds.append(time.perf_counter() - started)
+            return min(seconds)
+
+        self.image_s, self.batched_image_s = fastest(one), fastest(many) / batch
+        return self.image_s, self.batched_image_s
+
+    def _blank_image(self) -> torch.Tensor:
+        size = self.manifest.preprocessing.resize_size
+        return self.preprocess(Image.new("RGB", (size, size)))[None]

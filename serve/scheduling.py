@@ -12,6 +12,14 @@ passes side by side never ask for more threads than there are cores. A narrow pa
 passes, divided by ``passes``, rounded up): a pass starting beside another does not take the
 whole queue while the other core soon idles.
 
+On a CPU a pass takes more than one image only where that pays. A batch pays in two ways: the
+engine may cost each image less in a batch than alone, or the batch spreads what every pass costs
+whatever it holds (hand-offs between threads, the engine's call) over more images, which counts
+only while passes are short. Where neither holds, every image of a batch just waits for all the
+others. So, by two passes timed at warm-up (one image, ``image_s``; and ``PROBE_BATCH`` images,
+``batched_image_s`` each): when a batch's images cost at least ``BATCH_SAVING`` less each, a pass
+takes up to ``max_batch_size``; otherwise at most as many as fit in ``BATCH_WORK_S`` of work.
+
 A lone small image is decoded by the pass that classifies it, on the pass's thread (no hand-over
 between threads), when the model runs on a CPU and passes can run side by side (or a pass has one
 core): then decoding uses a core that would otherwise wait. Anything larger, by body or by pixels,
@@ -31,6 +39,11 @@ from dataclasses import dataclass
 # kilobytes of PNG can hold tens of megapixels).
 DECODE_IN_PASS_MAX_BYTES = 256 * 1024
 DECODE_IN_PASS_MAX_PIXELS = 2_000_000
+# When a CPU pass batches (see above): the batch timed at warm-up, the saving per image that makes
+# any batch worth it, and otherwise the work one pass may gather.
+PROBE_BATCH = 4
+BATCH_SAVING = 0.1
+BATCH_WORK_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -56,10 +69,13 @@ class Pass:
 
 class Policy:
     def __init__(self, *, cores: int | None, passes: int = 1, max_batch_size: int = 16, max_delay_s: float = 0.0,
-                 decode_in_pass: bool = False) -> None:
+                 decode_in_pass: bool = False, image_s: float | None = None,
+                 batched_image_s: float | None = None) -> None:
         """``cores``: threads for a lone pass (None: threads are never set, and no pass is wide).
         ``decode_in_pass``: whether this model's passes may decode their own small images (a model
-        on a CPU); it holds when passes run side by side or a pass has one core."""
+        on a CPU); it holds when passes run side by side or a pass has one core. ``image_s`` and
+        ``batched_image_s``: the seconds a CPU pass took at warm-up for one image, and for each of
+        ``PROBE_BATCH`` (None: batches are bounded only by ``max_batch_size`` and the fair share)."""
         if passes < 1 or max_batch_size < 1 or (cores is not None and cores < 1):
             raise ValueError("cores, passes and max_batch_size must be at least 1")
         self.cores = cores
@@ -67,17 +83,29 @@ class Policy:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.may_decode_in_pass = decode_in_pass and (passes > 1 or cores == 1)
+        self.image_s = image_s
+        self.batched_image_s = batched_image_s
 
     @property
     def narrow_threads(self) -> int | None:
         """Threads for a pass that may have others beside it: an equal share of the cores."""
         return None if self.cores is None else max(1, self.cores // self.passes)
 
+    @property
+    def useful_batch(self) -> int:
+        """The most images worth one pass: ``max_batch_size`` when batches pay per image (or the
+        passes were not timed), else as many as fit in ``BATCH_WORK_S`` of work (at least one)."""
+        if not self.image_s or self.image_s <= 0:
+            return self.max_batch_size
+        if self.batched_image_s is not None and self.batched_image_s <= self.image_s * (1 - BATCH_SAVING):
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, int(BATCH_WORK_S / self.image_s)))
+
     def widths(self) -> tuple[int, ...]:
         """Every thread count a pass may be given (an engine may prepare a session for each)."""
-        if self.cores is None:
+        if self.cores is None or self.narrow_threads is None:
             return ()
-        return tuple(sorted({self.cores, max(1, self.cores // self.passes)}))
+        return tuple(sorted({self.cores, self.narrow_threads}))
 
     def can_start(self, backlog: Backlog) -> bool:
         """Whether a pass may start now: something is queued and a pass slot is free."""
@@ -85,14 +113,14 @@ class Policy:
 
     def delay_s(self, backlog: Backlog) -> float:
         """How long to wait for more requests before taking a batch (``max_delay_s`` while the
-        queue holds less than a full batch; none by default)."""
-        return self.max_delay_s if self.max_delay_s > 0 and backlog.queued_images < self.max_batch_size else 0.0
+        queue holds less than a useful batch; none by default)."""
+        return self.max_delay_s if self.max_delay_s > 0 and backlog.queued_images < self.useful_batch else 0.0
 
     def batch_limit(self, backlog: Backlog) -> int:
-        """The most images the next pass may take: a full batch, or with passes side by side its
-        fair share of the images in sight."""
+        """The most images the next pass may take: a useful batch, or with passes side by side its
+        fair share of the images in sight if that is less."""
         share = -(-(backlog.queued_images + backlog.images_in_passes) // self.passes)
-        return min(self.max_batch_size, max(1, share))
+        return min(self.useful_batch, max(1, share))
 
     def next_pass(self, backlog: Backlog) -> Pass:
         """How the pass whose batch was just taken runs (``backlog``: what is left besides it)."""

@@ -43,7 +43,7 @@ from serve.observe import Metrics
 from serve.predictor import Predictor, select_device
 from serve.registry import LoadedModel, ModelRegistry
 from serve.s3 import S3Fetcher
-from serve.scheduling import Policy
+from serve.scheduling import PROBE_BATCH, Policy
 from serve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -215,11 +215,13 @@ class Service:
             return Policy(cores=settings.threads_per_worker, passes=settings.handler_threads,
                           max_batch_size=settings.max_batch_size, max_delay_s=settings.max_batch_delay_ms / 1000)
         cpu = model.device.type == "cpu"
-        # A GPU runs one pass at a time anyway; on a CPU, passes side by side use the cores best
-        # (ONNX Runtime's too: each pass runs on the session for its thread count).
+        # A GPU runs one pass at a time anyway, and a batch pays there; on a CPU, passes side by side
+        # use the cores best (ONNX Runtime's too: each pass runs on the session for its thread
+        # count), and a batch only up to the work one pass should gather (its image timed at warm-up).
         return Policy(cores=settings.threads_per_worker, passes=settings.inference_threads if cpu else 1,
                       max_batch_size=settings.max_batch_size, max_delay_s=settings.max_batch_delay_ms / 1000,
-                      decode_in_pass=cpu)
+                      decode_in_pass=cpu, image_s=model.image_s if cpu else None,
+                      batched_image_s=model.batched_image_s if cpu else None)
 
     def make_batcher(self, model: Model, name: str) -> Batcher | None:
         """The batcher that feeds ``model``'s passes (None: a model whose own handlers serve each
@@ -241,11 +243,24 @@ class Service:
                        max_queue=self.settings.max_queue, on_batch=self.metrics.batch_size.observe, **options)
 
     def warm_up(self, model: Model) -> None:
-        """One pass where lone requests will run: on the wide thread with every core. A model served
-        through its own handlers is ready once its model_fn has returned."""
+        """One pass where lone requests will run: on the wide thread with every core; on a CPU, then
+        passes timed where passes beside others run, with their threads (by which the policy
+        bounds batches). A model served through its own handlers is ready once its model_fn has
+        returned."""
         if isinstance(model, HandlerModel):
             return
         self.wide_pool.submit(model.warm_up, self.settings.threads_per_worker).result()
+        if model.device.type == "cpu":
+            threads = self.policy(model).narrow_threads
+            try:
+                one_s, each_s = self.shared_pool.submit(model.time_passes, threads, PROBE_BATCH).result()
+            except Exception as exc:  # noqa: BLE001 - the timing only bounds batches; the warm-up passed
+                logger.warning("could not time a pass of %d images (%s: %s): batches are bounded by "
+                               "CLASSIFIER_MAX_BATCH_SIZE alone", PROBE_BATCH, type(exc).__name__, exc)
+                return
+            logger.info("with %s thread(s) a pass takes %.1f ms for one image and %.1f ms an image for %d: "
+                        "a pass takes at most %d image(s)", threads or "the default", one_s * 1000, each_s * 1000,
+                        PROBE_BATCH, self.policy(model).useful_batch)
 
     def _load_in_one_thread(self, model_dir: Path) -> Model:
         assert self._load_model is not None

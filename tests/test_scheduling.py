@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from serve.scheduling import (
+    BATCH_SAVING,
+    BATCH_WORK_S,
     DECODE_IN_PASS_MAX_BYTES,
     DECODE_IN_PASS_MAX_PIXELS,
     Backlog,
@@ -124,3 +126,32 @@ def test_nonsense_is_refused() -> None:
     for options in ({"cores": 0}, {"cores": 1, "passes": 0}, {"cores": 1, "max_batch_size": 0}):
         with pytest.raises(ValueError, match="at least 1"):
             Policy(**options)  # type: ignore[arg-type]
+
+
+def test_a_pass_gathers_only_the_images_worth_batching() -> None:
+    """On a CPU where a batch costs each image nearly what one alone does, a pass takes more than
+    one image only up to BATCH_WORK_S of work, by the time one image took."""
+    slow = two_cores(image_s=BATCH_WORK_S * 1.5, batched_image_s=BATCH_WORK_S * 1.45)
+    fast = two_cores(image_s=BATCH_WORK_S / 5.5, batched_image_s=BATCH_WORK_S / 5.6)
+    crowd = Backlog(queued_requests=12, queued_images=12, running_passes=1, images_in_passes=4)
+    assert (slow.useful_batch, fast.useful_batch, two_cores().useful_batch) == (1, 5, 16)
+    assert slow.batch_limit(crowd) == 1
+    assert fast.batch_limit(crowd) == 5  # the fair share would be eight
+    assert two_cores().batch_limit(crowd) == 8
+    assert two_cores(image_s=BATCH_WORK_S / 100, batched_image_s=BATCH_WORK_S / 100).useful_batch == 16
+    assert two_cores(image_s=BATCH_WORK_S * 1.5).useful_batch == 1  # no batch timed: by the one image
+    # A delay waits for a useful batch, not for one the pass would not take.
+    waiting = two_cores(image_s=BATCH_WORK_S * 1.5, batched_image_s=BATCH_WORK_S * 1.45, max_delay_s=0.01)
+    assert waiting.delay_s(Backlog(queued_requests=1, queued_images=1)) == 0.0
+    assert fast.delay_s(Backlog(queued_requests=1, queued_images=1)) == 0.0  # no delay set: none
+    assert two_cores(image_s=BATCH_WORK_S / 5.5, max_delay_s=0.01).delay_s(
+        Backlog(queued_requests=4, queued_images=4)) == 0.01
+
+
+def test_a_pass_takes_a_full_batch_where_batching_saves_per_image() -> None:
+    """However long one image takes, a batch whose images cost BATCH_SAVING less each is worth it."""
+    saves = two_cores(image_s=BATCH_WORK_S * 2, batched_image_s=BATCH_WORK_S * 2 * (1 - BATCH_SAVING) * 0.99)
+    barely = two_cores(image_s=BATCH_WORK_S * 2, batched_image_s=BATCH_WORK_S * 2 * (1 - BATCH_SAVING) * 1.01)
+    assert (saves.useful_batch, barely.useful_batch) == (16, 1)
+    assert saves.batch_limit(Backlog(queued_requests=12, queued_images=12, running_passes=1,
+                                     images_in_passes=4)) == 8  # then only the fair share bounds it

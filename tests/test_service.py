@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -17,6 +18,7 @@ from PIL import Image
 from serve.app import create_app
 from serve.errors import NotReady
 from serve.predictor import Predictor
+from serve.scheduling import PROBE_BATCH
 from serve.service import Health, Service
 from serve.settings import Settings
 
@@ -32,10 +34,35 @@ def service() -> Iterator[Service]:
 
 
 def test_a_gpu_model_gets_one_pass_at_a_time_decoded_beforehand(service: Service) -> None:
-    gpu = service.policy(SimpleNamespace(device=torch.device("cuda")))  # type: ignore[arg-type]
-    cpu = service.policy(SimpleNamespace(device=torch.device("cpu")))  # type: ignore[arg-type]
-    assert (gpu.passes, gpu.may_decode_in_pass, gpu.widths()) == (1, False, (2,))
-    assert (cpu.passes, cpu.may_decode_in_pass, cpu.widths()) == (2, True, (1, 2))
+    # An image that took 75 ms alone, and 74 ms each in a batch: a CPU pass takes no more than one;
+    # on a GPU a batch pays anyway.
+    timed = {"image_s": 0.075, "batched_image_s": 0.074}
+    gpu = service.policy(SimpleNamespace(device=torch.device("cuda"), **timed))  # type: ignore[arg-type]
+    cpu = service.policy(SimpleNamespace(device=torch.device("cpu"), **timed))  # type: ignore[arg-type]
+    assert (gpu.passes, gpu.may_decode_in_pass, gpu.widths(), gpu.useful_batch) == (1, False, (2,), 16)
+    assert (cpu.passes, cpu.may_decode_in_pass, cpu.widths(), cpu.useful_batch) == (2, True, (1, 2), 1)
+
+
+def test_warming_up_times_passes_where_passes_beside_others_run(service: Service, tiny_artifact: Path) -> None:
+    """The batcher's policy bounds batches by passes timed with a narrow pass's threads."""
+    predictor = Predictor.load(tiny_artifact, allow_default=False, device="cpu")
+    passes: list[tuple[int, int | None]] = []
+    infer = predictor.infer
+
+    def watched(batch: torch.Tensor, threads: int | None = None) -> np.ndarray:
+        passes.append((len(batch), threads))
+        return infer(batch, threads)
+
+    predictor.infer = watched  # type: ignore[method-assign]
+    assert predictor.image_s is None
+    service.warm_up(predictor)
+    assert predictor.image_s is not None and predictor.image_s > 0
+    assert predictor.batched_image_s is not None and predictor.batched_image_s > 0
+    # Two timed passes of one image and two of PROBE_BATCH, one thread each (two cores, two passes).
+    assert passes[-4:] == [(1, 1), (1, 1), (PROBE_BATCH, 1), (PROBE_BATCH, 1)]
+    batcher = service.make_batcher(predictor, "model")
+    assert batcher is not None
+    assert (batcher.policy.image_s, batcher.policy.batched_image_s) == (predictor.image_s, predictor.batched_image_s)
 
 
 def test_an_image_decoded_inside_a_wide_pass_is_decoded_single_threaded(service: Service,
@@ -92,3 +119,22 @@ def test_a_model_that_cannot_join_the_registry_fails_the_load_with_its_reason(se
     service.registry.add = refuse  # type: ignore[method-assign]
     service._serve_single(SimpleNamespace())  # type: ignore[arg-type]
     assert service.health is Health.FAILED and service.reason == "ValueError: no batcher"
+
+
+def test_a_model_whose_passes_cannot_be_timed_is_served_with_batches_unbounded(
+        service: Service, tiny_artifact: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The timing only bounds batches: a network that answers one image but fails on four (a
+    fixed batch size, say) still loads, and says why its batches are not bounded."""
+    predictor = Predictor.load(tiny_artifact, allow_default=False, device="cpu")
+    infer = predictor.infer
+
+    def one_at_a_time(batch: torch.Tensor, threads: int | None = None) -> np.ndarray:
+        if len(batch) > 1:
+            raise RuntimeError("this network takes one image at a time")
+        return infer(batch, threads)
+
+    predictor.infer = one_at_a_time  # type: ignore[method-assign]
+    service.warm_up(predictor)
+    assert predictor.batched_image_s is None
+    assert service.policy(predictor).useful_batch == service.settings.max_batch_size
+    assert "could not time a pass of 4 images" in caplog.text

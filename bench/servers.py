@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from deploy.host import free_port  # noqa: F401 - one definition for the project
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -44,12 +45,6 @@ def torchserve_venv() -> Path:
     subprocess.run([str(TORCHSERVE_VENV / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "requirements" / "constraints.txt"),
                     *versions, *TORCHSERVE_PACKAGES], check=True)
     return python
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def build_archive(torchserve_python: Path, *, name: str, architecture: str | None, serialized_file: Path,

@@ -117,11 +117,30 @@ def docker(*args: str, timeout: float = 600, check: bool = True) -> subprocess.C
     return result
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing is bound to now, not given before by this process, and
+    below the range the kernel hands outgoing connections: a port from that range could be taken
+    by some client's socket between this check and the server binding it."""
+    try:
+        lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lowest_ephemeral = 32768
+    choose = random.Random()
+    for _ in range(1000):
+        port = choose.randrange(10_000, max(10_001, lowest_ephemeral))
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    raise RuntimeError("no free TCP port found below the ephemeral range")
 
 
 def wait_for_ping(url: str, timeout_s: float = 120, describe: Callable[[], str] = str) -> None:

@@ -618,3 +618,18 @@ def test_the_default_bucket_must_belong_to_the_account() -> None:
     fake.client = lambda service: {"sts": Sts(), "s3": S3()}[service]  # type: ignore[method-assign]
     with pytest.raises(ValueError, match="may belong to another account\\): pass --output-path"):
         fake.default_bucket()
+
+
+def test_a_free_port_is_bindable_below_the_ephemeral_range_and_never_given_twice() -> None:
+    """Outgoing connections take ports from the ephemeral range: a port from there could be gone
+    before the server that was given it binds it."""
+    import socket
+
+    from deploy.host import free_port
+
+    lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == len(ports)
+    assert all(10_000 <= port < lowest_ephemeral for port in ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[0]))  # free when given, so free still

@@ -1,7 +1,7 @@
 """Serving load benchmark: our container against the raw pipeline and TorchServe, side by side.
 
     export CLASSIFIER_IMAGE_CPU=$(container/build-image.sh cpu)
-    .venv/bin/python bench/serve_load.py            # the full run: 13 minutes on 2 shared cores
+    .venv/bin/python bench/serve_load.py            # the full run: 12 minutes on 2 shared cores
     .venv/bin/python bench/serve_load.py --quick    # a smoke run of every code path: 3 minutes
     .venv/bin/python bench/serve_load.py --image sagemaker-classifier:cpu-<tag> --models resnet50
 
@@ -423,6 +423,10 @@ def headline(rows: list[dict[str, Any]], model: str) -> dict[str, dict[int, dict
     }
 
 
+# c=8 throughput against the best tuned TorchServe: the built-in model, and the others.
+TORCHSERVE_TARGET = {"efficientnet_lite0": 2.0}
+
+
 def check_targets(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
     h = {name: {c: row if row and row["requests"] else None for c, row in by_c.items()}
          for name, by_c in headline(rows, model).items()}  # a run with no finished request compares nothing
@@ -435,21 +439,22 @@ def check_targets(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]
             checks.append({"model": model, "ours": variant, "target": "c=8 throughput >= 0.9x best raw pipeline",
                            "value": f"{ratio:.2f}x ({ours8['throughput']:.1f} vs {raw8['throughput']:.1f}/s)", "met": ratio >= 0.9})
         if ours8 and ts8:
-            ratio = ours8["throughput"] / ts8["throughput"]
-            checks.append({"model": model, "ours": variant, "target": "c=8 throughput >= 1.1x best tuned TorchServe",
-                           "value": f"{ratio:.2f}x ({ours8['throughput']:.1f} vs {ts8['throughput']:.1f}/s)", "met": ratio >= 1.1})
-            checks.append({"model": model, "ours": variant, "target": "c=8 p99 lower than best tuned TorchServe's",
-                           "value": f"{ours8['p99_ms']:.0f} vs {ts8['p99_ms']:.0f} ms", "met": ours8["p99_ms"] < ts8["p99_ms"]})
+            ratio, wanted = ours8["throughput"] / ts8["throughput"], TORCHSERVE_TARGET.get(model, 1.5)
+            checks.append({"model": model, "ours": variant, "target": f"c=8 throughput >= {wanted:g}x best tuned TorchServe",
+                           "value": f"{ratio:.2f}x ({ours8['throughput']:.1f} vs {ts8['throughput']:.1f}/s)", "met": ratio >= wanted})
+            ratio = ours8["p99_ms"] / ts8["p99_ms"]
+            checks.append({"model": model, "ours": variant, "target": "c=8 p99 <= 0.6x best tuned TorchServe's",
+                           "value": f"{ratio:.2f}x ({ours8['p99_ms']:.0f} vs {ts8['p99_ms']:.0f} ms)", "met": ratio <= 0.6})
         if ours1 and raw1:
             gap = ours1["p50_ms"] - raw1["p50_ms"]
-            checks.append({"model": model, "ours": variant, "target": "c=1 median <= raw single image + 3 ms",
-                           "value": f"{gap:+.1f} ms ({ours1['p50_ms']:.1f} vs {raw1['p50_ms']:.1f} ms)", "met": gap <= 3.0})
+            checks.append({"model": model, "ours": variant, "target": "c=1 median <= raw single image + 2 ms",
+                           "value": f"{gap:+.1f} ms ({ours1['p50_ms']:.1f} vs {raw1['p50_ms']:.1f} ms)", "met": gap <= 2.0})
             # The same target with the forward pass taken out of both sides: on a shared machine the
             # forward pass alone swings by tens of percent from minute to minute.
             ours_rest, raw_rest = ours1["stages_median_ms"]["beside_inference"], raw1["stages_median_ms"]["beside_inference"]
             checks.append({"model": model, "ours": variant, "target": "  same, forward pass left out (noise-robust)",
                            "value": f"{ours_rest - raw_rest:+.1f} ms ({ours_rest:.1f} vs {raw_rest:.1f} ms)",
-                           "met": ours_rest - raw_rest <= 3.0})
+                           "met": ours_rest - raw_rest <= 2.0})
     return checks
 
 

@@ -23,14 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +36,6 @@ ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
 VARIANTS = ("policy", "never wide", "whole queue", "decode beforehand", "unbounded batches")
-RESULTS = BENCH / "results"
 
 
 def patch(variant: str) -> None:
@@ -70,29 +65,12 @@ def serve(variant: str) -> int:
 
 @contextlib.contextmanager
 def started(variant: str, port: int, model_dir: Path, cache: Path, log: Path) -> Iterator[str]:
+    from servers import running
+
     env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "CLASSIFIER_HOST": "127.0.0.1",
            "SM_MODEL_DIR": str(model_dir), "CLASSIFIER_GRAPH_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
-    with log.open("w") as output:
-        process = subprocess.Popen([sys.executable, __file__, "--serve", variant], env=env, stdout=output,
-                                   stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{variant}: the server exited; see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"{variant}: no /ping 200 within 180 s; see {log}")
-        yield f"{url}/invocations"
-    finally:
-        process.terminate()
-        process.wait(30)
+    with running([sys.executable, __file__, "--serve", variant], port, log, env):
+        yield f"http://127.0.0.1:{port}/invocations"
 
 
 def model_folder(name: str, scratch: Path) -> Path:
@@ -153,9 +131,10 @@ def run_model(name: str, scratch: Path, *, rounds: int, duration_s: float, warmu
 
 def markdown(rows: list[dict[str, Any]], about: dict[str, Any]) -> str:
     lines = ["# Scheduling rules, each switched off in turn (bench/scheduling.py)", "",
-             f"{about['machine']}; {about['rounds']} rounds of {about['duration_s']:g} s per variant and "
-             f"concurrency; default settings; real photos. Ratios are against `policy` (the server as "
-             "shipped) in the same run.", "",
+             f"{about['machine']}; tree {about['commit']}; {about['rounds']} rounds of {about['duration_s']:g} s "
+             "per variant and concurrency; default settings; real photos. Ratios are against `policy` (the "
+             "server as shipped) in the same run. Notes on the runs: "
+             "[scheduling-notes.md](scheduling-notes.md).", "",
              "| model | variant | c=1 p50 ms | c=8 req/s | c=8 p99 ms | c=8 req/s vs policy | c=1 p50 vs policy |",
              "|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(row["model"] for row in rows):
@@ -177,6 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve:
         sys.exit(serve(args.serve))
+    import report
     from serve_load import photo_bodies
 
     rounds, duration_s, warmup_s = (1, 2.0, 0.5) if args.quick else (2, 8.0, 1.5)
@@ -185,14 +165,12 @@ def main() -> None:
         rows = [row for name in args.models
                 for row in run_model(name, Path(scratch), rounds=rounds, duration_s=duration_s,
                                      warmup_s=warmup_s, bodies=bodies)]
-    about = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at the end",
-             "rounds": rounds, "duration_s": duration_s, "quick": args.quick}
-    report = markdown(rows, about)
-    print(report)
+    about = {"machine": report.machine(), "commit": report.commit(), "rounds": rounds, "duration_s": duration_s,
+             "quick": args.quick}
+    text = markdown(rows, about)
+    print(text)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "scheduling.json").write_text(json.dumps({"about": about, "rows": rows}, indent=2) + "\n")
-        (RESULTS / "scheduling.md").write_text(report)
+        report.save("scheduling", {"about": about, "rows": rows}, text)
 
 
 if __name__ == "__main__":

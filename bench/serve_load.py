@@ -423,8 +423,9 @@ def headline(rows: list[dict[str, Any]], model: str) -> dict[str, dict[int, dict
     }
 
 
-# c=8 throughput against the best tuned TorchServe: the built-in model, and the others.
+# c=8 throughput against the best tuned TorchServe: the built-in model's own target, and any other's.
 TORCHSERVE_TARGET = {"efficientnet_lite0": 2.0}
+TORCHSERVE_TARGET_OTHERS = 1.5
 
 
 def check_targets(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
@@ -439,7 +440,7 @@ def check_targets(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]
             checks.append({"model": model, "ours": variant, "target": "c=8 throughput >= 0.9x best raw pipeline",
                            "value": f"{ratio:.2f}x ({ours8['throughput']:.1f} vs {raw8['throughput']:.1f}/s)", "met": ratio >= 0.9})
         if ours8 and ts8:
-            ratio, wanted = ours8["throughput"] / ts8["throughput"], TORCHSERVE_TARGET.get(model, 1.5)
+            ratio, wanted = ours8["throughput"] / ts8["throughput"], TORCHSERVE_TARGET.get(model, TORCHSERVE_TARGET_OTHERS)
             checks.append({"model": model, "ours": variant, "target": f"c=8 throughput >= {wanted:g}x best tuned TorchServe",
                            "value": f"{ratio:.2f}x ({ours8['throughput']:.1f} vs {ts8['throughput']:.1f}/s)", "met": ratio >= wanted})
             ratio = ours8["p99_ms"] / ts8["p99_ms"]

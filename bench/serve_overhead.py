@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +34,6 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
-RESULTS = BENCH / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BARE_APP = '''
 import sys, uvicorn
@@ -80,30 +75,6 @@ def own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-@contextlib.contextmanager
-def running(command: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """``command`` started and answering ``/ping`` (or, for the bare app, anything) on ``port``."""
-    import httpx
-
-    with log.open("w") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{command[1]} exited; see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code in (200, 405):
-                    break
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"no answer on port {port} within 180 s; see {log}")
-        yield process
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
 def measure_http(url: str, pid: int, bodies: list[bytes], *, duration_s: float, warmup_s: float) -> dict[str, Any]:
     from loadgen import run_load
 
@@ -127,9 +98,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    import report
     from raw_pipeline import RawPool
     from serve_load import photo_bodies
-    from servers import free_port
+    from servers import free_port, running
 
     rounds, duration_s, warmup_s = (1, 2.0, 1.0) if args.quick else (3, 8.0, 2.0)
     bodies = photo_bodies()
@@ -145,27 +117,28 @@ def main() -> None:
         pool = RawPool(2, 1, None, bodies)
         stack.callback(pool.close)
         pool.wait_ready()
+        measures = {
+            "ours": lambda: measure_http(f"http://127.0.0.1:{ours_port}/invocations", ours.pid, bodies,
+                                         duration_s=duration_s, warmup_s=warmup_s),
+            "bare uvicorn": lambda: measure_http(f"http://127.0.0.1:{bare_port}/", bare.pid, bodies,
+                                                 duration_s=duration_s / 2, warmup_s=warmup_s / 2),
+            "raw": lambda: {"throughput": pool.run(batch=8, warmup_s=warmup_s, duration_s=duration_s).throughput},
+        }
         for round_ in range(rounds):
-            samples["ours"].append(measure_http(f"http://127.0.0.1:{ours_port}/invocations", ours.pid, bodies,
-                                                duration_s=duration_s, warmup_s=warmup_s))
-            samples["bare uvicorn"].append(measure_http(f"http://127.0.0.1:{bare_port}/", bare.pid, bodies,
-                                                        duration_s=duration_s / 2, warmup_s=warmup_s / 2))
-            raw = pool.run(batch=8, warmup_s=warmup_s, duration_s=duration_s)
-            samples["raw"].append({"throughput": raw.throughput})
-            print(f"round {round_ + 1}: ours {samples['ours'][-1]['throughput']:.1f}/s, raw {raw.throughput:.1f}/s, "
-                  f"bare uvicorn {samples['bare uvicorn'][-1]['throughput']:.0f}/s", flush=True)
+            order = list(measures) if round_ % 2 == 0 else list(reversed(measures))
+            for system in order:
+                samples[system].append(measures[system]())
+            print(f"round {round_ + 1}: " + ", ".join(f"{system} {samples[system][-1]['throughput']:.1f}/s"
+                                                      for system in measures), flush=True)
     summary = {system: {key: statistics.median(sample[key] for sample in runs)
                         for key in runs[0] if runs[0][key] is not None}
                for system, runs in samples.items()}
-    about = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at the end",
-             "rounds": rounds, "duration_s": duration_s, "quick": args.quick}
-    report = markdown(summary, about)
-    print(report)
+    about = {"machine": report.machine(), "commit": report.commit(), "rounds": rounds, "duration_s": duration_s,
+             "quick": args.quick}
+    text = markdown(summary, about)
+    print(text)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "serve_overhead.json").write_text(json.dumps({"about": about, "rounds": samples,
-                                                                 "medians": summary}, indent=2) + "\n")
-        (RESULTS / "serve_overhead.md").write_text(report)
+        report.save("serve_overhead", {"about": about, "rounds": samples, "medians": summary}, text)
 
 
 def markdown(summary: dict[str, dict[str, float]], about: dict[str, Any]) -> str:
@@ -174,8 +147,9 @@ def markdown(summary: dict[str, dict[str, float]], about: dict[str, Any]) -> str
     budget_ms = cores * 1000 / ours["throughput"]  # core-milliseconds the machine had per answered request
     raw_ms = cores * 1000 / raw["throughput"]
     lines = ["# Where a served request's CPU goes (bench/serve_overhead.py)", "",
-             f"{about['machine']}; medians of {about['rounds']} rounds of {about['duration_s']:g} s; "
-             "EfficientNet-Lite0 at its default settings, 8 clients, real photos.", "",
+             f"{about['machine']}; tree {about['commit']}; medians of {about['rounds']} rounds of "
+             f"{about['duration_s']:g} s; EfficientNet-Lite0 at its default settings, 8 clients, real photos. "
+             "Notes on the runs: [serve_overhead-notes.md](serve_overhead-notes.md).", "",
              f"- ours: {ours['throughput']:.1f} req/s (median batch {ours.get('median_batch', 0):g}); the raw "
              f"pipeline, 2 processes x 1 thread, batch 8: {raw['throughput']:.1f}/s "
              f"({ours['throughput'] / raw['throughput']:.2f}x).",

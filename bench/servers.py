@@ -9,12 +9,14 @@ its own process group, which is what :meth:`TorchServe.stop` ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,29 @@ def torchserve_venv() -> Path:
     subprocess.run([str(TORCHSERVE_VENV / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "requirements" / "constraints.txt"),
                     *versions, *TORCHSERVE_PACKAGES], check=True)
     return python
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``command`` (a server on ``port`` of 127.0.0.1) started, its output in ``log``, once its
+    ``/ping`` answers 200 (within 180 s); stopped on leaving."""
+    with log.open("w") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited; see {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"no /ping 200 on port {port} within 180 s; see {log}")
+        yield process
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def build_archive(torchserve_python: Path, *, name: str, architecture: str | None, serialized_file: Path,

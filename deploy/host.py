@@ -13,6 +13,7 @@ import json
 import random
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,30 +118,56 @@ def docker(*args: str, timeout: float = 600, check: bool = True) -> subprocess.C
     return result
 
 
-_GIVEN_PORTS: set[int] = set()
+LOWEST_PORT = 10_000
+_given_ports: set[int] = set()
+_ports_lock = threading.Lock()
+_choose = random.Random()
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands outgoing connections (Linux's default where it cannot be read)."""
+    try:
+        low, high = (int(value) for value in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def ports_outside(ephemeral: tuple[int, int]) -> list[range]:
+    """The ports from LOWEST_PORT up that are not in ``ephemeral``."""
+    low, high = ephemeral
+    return [ports for ports in (range(LOWEST_PORT, low), range(high + 1, 65536)) if ports]
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing is bound to now, not given before by this process, and
-    below the range the kernel hands outgoing connections: a port from that range could be taken
-    by some client's socket between this check and the server binding it."""
-    try:
-        lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        lowest_ephemeral = 32768
-    choose = random.Random()
-    for _ in range(1000):
-        port = choose.randrange(10_000, max(10_001, lowest_ephemeral))
-        if port in _GIVEN_PORTS:
-            continue
+    """A TCP port on 127.0.0.1 that nothing is bound to now and that this process has not given
+    before, outside the range the kernel hands outgoing connections: a port from that range could
+    be taken by some client's socket between this check and the server binding it. Where that
+    range leaves nothing, the kernel's choice."""
+    choices = ports_outside(ephemeral_range())
+    if not choices:
         with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    count = sum(len(ports) for ports in choices)
+    with _ports_lock:
+        for _ in range(1000):
+            index = _choose.randrange(count)
+            for ports in choices:
+                if index < len(ports):
+                    port = ports[index]
+                    break
+                index -= len(ports)
+            if port in _given_ports:
                 continue
-        _GIVEN_PORTS.add(port)
-        return port
-    raise RuntimeError("no free TCP port found below the ephemeral range")
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _given_ports.add(port)
+            return port
+    raise RuntimeError("no free TCP port found outside the ephemeral range")
 
 
 def wait_for_ping(url: str, timeout_s: float = 120, describe: Callable[[], str] = str) -> None:

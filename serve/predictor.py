@@ -35,6 +35,7 @@ from classifier.onnx_model import OnnxModel
 from classifier.pretrained import default_manifest, default_model, default_weights_file
 from serve import codec, runtime
 from serve.memory import model_bytes
+from serve.scheduling import PassTimes
 
 logger = logging.getLogger(__name__)
 TORCHSCRIPT = "torchscript"  # Predictor.runtime of a network traced and frozen (PyTorch's CPU path)
@@ -83,9 +84,7 @@ class Predictor:
         crop = manifest.preprocessing.crop_size
         self.input_shape = (3, crop, crop)
         self.resize_size = manifest.preprocessing.resize_size  # the short side preprocessing resizes to
-        # Seconds a pass of one image takes, and each image of a batch, as time_passes() found.
-        self.image_s: float | None = None
-        self.batched_image_s: float | None = None
+        self.pass_times: PassTimes | None = None  # as the server timed this model's passes at warm-up
         if isinstance(model, OnnxModel):
             if device.type != "cpu":
                 logger.warning("the ONNX network runs on the CPU (ONNX Runtime); package a state dict or "
@@ -232,23 +231,17 @@ class Predictor:
             raise ArtifactError(f"the network answers {logits.shape[1:]} scores per image but the manifest names "
                                 f"{self.manifest.num_classes} classes")
 
-    def time_passes(self, threads: int | None, batch: int, runs: int = 2) -> tuple[float, float]:
-        """Seconds a pass of one blank image takes with ``threads`` threads, and each image's share
-        of a pass of ``batch``: the least of ``runs`` each (after :meth:`warm_up`, which pays for
-        the lazy setup). Kept as :attr:`image_s` and :attr:`batched_image_s`."""
+    def time_pass(self, threads: int | None, batch: int = 1, runs: int = 2) -> float:
+        """Seconds each image takes in a pass of ``batch`` blank images with ``threads`` threads, the
+        fastest of ``runs`` passes (after :meth:`warm_up`, which pays for the lazy setup)."""
         one = self._blank_image()
-        many = one.expand(batch, *one.shape[1:]).contiguous()
-
-        def fastest(inputs: torch.Tensor) -> float:
-            seconds = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                self.infer(inputs, threads)
-                seconds.append(time.perf_counter() - started)
-            return min(seconds)
-
-        self.image_s, self.batched_image_s = fastest(one), fastest(many) / batch
-        return self.image_s, self.batched_image_s
+        inputs = one.expand(batch, *one.shape[1:]).contiguous()
+        seconds = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            self.infer(inputs, threads)
+            seconds.append(time.perf_counter() - started)
+        return min(seconds) / batch
 
     def _blank_image(self) -> torch.Tensor:
         size = self.manifest.preprocessing.resize_size

@@ -16,9 +16,10 @@ On a CPU a pass takes more than one image only where that pays. A batch pays in 
 engine may cost each image less in a batch than alone, or the batch spreads what every pass costs
 whatever it holds (hand-offs between threads, the engine's call) over more images, which counts
 only while passes are short. Where neither holds, every image of a batch just waits for all the
-others. So, by two passes timed at warm-up (one image, ``image_s``; and ``PROBE_BATCH`` images,
-``batched_image_s`` each): when a batch's images cost at least ``BATCH_SAVING`` less each, a pass
-takes up to ``max_batch_size``; otherwise at most as many as fit in ``BATCH_WORK_S`` of work.
+others. So, by two passes timed at warm-up (:class:`PassTimes`): when a batch of ``PROBE_BATCH``
+costs each image at least ``BATCH_SAVING`` less than one alone, a pass takes up to
+``max_batch_size``; otherwise at most as many images as fit in ``BATCH_WORK_S`` of work; and one,
+where the batch failed.
 
 A lone small image is decoded by the pass that classifies it, on the pass's thread (no hand-over
 between threads), when the model runs on a CPU and passes can run side by side (or a pass has one
@@ -59,6 +60,17 @@ class Backlog:
 
 
 @dataclass(frozen=True)
+class PassTimes:
+    """A CPU pass timed at warm-up with a narrow pass's threads: seconds for one image alone, and
+    each image's share of a pass of ``PROBE_BATCH`` (None: that pass failed). Each is the fastest
+    of a few passes on a machine that may be busy, so a model near ``BATCH_SAVING`` may be judged
+    either way from one start to the next."""
+
+    one_s: float
+    batched_s: float | None
+
+
+@dataclass(frozen=True)
 class Pass:
     """How the next forward pass runs: with ``threads`` threads (None: the thread's own setting),
     and ``wide`` when it has every core to itself (the batcher runs it on its one wide thread)."""
@@ -69,13 +81,12 @@ class Pass:
 
 class Policy:
     def __init__(self, *, cores: int | None, passes: int = 1, max_batch_size: int = 16, max_delay_s: float = 0.0,
-                 decode_in_pass: bool = False, image_s: float | None = None,
-                 batched_image_s: float | None = None) -> None:
+                 decode_in_pass: bool = False, times: PassTimes | None = None) -> None:
         """``cores``: threads for a lone pass (None: threads are never set, and no pass is wide).
         ``decode_in_pass``: whether this model's passes may decode their own small images (a model
-        on a CPU); it holds when passes run side by side or a pass has one core. ``image_s`` and
-        ``batched_image_s``: the seconds a CPU pass took at warm-up for one image, and for each of
-        ``PROBE_BATCH`` (None: batches are bounded only by ``max_batch_size`` and the fair share)."""
+        on a CPU); it holds when passes run side by side or a pass has one core. ``times``: its CPU
+        passes timed at warm-up (None: not timed, so batches are bounded only by ``max_batch_size``
+        and the fair share)."""
         if passes < 1 or max_batch_size < 1 or (cores is not None and cores < 1):
             raise ValueError("cores, passes and max_batch_size must be at least 1")
         self.cores = cores
@@ -83,8 +94,7 @@ class Policy:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.may_decode_in_pass = decode_in_pass and (passes > 1 or cores == 1)
-        self.image_s = image_s
-        self.batched_image_s = batched_image_s
+        self.times = times
 
     @property
     def narrow_threads(self) -> int | None:
@@ -93,13 +103,17 @@ class Policy:
 
     @property
     def useful_batch(self) -> int:
-        """The most images worth one pass: ``max_batch_size`` when batches pay per image (or the
-        passes were not timed), else as many as fit in ``BATCH_WORK_S`` of work (at least one)."""
-        if not self.image_s or self.image_s <= 0:
+        """The most images worth one pass: ``max_batch_size`` where a batch pays per image (or the
+        passes were not timed), one where a batch failed, else as many as fit in ``BATCH_WORK_S``
+        of work (at least one)."""
+        times = self.times
+        if times is None or times.one_s <= 0:
             return self.max_batch_size
-        if self.batched_image_s is not None and self.batched_image_s <= self.image_s * (1 - BATCH_SAVING):
+        if times.batched_s is None:
+            return 1
+        if times.batched_s <= times.one_s * (1 - BATCH_SAVING):
             return self.max_batch_size
-        return max(1, min(self.max_batch_size, int(BATCH_WORK_S / self.image_s)))
+        return max(1, min(self.max_batch_size, int(BATCH_WORK_S / times.one_s)))
 
     def widths(self) -> tuple[int, ...]:
         """Every thread count a pass may be given (an engine may prepare a session for each)."""

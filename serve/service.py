@@ -43,7 +43,7 @@ from serve.observe import Metrics
 from serve.predictor import Predictor, select_device
 from serve.registry import LoadedModel, ModelRegistry
 from serve.s3 import S3Fetcher
-from serve.scheduling import PROBE_BATCH, Policy
+from serve.scheduling import PROBE_BATCH, PassTimes, Policy
 from serve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -220,8 +220,7 @@ class Service:
         # count), and a batch only up to the work one pass should gather (its image timed at warm-up).
         return Policy(cores=settings.threads_per_worker, passes=settings.inference_threads if cpu else 1,
                       max_batch_size=settings.max_batch_size, max_delay_s=settings.max_batch_delay_ms / 1000,
-                      decode_in_pass=cpu, image_s=model.image_s if cpu else None,
-                      batched_image_s=model.batched_image_s if cpu else None)
+                      decode_in_pass=cpu, times=model.pass_times if cpu else None)
 
     def make_batcher(self, model: Model, name: str) -> Batcher | None:
         """The batcher that feeds ``model``'s passes (None: a model whose own handlers serve each
@@ -243,24 +242,29 @@ class Service:
                        max_queue=self.settings.max_queue, on_batch=self.metrics.batch_size.observe, **options)
 
     def warm_up(self, model: Model) -> None:
-        """One pass where lone requests will run: on the wide thread with every core; on a CPU, then
-        passes timed where passes beside others run, with their threads (by which the policy
-        bounds batches). A model served through its own handlers is ready once its model_fn has
-        returned."""
+        """One pass where lone requests will run: on the wide thread with every core. On a CPU, then
+        passes timed with a narrow pass's threads, by which the policy bounds batches: on this
+        (loading) thread, so no pass of a model already serving waits for them, though with other
+        models busy the times come out longer. A model served through its own handlers is ready
+        once its model_fn has returned."""
         if isinstance(model, HandlerModel):
             return
         self.wide_pool.submit(model.warm_up, self.settings.threads_per_worker).result()
-        if model.device.type == "cpu":
-            threads = self.policy(model).narrow_threads
-            try:
-                one_s, each_s = self.shared_pool.submit(model.time_passes, threads, PROBE_BATCH).result()
-            except Exception as exc:  # noqa: BLE001 - the timing only bounds batches; the warm-up passed
-                logger.warning("could not time a pass of %d images (%s: %s): batches are bounded by "
-                               "CLASSIFIER_MAX_BATCH_SIZE alone", PROBE_BATCH, type(exc).__name__, exc)
-                return
-            logger.info("with %s thread(s) a pass takes %.1f ms for one image and %.1f ms an image for %d: "
-                        "a pass takes at most %d image(s)", threads or "the default", one_s * 1000, each_s * 1000,
-                        PROBE_BATCH, self.policy(model).useful_batch)
+        if model.device.type != "cpu":
+            return
+        threads = self.policy(model).narrow_threads
+        one_s = model.time_pass(threads)
+        try:
+            batched_s: float | None = model.time_pass(threads, PROBE_BATCH)
+        except Exception as exc:  # noqa: BLE001 - the model answers one image; it is served one a pass
+            logger.warning("a pass of %d images failed (%s: %s): every pass takes one image",
+                           PROBE_BATCH, type(exc).__name__, exc)
+            batched_s = None
+        model.pass_times = PassTimes(one_s, batched_s)
+        batch = "failed" if batched_s is None else f"{batched_s * 1000:.1f} ms an image"
+        logger.info("a pass with %s takes %.1f ms for one image, and for %d: %s; a pass takes at most %d image(s)",
+                    f"{threads} thread(s)" if threads else "the default threads", one_s * 1000, PROBE_BATCH, batch,
+                    self.policy(model).useful_batch)
 
     def _load_in_one_thread(self, model_dir: Path) -> Model:
         assert self._load_model is not None

@@ -131,7 +131,9 @@ def test_prediction_errors_are_500_json_without_internals(settings: Settings) ->
     def loader() -> Predictor:
         good = Predictor.load(settings.model_dir, allow_default=False, device="cpu", jit=False)
         broken = Broken(good.model, good.manifest, good.device)
+        # No warm-up pass, nor passes timed for the batch bound: only requests meet the failure.
         broken.warm_up = lambda threads=None: None  # type: ignore[method-assign]
+        broken.time_pass = lambda threads, batch=1, runs=2: 1.0  # type: ignore[method-assign]
         return broken
 
     with client_for(settings, loader) as client:
@@ -244,7 +246,7 @@ def test_a_request_that_cannot_finish_in_its_budget_gets_504_and_ping_tells_of_t
         slow = Slow(good.model, good.manifest, good.device)
         # No warm-up pass, nor passes timed for the batch bound: only the request's pass is slow.
         slow.warm_up = lambda threads=None: None  # type: ignore[method-assign]
-        slow.time_passes = lambda threads, batch, runs=2: (1.0, 1.0)  # type: ignore[method-assign]
+        slow.time_pass = lambda threads, batch=1, runs=2: 1.0  # type: ignore[method-assign]
         return slow
 
     with client_for(replace(settings, request_timeout_s=0.2), loader) as client:

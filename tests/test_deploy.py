@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -620,16 +621,42 @@ def test_the_default_bucket_must_belong_to_the_account() -> None:
         fake.default_bucket()
 
 
-def test_a_free_port_is_bindable_below_the_ephemeral_range_and_never_given_twice() -> None:
+def test_free_ports_come_from_outside_the_ephemeral_range() -> None:
     """Outgoing connections take ports from the ephemeral range: a port from there could be gone
     before the server that was given it binds it."""
-    import socket
+    from deploy import host
 
-    from deploy.host import free_port
+    assert host.ports_outside((32768, 60999)) == [range(10_000, 32768), range(61000, 65536)]
+    assert host.ports_outside((1024, 65535)) == []  # a widened range leaves nothing outside it
+    outside = host.ports_outside(host.ephemeral_range())
+    ports = [host.free_port() for _ in range(5)]
+    if outside:
+        assert all(any(port in span for span in outside) for port in ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # free when given
 
-    lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    ports = [free_port() for _ in range(20)]
-    assert len(set(ports)) == len(ports)
-    assert all(10_000 <= port < lowest_ephemeral for port in ports)
+
+def test_a_port_is_never_given_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deploy import host
+
+    first = host.free_port()  # and the next one up, if free, make a range of two
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", first + 1))
+        except OSError:
+            pytest.skip(f"port {first + 1} is in use")
+    monkeypatch.setattr(host, "_given_ports", set())
+    monkeypatch.setattr(host, "ports_outside", lambda ephemeral: [range(first, first + 2)])
+    assert {host.free_port(), host.free_port()} == {first, first + 1}
+    with pytest.raises(RuntimeError, match="no free TCP port"):
+        host.free_port()
+
+
+def test_where_the_ephemeral_range_leaves_nothing_the_kernel_chooses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deploy import host
+
+    monkeypatch.setattr(host, "ephemeral_range", lambda: (1024, 65535))
+    port = host.free_port()
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", ports[0]))  # free when given, so free still
+        sock.bind(("127.0.0.1", port))

@@ -11,6 +11,7 @@ from serve.scheduling import (
     DECODE_IN_PASS_MAX_PIXELS,
     Backlog,
     Pass,
+    PassTimes,
     Policy,
 )
 
@@ -131,27 +132,33 @@ def test_nonsense_is_refused() -> None:
 def test_a_pass_gathers_only_the_images_worth_batching() -> None:
     """On a CPU where a batch costs each image nearly what one alone does, a pass takes more than
     one image only up to BATCH_WORK_S of work, by the time one image took."""
-    slow = two_cores(image_s=BATCH_WORK_S * 1.5, batched_image_s=BATCH_WORK_S * 1.45)
-    fast = two_cores(image_s=BATCH_WORK_S / 5.5, batched_image_s=BATCH_WORK_S / 5.6)
+    slow = two_cores(times=PassTimes(one_s=BATCH_WORK_S * 1.5, batched_s=BATCH_WORK_S * 1.45))
+    fast = two_cores(times=PassTimes(one_s=BATCH_WORK_S / 5.5, batched_s=BATCH_WORK_S / 5.6))
     crowd = Backlog(queued_requests=12, queued_images=12, running_passes=1, images_in_passes=4)
     assert (slow.useful_batch, fast.useful_batch, two_cores().useful_batch) == (1, 5, 16)
     assert slow.batch_limit(crowd) == 1
     assert fast.batch_limit(crowd) == 5  # the fair share would be eight
     assert two_cores().batch_limit(crowd) == 8
-    assert two_cores(image_s=BATCH_WORK_S / 100, batched_image_s=BATCH_WORK_S / 100).useful_batch == 16
-    assert two_cores(image_s=BATCH_WORK_S * 1.5).useful_batch == 1  # no batch timed: by the one image
+    tiny = PassTimes(one_s=BATCH_WORK_S / 100, batched_s=BATCH_WORK_S / 100)
+    assert two_cores(times=tiny).useful_batch == 16  # never past the largest batch
     # A delay waits for a useful batch, not for one the pass would not take.
-    waiting = two_cores(image_s=BATCH_WORK_S * 1.5, batched_image_s=BATCH_WORK_S * 1.45, max_delay_s=0.01)
-    assert waiting.delay_s(Backlog(queued_requests=1, queued_images=1)) == 0.0
+    assert two_cores(times=slow.times, max_delay_s=0.01).delay_s(Backlog(queued_requests=1, queued_images=1)) == 0.0
     assert fast.delay_s(Backlog(queued_requests=1, queued_images=1)) == 0.0  # no delay set: none
-    assert two_cores(image_s=BATCH_WORK_S / 5.5, max_delay_s=0.01).delay_s(
-        Backlog(queued_requests=4, queued_images=4)) == 0.01
+    assert two_cores(times=fast.times, max_delay_s=0.01).delay_s(Backlog(queued_requests=4, queued_images=4)) == 0.01
 
 
 def test_a_pass_takes_a_full_batch_where_batching_saves_per_image() -> None:
     """However long one image takes, a batch whose images cost BATCH_SAVING less each is worth it."""
-    saves = two_cores(image_s=BATCH_WORK_S * 2, batched_image_s=BATCH_WORK_S * 2 * (1 - BATCH_SAVING) * 0.99)
-    barely = two_cores(image_s=BATCH_WORK_S * 2, batched_image_s=BATCH_WORK_S * 2 * (1 - BATCH_SAVING) * 1.01)
+    one_s = BATCH_WORK_S * 2
+    saves = two_cores(times=PassTimes(one_s, batched_s=one_s * (1 - BATCH_SAVING) * 0.99))
+    barely = two_cores(times=PassTimes(one_s, batched_s=one_s * (1 - BATCH_SAVING) * 1.01))
     assert (saves.useful_batch, barely.useful_batch) == (16, 1)
     assert saves.batch_limit(Backlog(queued_requests=12, queued_images=12, running_passes=1,
                                      images_in_passes=4)) == 8  # then only the fair share bounds it
+
+
+def test_a_model_whose_batch_failed_takes_one_image_a_pass_and_an_untimed_one_is_unbounded() -> None:
+    failed = two_cores(times=PassTimes(one_s=BATCH_WORK_S / 10, batched_s=None))
+    assert failed.useful_batch == 1
+    assert failed.batch_limit(Backlog(queued_requests=6, queued_images=6)) == 1
+    assert two_cores(times=PassTimes(one_s=0.0, batched_s=0.0)).useful_batch == 16  # too fast to time

@@ -18,7 +18,7 @@ from PIL import Image
 from serve.app import create_app
 from serve.errors import NotReady
 from serve.predictor import Predictor
-from serve.scheduling import PROBE_BATCH
+from serve.scheduling import PROBE_BATCH, PassTimes
 from serve.service import Health, Service
 from serve.settings import Settings
 
@@ -36,33 +36,44 @@ def service() -> Iterator[Service]:
 def test_a_gpu_model_gets_one_pass_at_a_time_decoded_beforehand(service: Service) -> None:
     # An image that took 75 ms alone, and 74 ms each in a batch: a CPU pass takes no more than one;
     # on a GPU a batch pays anyway.
-    timed = {"image_s": 0.075, "batched_image_s": 0.074}
-    gpu = service.policy(SimpleNamespace(device=torch.device("cuda"), **timed))  # type: ignore[arg-type]
-    cpu = service.policy(SimpleNamespace(device=torch.device("cpu"), **timed))  # type: ignore[arg-type]
+    timed = PassTimes(one_s=0.075, batched_s=0.074)
+    gpu = service.policy(SimpleNamespace(device=torch.device("cuda"), pass_times=timed))  # type: ignore[arg-type]
+    cpu = service.policy(SimpleNamespace(device=torch.device("cpu"), pass_times=timed))  # type: ignore[arg-type]
     assert (gpu.passes, gpu.may_decode_in_pass, gpu.widths(), gpu.useful_batch) == (1, False, (2,), 16)
     assert (cpu.passes, cpu.may_decode_in_pass, cpu.widths(), cpu.useful_batch) == (2, True, (1, 2), 1)
 
 
 def test_warming_up_times_passes_where_passes_beside_others_run(service: Service, tiny_artifact: Path) -> None:
-    """The batcher's policy bounds batches by passes timed with a narrow pass's threads."""
+    """The batcher's policy bounds batches by passes timed with a narrow pass's threads, on the
+    loading thread (no shared pass thread is taken from models already serving)."""
     predictor = Predictor.load(tiny_artifact, allow_default=False, device="cpu")
-    passes: list[tuple[int, int | None]] = []
+    passes: list[tuple[int, int | None, str]] = []
     infer = predictor.infer
 
     def watched(batch: torch.Tensor, threads: int | None = None) -> np.ndarray:
-        passes.append((len(batch), threads))
+        passes.append((len(batch), threads, threading.current_thread().name))
         return infer(batch, threads)
 
     predictor.infer = watched  # type: ignore[method-assign]
-    assert predictor.image_s is None
+    assert predictor.pass_times is None
     service.warm_up(predictor)
-    assert predictor.image_s is not None and predictor.image_s > 0
-    assert predictor.batched_image_s is not None and predictor.batched_image_s > 0
+    times = predictor.pass_times
+    assert times is not None and times.one_s > 0 and times.batched_s is not None and times.batched_s > 0
     # Two timed passes of one image and two of PROBE_BATCH, one thread each (two cores, two passes).
-    assert passes[-4:] == [(1, 1), (1, 1), (PROBE_BATCH, 1), (PROBE_BATCH, 1)]
+    loader = threading.current_thread().name
+    assert passes[-4:] == [(1, 1, loader), (1, 1, loader), (PROBE_BATCH, 1, loader), (PROBE_BATCH, 1, loader)]
     batcher = service.make_batcher(predictor, "model")
-    assert batcher is not None
-    assert (batcher.policy.image_s, batcher.policy.batched_image_s) == (predictor.image_s, predictor.batched_image_s)
+    assert batcher is not None and batcher.policy.times == times
+
+
+def test_a_gpu_model_is_warmed_up_but_not_timed(service: Service) -> None:
+    """A GPU gains from batches in the engine itself: its batches are not bounded by timings."""
+    calls: list[str] = []
+    gpu = SimpleNamespace(device=torch.device("cuda"), pass_times=None,
+                          warm_up=lambda threads=None: calls.append("warm-up"),
+                          time_pass=lambda threads, batch=1, runs=2: calls.append("timed") or 0.01)
+    service.warm_up(gpu)  # type: ignore[arg-type]
+    assert calls == ["warm-up"] and gpu.pass_times is None
 
 
 def test_an_image_decoded_inside_a_wide_pass_is_decoded_single_threaded(service: Service,
@@ -121,10 +132,10 @@ def test_a_model_that_cannot_join_the_registry_fails_the_load_with_its_reason(se
     assert service.health is Health.FAILED and service.reason == "ValueError: no batcher"
 
 
-def test_a_model_whose_passes_cannot_be_timed_is_served_with_batches_unbounded(
+def test_a_model_that_fails_a_batch_at_warm_up_is_served_one_image_a_pass(
         service: Service, tiny_artifact: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The timing only bounds batches: a network that answers one image but fails on four (a
-    fixed batch size, say) still loads, and says why its batches are not bounded."""
+    """A network that answers one image but fails on several (a fixed batch size, say) still loads;
+    a batch would fail every request in it, so each pass takes one image, and the log says why."""
     predictor = Predictor.load(tiny_artifact, allow_default=False, device="cpu")
     infer = predictor.infer
 
@@ -135,6 +146,6 @@ def test_a_model_whose_passes_cannot_be_timed_is_served_with_batches_unbounded(
 
     predictor.infer = one_at_a_time  # type: ignore[method-assign]
     service.warm_up(predictor)
-    assert predictor.batched_image_s is None
-    assert service.policy(predictor).useful_batch == service.settings.max_batch_size
-    assert "could not time a pass of 4 images" in caplog.text
+    assert predictor.pass_times is not None and predictor.pass_times.batched_s is None
+    assert service.policy(predictor).useful_batch == 1
+    assert f"a pass of {PROBE_BATCH} images failed" in caplog.text

@@ -136,7 +136,24 @@ def ephemeral_range() -> tuple[int, int]:
 def ports_outside(ephemeral: tuple[int, int]) -> list[range]:
     """The ports from LOWEST_PORT up that are not in ``ephemeral``."""
     low, high = ephemeral
-    return [ports for ports in (range(LOWEST_PORT, low), range(high + 1, 65536)) if ports]
+    return [ports for ports in (range(LOWEST_PORT, low), range(max(high + 1, LOWEST_PORT), 65536)) if ports]
+
+
+def _nth_port(choices: list[range], index: int) -> int:
+    for ports in choices:
+        if index < len(ports):
+            return ports[index]
+        index -= len(ports)
+    raise IndexError(index)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:
@@ -145,25 +162,18 @@ def free_port() -> int:
     be taken by some client's socket between this check and the server binding it. Where that
     range leaves nothing, the kernel's choice."""
     choices = ports_outside(ephemeral_range())
-    if not choices:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
     count = sum(len(ports) for ports in choices)
     with _ports_lock:
         for _ in range(1000):
-            index = _choose.randrange(count)
-            for ports in choices:
-                if index < len(ports):
-                    port = ports[index]
-                    break
-                index -= len(ports)
-            if port in _given_ports:
-                continue
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
+            if count:
+                port = _nth_port(choices, _choose.randrange(count))
+                if port in _given_ports or not _bindable(port):
+                    continue
+            else:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    port = sock.getsockname()[1]
+                if port in _given_ports:
                     continue
             _given_ports.add(port)
             return port

@@ -243,23 +243,27 @@ class Service:
 
     def warm_up(self, model: Model) -> None:
         """One pass where lone requests will run: on the wide thread with every core. On a CPU, then
-        passes timed with a narrow pass's threads, by which the policy bounds batches: on this
-        (loading) thread, so no pass of a model already serving waits for them, though with other
-        models busy the times come out longer. A model served through its own handlers is ready
-        once its model_fn has returned."""
+        passes timed with a narrow pass's threads, by which the policy bounds batches, on a thread
+        of their own (so no pass of a model already serving waits for them, and no OpenMP team
+        outlives them; with other models busy the times come out longer). Narrow passes serve
+        requests under load: a model that fails one does not load. A model served through its own
+        handlers is ready once its model_fn has returned."""
         if isinstance(model, HandlerModel):
             return
         self.wide_pool.submit(model.warm_up, self.settings.threads_per_worker).result()
         if model.device.type != "cpu":
             return
         threads = self.policy(model).narrow_threads
-        one_s = model.time_pass(threads)
-        try:
-            batched_s: float | None = model.time_pass(threads, PROBE_BATCH)
-        except Exception as exc:  # noqa: BLE001 - the model answers one image; it is served one a pass
-            logger.warning("a pass of %d images failed (%s: %s): every pass takes one image",
-                           PROBE_BATCH, type(exc).__name__, exc)
-            batched_s = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="timing") as timing:
+            one_s = timing.submit(model.time_pass, threads).result()
+            try:
+                batched_s: float | None = timing.submit(model.time_pass, threads, PROBE_BATCH).result()
+            except Exception as exc:
+                if may_pass(exc):  # short of memory for now: the load is tried again, not judged by it
+                    raise
+                logger.warning("a pass of %d images failed (%s: %s): passes will not batch requests",
+                               PROBE_BATCH, type(exc).__name__, exc)
+                batched_s = None
         model.pass_times = PassTimes(one_s, batched_s)
         batch = "failed" if batched_s is None else f"{batched_s * 1000:.1f} ms an image"
         logger.info("a pass with %s takes %.1f ms for one image, and for %d: %s; a pass takes at most %d image(s)",

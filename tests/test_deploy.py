@@ -628,6 +628,7 @@ def test_free_ports_come_from_outside_the_ephemeral_range() -> None:
 
     assert host.ports_outside((32768, 60999)) == [range(10_000, 32768), range(61000, 65536)]
     assert host.ports_outside((1024, 65535)) == []  # a widened range leaves nothing outside it
+    assert host.ports_outside((1024, 5000)) == [range(10_000, 65536)]  # never below LOWEST_PORT
     outside = host.ports_outside(host.ephemeral_range())
     ports = [host.free_port() for _ in range(5)]
     if outside:
@@ -640,15 +641,10 @@ def test_free_ports_come_from_outside_the_ephemeral_range() -> None:
 def test_a_port_is_never_given_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     from deploy import host
 
-    first = host.free_port()  # and the next one up, if free, make a range of two
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", first + 1))
-        except OSError:
-            pytest.skip(f"port {first + 1} is in use")
+    first, second = host.free_port(), host.free_port()  # two free ports, each a range of its own
     monkeypatch.setattr(host, "_given_ports", set())
-    monkeypatch.setattr(host, "ports_outside", lambda ephemeral: [range(first, first + 2)])
-    assert {host.free_port(), host.free_port()} == {first, first + 1}
+    monkeypatch.setattr(host, "ports_outside", lambda ephemeral: [range(first, first + 1), range(second, second + 1)])
+    assert {host.free_port(), host.free_port()} == {first, second}  # both ranges are drawn from
     with pytest.raises(RuntimeError, match="no free TCP port"):
         host.free_port()
 

@@ -44,8 +44,8 @@ def test_a_gpu_model_gets_one_pass_at_a_time_decoded_beforehand(service: Service
 
 
 def test_warming_up_times_passes_where_passes_beside_others_run(service: Service, tiny_artifact: Path) -> None:
-    """The batcher's policy bounds batches by passes timed with a narrow pass's threads, on the
-    loading thread (no shared pass thread is taken from models already serving)."""
+    """The batcher's policy bounds batches by passes timed with a narrow pass's threads, on a thread
+    of their own (no shared pass thread is taken from models already serving)."""
     predictor = Predictor.load(tiny_artifact, allow_default=False, device="cpu")
     passes: list[tuple[int, int | None, str]] = []
     infer = predictor.infer
@@ -60,8 +60,8 @@ def test_warming_up_times_passes_where_passes_beside_others_run(service: Service
     times = predictor.pass_times
     assert times is not None and times.one_s > 0 and times.batched_s is not None and times.batched_s > 0
     # Two timed passes of one image and two of PROBE_BATCH, one thread each (two cores, two passes).
-    loader = threading.current_thread().name
-    assert passes[-4:] == [(1, 1, loader), (1, 1, loader), (PROBE_BATCH, 1, loader), (PROBE_BATCH, 1, loader)]
+    assert [(size, threads) for size, threads, _ in passes[-4:]] == [(1, 1), (1, 1), (PROBE_BATCH, 1), (PROBE_BATCH, 1)]
+    assert all(thread.startswith("timing") for _, _, thread in passes[-4:])
     batcher = service.make_batcher(predictor, "model")
     assert batcher is not None and batcher.policy.times == times
 
@@ -149,3 +149,37 @@ def test_a_model_that_fails_a_batch_at_warm_up_is_served_one_image_a_pass(
     assert predictor.pass_times is not None and predictor.pass_times.batched_s is None
     assert service.policy(predictor).useful_batch == 1
     assert f"a pass of {PROBE_BATCH} images failed" in caplog.text
+
+
+def test_a_model_that_fails_a_narrow_pass_does_not_load(service: Service, tiny_artifact: Path) -> None:
+    """Passes beside others serve requests under load: failing one is failing to load, however the
+    wide warm-up pass went."""
+    predictor = Predictor.load(tiny_artifact, allow_default=False, device="cpu")
+    infer = predictor.infer
+
+    def wide_only(batch: torch.Tensor, threads: int | None = None) -> np.ndarray:
+        if threads == 1:
+            raise RuntimeError("no single-threaded session")
+        return infer(batch, threads)
+
+    predictor.infer = wide_only  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="no single-threaded session"):
+        service.warm_up(predictor)
+    assert predictor.pass_times is None
+
+
+def test_a_batch_short_of_memory_at_warm_up_fails_the_attempt_rather_than_the_batching(
+        service: Service, tiny_artifact: Path) -> None:
+    """A shortage that may pass is the load's to retry, not a reason to serve one image a pass for good."""
+    predictor = Predictor.load(tiny_artifact, allow_default=False, device="cpu")
+    infer = predictor.infer
+
+    def short_of_memory(batch: torch.Tensor, threads: int | None = None) -> np.ndarray:
+        if len(batch) > 1:
+            raise MemoryError
+        return infer(batch, threads)
+
+    predictor.infer = short_of_memory  # type: ignore[method-assign]
+    with pytest.raises(MemoryError):
+        service.warm_up(predictor)
+    assert predictor.pass_times is None

@@ -8,9 +8,10 @@ image's size.
 
 Each start is a fresh ``docker start`` of ``IMAGE serve`` with an empty /opt/ml/model, measured
 as deploy/check.py measures SageMaker's 250 ms rule (from Docker's record of the container's
-start); /ping is polled every 50 ms. Where the time went comes from the server's own log lines
-(their timestamps, in the default text format): the server process started (Python and its
-imports done), then the model ready. Writes bench/results/cold_start.json and .md.
+start); /ping is polled every 50 ms. Where the time went comes from the server's own log lines,
+timed by Docker as it received them (``docker logs --timestamps``, the clock of the container's
+start): the server process started (Python and its imports done), then the model ready. Writes
+bench/results/cold_start.json and .md.
 """
 
 from __future__ import annotations
@@ -34,18 +35,20 @@ from deploy.check import Checker, Server  # noqa: E402
 
 RESULTS = BENCH / "results"
 POLL_S = 0.05
-# The server's log lines that end each phase of a start, and the format of their timestamps.
+# The server's log lines that end each phase of a start.
 PROCESS_STARTED = "Started server process"
 MODEL_READY = "model ready"
-LOG_TIME = "%Y-%m-%d %H:%M:%S,%f"
 
 
 def logged_at(log: str, text: str) -> float | None:
-    """Wall-clock time (UTC, as the image logs) of the first log line holding ``text``."""
+    """Wall-clock time of the first line of ``docker logs --timestamps`` output that holds
+    ``text``: Docker's prefix, RFC 3339 in UTC with nanoseconds (``2026-12-05T01:48:23.872123456Z``)."""
     for line in log.splitlines():
-        if text in line:
-            stamp = datetime.datetime.strptime(line[:23], LOG_TIME).replace(tzinfo=datetime.UTC)
-            return stamp.timestamp()
+        stamp, _, message = line.partition(" ")
+        if text in message:
+            whole, _, fraction = stamp.rstrip("Z").partition(".")
+            seconds = datetime.datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.UTC)
+            return seconds.timestamp() + float(f"0.{fraction or 0}")
     return None
 
 
@@ -82,11 +85,14 @@ def main() -> None:
                 if server.error or accept_s is None:
                     raise RuntimeError(f"start {number + 1}: {server.error or 'no connection accepted'}")
                 ready_s = first_ping_s(checker, server)
-                logged = host.docker("logs", server.container)
-                log = logged.stdout + logged.stderr
+                logged = host.docker("logs", "--timestamps", server.container)
+                log = logged.stdout + "\n" + logged.stderr
                 process_at, model_at = logged_at(log, PROCESS_STARTED), logged_at(log, MODEL_READY)
                 if process_at is None or model_at is None:
                     raise RuntimeError(f"start {number + 1}: the log lacks {PROCESS_STARTED!r} or {MODEL_READY!r}")
+                if not server.started <= process_at <= model_at <= server.started + ready_s:
+                    raise RuntimeError(f"start {number + 1}: the log's times are out of order with the start and "
+                                       f"the first /ping 200")
                 host.docker("rm", "-f", server.container)
                 runs.append({"accept_ms": round(accept_s * 1000, 1), "first_ping_200_s": round(ready_s, 2),
                              "process_started_s": round(process_at - server.started, 2),

@@ -21,9 +21,9 @@ class EvalPreset:
     """Resize the short side, centre-crop, scale to [0, 1], normalise.
 
     The steps are torchvision's image kernels called one after the other (not a ``v2.Compose``):
-    the same resize and crop, with the scaling and normalisation folded into one multiply and one
-    add. Serving runs this once per image on its pass threads, where every Python step holds the
-    interpreter's lock the other threads need.
+    the same resize and crop, and for 8-bit pixels (what decoding gives) the scaling and
+    normalisation folded into one multiply-add. Serving runs this once per image on its pass
+    threads, where every Python step holds the interpreter's lock the other threads need.
     """
 
     def __init__(
@@ -35,19 +35,24 @@ class EvalPreset:
         std: Sequence[float],
         interpolation: str = "bilinear",
     ) -> None:
-        self.resize_size = [resize_size]
-        self.crop_size = [crop_size, crop_size]
-        self.interpolation = _interpolation(interpolation)
-        # (pixel / 255 - mean) / std as pixel * scale + shift, per channel.
+        self._resize = [resize_size]
+        self._crop = [crop_size, crop_size]
+        self._interpolation = _interpolation(interpolation)
+        self._mean, self._std = list(mean), list(std)
+        # (pixel / 255 - mean) / std as shift + pixel * scale, per channel.
         std_tensor = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.scale = 1 / (255 * std_tensor)
-        self.shift = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_tensor
+        self._scale = 1 / (255 * std_tensor)
+        self._shift = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_tensor
 
     def __call__(self, image: object) -> torch.Tensor:
         pixels = F.to_image(image).as_subclass(torch.Tensor)  # type: ignore[arg-type]
-        pixels = F.resize_image(pixels, self.resize_size, interpolation=self.interpolation, antialias=True)
-        pixels = F.center_crop_image(pixels, self.crop_size)
-        return pixels.to(torch.float32).mul_(self.scale).add_(self.shift)
+        pixels = F.resize_image(pixels, self._resize, interpolation=self._interpolation, antialias=True)
+        pixels = F.center_crop_image(pixels, self._crop)
+        if pixels.dtype != torch.uint8:  # already scaled, or 16-bit: torchvision's own scaling for its type
+            scaled = F.to_dtype_image(pixels, torch.float32, scale=True)
+            return F.normalize_image(scaled, mean=self._mean, std=self._std)
+        # Out of place: the pixels may be a view of the caller's tensor.
+        return torch.addcmul(self._shift, pixels.to(torch.float32), self._scale)
 
 
 _AUTO_AUGMENT = {
@@ -58,7 +63,8 @@ _AUTO_AUGMENT = {
 
 
 class TrainPreset:
-    """Training augmentation, then the same scaling as :class:`EvalPreset`.
+    """Training augmentation, then scaling to [0, 1] and normalising with torchvision's transforms
+    (what :class:`EvalPreset` computes in one step).
 
     ``augmentation``: ``none`` (resize + centre crop, as in evaluation), ``basic`` (random
     resized crop + horizontal flip), or basic followed by ``trivialaugment``, ``randaugment``

@@ -93,24 +93,3 @@ def test_a_sideways_photo_is_upright_for_training_and_serving(channels: Path) ->
     served_image = codec.decode_image(rotated_jpeg(), max_pixels=40_000_000)
     assert np.array_equal(np.asarray(served_image), upright)
 
-
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
-@pytest.mark.parametrize("size", [(640, 427), (224, 1000), (256, 256), (100, 80)])
-def test_preprocessing_is_torchvisions_resize_crop_and_normalisation(interpolation: str, size: tuple[int, int]) -> None:
-    """The evaluation preset's own steps give what torchvision's transforms composed give (to
-    float32 rounding), as a plain float tensor of the crop size."""
-    from torchvision.transforms import v2
-
-    preprocessing = Preprocessing(crop_size=224, resize_size=256, mean=(0.485, 0.456, 0.406),
-                                  std=(0.229, 0.224, 0.225), interpolation=interpolation)
-    composed = v2.Compose([
-        v2.ToImage(),
-        v2.Resize(256, interpolation=v2.InterpolationMode(interpolation), antialias=True),
-        v2.CenterCrop(224),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
-    ])
-    image = asymmetric(*size)
-    tensor = preprocessing.eval_preset()(image)
-    assert type(tensor) is torch.Tensor and tensor.dtype == torch.float32 and tensor.shape == (3, 224, 224)
-    torch.testing.assert_close(tensor, composed(image).as_subclass(torch.Tensor), rtol=0, atol=1e-5)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from deploy.host import free_port  # noqa: F401 - one definition for the project
+from deploy.host import free_port, wait_for_ping  # noqa: F401 - free_port is re-exported: one definition
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -56,16 +56,8 @@ def running(command: list[str], port: int, log: Path, env: dict[str, str] | None
     with log.open("w") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited; see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"no /ping 200 on port {port} within 180 s; see {log}")
+        wait_for_ping(f"http://127.0.0.1:{port}", timeout_s=180, describe=lambda: f"see {log}",
+                      exited=lambda: process.poll() is not None)
         yield process
     finally:
         process.terminate()

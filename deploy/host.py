@@ -180,10 +180,14 @@ def free_port() -> int:
     raise RuntimeError("no free TCP port found outside the ephemeral range")
 
 
-def wait_for_ping(url: str, timeout_s: float = 120, describe: Callable[[], str] = str) -> None:
-    """Poll ``url``/ping until it answers 200; raise with ``describe()`` (e.g. logs) on timeout."""
+def wait_for_ping(url: str, timeout_s: float = 120, describe: Callable[[], str] = str,
+                  exited: Callable[[], bool] = lambda: False) -> None:
+    """Poll ``url``/ping until it answers 200; raise with ``describe()`` (e.g. logs) on timeout, or
+    at once when ``exited()`` says the server is gone."""
     deadline = time.monotonic() + timeout_s
     while True:
+        if exited():
+            raise RuntimeError(f"the server exited before {url}/ping answered 200\n{describe()}")
         try:
             if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
                 return

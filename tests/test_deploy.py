@@ -656,3 +656,13 @@ def test_where_the_ephemeral_range_leaves_nothing_the_kernel_chooses(monkeypatch
     port = host.free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_waiting_for_ping_stops_when_the_server_has_exited() -> None:
+    """A server that died while starting is reported at once, with what describe() says, not
+    after the whole timeout."""
+    from deploy import host
+
+    with pytest.raises(RuntimeError, match="the server exited before .*/ping answered 200\nsee server.log"):
+        host.wait_for_ping(f"http://127.0.0.1:{host.free_port()}", timeout_s=5, describe=lambda: "see server.log",
+                           exited=lambda: True)

@@ -92,4 +92,3 @@ def test_a_sideways_photo_is_upright_for_training_and_serving(channels: Path) ->
     assert top[0] > 200 and top[1] < 60 and bottom[0] < 200  # the red band is at the top again
     served_image = codec.decode_image(rotated_jpeg(), max_pixels=40_000_000)
     assert np.array_equal(np.asarray(served_image), upright)
-

@@ -12,10 +12,11 @@ artifact format) it starts every system at once and keeps them all loaded:
 
 - ours: the container (``docker run IMAGE serve``) in its default settings and tuned ones;
 - TorchServe (its own venv, ``bench/.venv-torchserve``) with its image-classifier handler serving
-  the same network and weights, in its default settings and tuned ones, one of them serving the
-  network traced and frozen with TorchScript exactly as our server runs it on a CPU;
-- raw: the server's own decode, preprocessing and (frozen) model in plain processes, no HTTP, at
-  several batch sizes and process x thread layouts.
+  the same network and weights, in its default settings and tuned ones: eager PyTorch, the
+  network traced and frozen with TorchScript (as our server runs it with CLASSIFIER_RUNTIME=torch),
+  and the same ONNX graph our server runs by default, in ONNX Runtime with our session options;
+- raw: the server's own decode, preprocessing and engine (ONNX Runtime) in plain processes, no
+  HTTP, at several batch sizes and process x thread layouts.
 
 Then, round after round, it measures each system in turn (the order reversed every other round,
 so slow drift on a shared machine hits all alike): a closed-loop load of 1 and of 8 concurrent
@@ -67,6 +68,7 @@ from servers import TorchServe, TorchServeConfig, build_archive, torchserve_venv
 
 from classifier import artifact  # noqa: E402
 from classifier.artifact import Manifest, Preprocessing  # noqa: E402
+from classifier.export import checked_graph  # noqa: E402
 from classifier.models import create_model  # noqa: E402
 from classifier.pretrained import default_model, imagenet_categories  # noqa: E402
 from deploy.host import (  # noqa: E402
@@ -93,8 +95,10 @@ OURS = {
 TORCHSERVE = [
     TorchServeConfig("default"),  # on 2 cores: 2 workers, torch's default threads, no batching
     TorchServeConfig("2 workers x 1 thread", workers=2, threads=1),
-    # The network traced and frozen with TorchScript, as our server runs it on a CPU.
-    TorchServeConfig("2 workers x 1 thread, TorchScript", workers=2, threads=1, torchscript=True),
+    # The network traced and frozen with TorchScript, as our server runs it with CLASSIFIER_RUNTIME=torch.
+    TorchServeConfig("2 workers x 1 thread, TorchScript", workers=2, threads=1, engine="torchscript"),
+    # The same ONNX graph in ONNX Runtime, as our server runs it on a CPU by default.
+    TorchServeConfig("2 workers x 1 thread, ONNX Runtime", workers=2, threads=1, engine="onnxruntime"),
     TorchServeConfig("2 workers x 1 thread, batch 8 / 10 ms", workers=2, threads=1, batch_size=8, max_batch_delay_ms=10),
     TorchServeConfig("1 worker x 2 threads, batch 8 / 10 ms", workers=1, threads=2, batch_size=8, max_batch_delay_ms=10),
 ]
@@ -135,7 +139,7 @@ def make_plan(quick: bool) -> Plan:
     if quick:
         return Plan(rounds=1, warmup_s={1: 0.5, 8: 1.0}, duration_s={1: 1.5, 8: 2.0}, raw_warmup_s=1.0,
                     raw_duration_s=1.5, ours={name: OURS[name] for name in ("default", "2 workers x 1 thread")},
-                    torchserve=[TORCHSERVE[2], TORCHSERVE[3]], raw=[RawConfig(1, 1, 1), RawConfig(2, 1, 8)])
+                    torchserve=[TORCHSERVE[3], TORCHSERVE[4]], raw=[RawConfig(1, 1, 1), RawConfig(2, 1, 8)])
     return Plan(rounds=2, warmup_s={1: 1.0, 8: 2.0}, duration_s={1: 4.0, 8: 7.0}, raw_warmup_s=2.0,
                 raw_duration_s=6.0, ours=OURS, torchserve=TORCHSERVE, raw=RAW)
 
@@ -167,12 +171,12 @@ def photo_bodies() -> list[bytes]:
 
 @dataclass
 class Prepared:
-    """A model in both servers' formats: our artifact folder (None: the built-in model) and a .mar."""
+    """A model in both servers' formats: our artifact folder (None: the built-in model) and, for
+    TorchServe, a model store per engine, each with one .mar of the same network and weights."""
 
     name: str
     artifact_dir: Path | None
-    store: Path
-    torchscript_store: Path  # the same network frozen with TorchScript, for TorchServe
+    stores: dict[str, Path]  # by TorchServeConfig.engine
     manifest: Manifest
 
 
@@ -186,8 +190,7 @@ def prepare_model(name: str, scratch: Path, torchserve_python: Path) -> Prepared
         model = create_model(name, 1000)
         manifest = Manifest(architecture=name, class_names=imagenet_categories(), preprocessing=RESNET50_PREPROCESSING)
         artifact_dir = artifact.save(scratch / f"{name}-artifact", model, manifest)
-    store, torchscript_store = scratch / f"{name}-store", scratch / f"{name}-store-torchscript"
-    weights, frozen_file = scratch / f"{name}.pt", scratch / f"{name}-frozen.pt"
+    weights, frozen_file, graph_file = scratch / f"{name}.pt", scratch / f"{name}-frozen.pt", scratch / f"{name}.onnx"
     torch.save({f"net.{key}": value for key, value in model.state_dict().items()}, weights)
     frozen = Predictor(model, manifest, torch.device("cpu")).model  # frozen exactly as our server does
     if not isinstance(frozen, torch.jit.ScriptModule):
@@ -195,12 +198,19 @@ def prepare_model(name: str, scratch: Path, torchserve_python: Path) -> Prepared
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is in maintenance, not gone
         torch.jit.save(frozen, frozen_file)
-    for folder, architecture, serialized in ((store, name, weights), (torchscript_store, None, frozen_file)):
+    # Exported and checked by the code that makes the graph our server runs (training's graph.onnx,
+    # and the server's own export for an artifact without one).
+    graph, _, comparison = checked_graph(model, manifest.preprocessing.crop_size)
+    graph_file.write_bytes(graph)
+    print(f"[{name}] ONNX graph for TorchServe: {comparison.describe()}", flush=True)
+    stores = {"eager": (name, weights), "torchscript": (None, frozen_file), "onnxruntime": (None, graph_file)}
+    for engine, (architecture, serialized) in stores.items():
+        folder = scratch / f"{name}-store-{engine}"
         folder.mkdir()
         build_archive(torchserve_python, name=name, architecture=architecture, serialized_file=serialized,
                       preprocessing=asdict(manifest.preprocessing), class_names=list(manifest.class_names),
                       store=folder)
-    return Prepared(name, artifact_dir, store, torchscript_store, manifest)
+    return Prepared(name, artifact_dir, {engine: scratch / f"{name}-store-{engine}" for engine in stores}, manifest)
 
 
 @dataclass
@@ -234,8 +244,7 @@ def start_systems(stack: contextlib.ExitStack, prepared: Prepared, plan: Plan, i
     """Start every configuration of every system for one model, and wait until all are ready."""
     instances = []
     for number, config in enumerate(plan.torchserve):
-        store = prepared.torchscript_store if config.torchscript else prepared.store
-        instance = TorchServe(torchserve_python, config, prepared.name, store,
+        instance = TorchServe(torchserve_python, config, prepared.name, prepared.stores[config.engine],
                               scratch / f"torchserve-{prepared.name}-{number}")
         stack.callback(instance.stop)
         instances.append(instance)

@@ -28,13 +28,16 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 TORCHSERVE_VENV = BENCH / ".venv-torchserve"
 TORCHSERVE_FILES = BENCH / "torchserve"
-TORCHSERVE_PACKAGES = ("torchserve", "torch-model-archiver", "pyyaml", "captum", "timm")
+TORCHSERVE_PACKAGES = ("torchserve", "torch-model-archiver", "pyyaml", "captum", "timm", "onnxruntime", "psutil")
+# How TorchServe runs a network, by the file in its archive: the eager module and its weights, the
+# network traced and frozen with TorchScript, or its ONNX graph in ONNX Runtime.
+ENGINES = ("eager", "torchscript", "onnxruntime")
 
 
 def torchserve_venv() -> Path:
     """The TorchServe environment's python, created (a few minutes, ~6 GB) if it is not there yet."""
     python = TORCHSERVE_VENV / "bin" / "python"
-    check = [str(python), "-c", "import ts, model_archiver, captum, timm, torch, torchvision"]
+    check = [str(python), "-c", "import ts, model_archiver, captum, timm, torch, torchvision, onnxruntime, psutil"]
     if python.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
         return python
     import torch
@@ -67,11 +70,12 @@ def running(command: list[str], port: int, log: Path, env: dict[str, str] | None
 def build_archive(torchserve_python: Path, *, name: str, architecture: str | None, serialized_file: Path,
                   preprocessing: dict[str, object], class_names: list[str], store: Path) -> Path:
     """``store/<name>.mar``: the network's eager model file and its weights (``architecture`` given),
-    or a frozen TorchScript file (``architecture`` None); our handler; labels."""
+    or a frozen TorchScript file (``.pt``) or an ONNX graph (``.onnx``) alone; our handler; labels."""
+    engine = "eager" if architecture else "onnxruntime" if serialized_file.suffix == ".onnx" else "torchscript"
     extras = store / f"{name}-extra"
     extras.mkdir(parents=True, exist_ok=True)
     (extras / "index_to_name.json").write_text(json.dumps({str(i): label for i, label in enumerate(class_names)}))
-    (extras / "preprocessing.json").write_text(json.dumps(preprocessing | {"torchscript": architecture is None}))
+    (extras / "preprocessing.json").write_text(json.dumps(preprocessing | {"engine": engine}))
     archiver = torchserve_python.parent / "torch-model-archiver"
     model_file = ["--model-file", str(TORCHSERVE_FILES / f"{architecture}.py")] if architecture else []
     subprocess.run([str(archiver), "--model-name", name, "--version", "1.0", *model_file,
@@ -91,7 +95,11 @@ class TorchServeConfig:
     threads: int | None = None  # OMP_NUM_THREADS for the workers
     batch_size: int = 1
     max_batch_delay_ms: int = 100  # TorchServe's default; only matters with batch_size > 1
-    torchscript: bool = False  # serve the network traced and frozen, as our server does on a CPU
+    engine: str = "eager"  # one of ENGINES: the archive it serves
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
 
     def properties(self, model: str, store: Path, ports: tuple[int, ...]) -> str:
         lines = [f"inference_address=http://127.0.0.1:{ports[0]}",

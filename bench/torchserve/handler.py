@@ -6,9 +6,16 @@ with a bicubic resize and mean = std = 0.5, so ``preprocessing.json`` (packed in
 the same manifest our server reads) sets the transform; everything else (decoding, batching,
 top-5 postprocessing) is the stock handler's.
 
-An archive made from a frozen TorchScript file (``"torchscript": true`` in ``preprocessing.json``;
-the stock handler loads it with ``torch.jit.load``) gets its inputs in channels-last order and
-runs without the profiling executor's re-optimisation, as our server runs the same frozen network.
+``preprocessing.json`` also names the engine, by the archive's file:
+
+- ``eager``: the stock handler's own loading and inference;
+- ``torchscript``: a frozen TorchScript file (the stock handler loads it with ``torch.jit.load``),
+  run on channels-last inputs without the profiling executor's re-optimisation, as our server
+  runs the same frozen network with ``CLASSIFIER_RUNTIME=torch``;
+- ``onnxruntime``: an ONNX graph. The stock handler opens it with one intra-op thread per core
+  whatever the worker's setting, and its inference calls the session as a module, which an ONNX
+  Runtime session is not; so this handler opens it again with the worker's threads
+  (``OMP_NUM_THREADS``) and the session options our server uses, and runs it.
 """
 
 import json
@@ -33,12 +40,24 @@ class ManifestImageClassifier(ImageClassifier):
             transforms.ToTensor(),
             transforms.Normalize(mean=prep["mean"], std=prep["std"]),
         ])
-        self.torchscript = prep.get("torchscript", False)
+        self.engine = prep["engine"]
+        if self.engine == "onnxruntime":
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.model = onnxruntime.InferenceSession(self.model_pt_path, options, providers=["CPUExecutionProvider"])
+            self.input_name = self.model.get_inputs()[0].name
         # The benchmark checks this line to confirm the thread setting reached the worker.
-        logger.info("bench handler ready: torch threads=%d", torch.get_num_threads())
+        logger.info("bench handler ready: engine=%s torch threads=%d", self.engine, torch.get_num_threads())
 
     def inference(self, data, *args, **kwargs):
-        if not self.torchscript:
+        if self.engine == "onnxruntime":
+            (logits, *_) = self.model.run(None, {self.input_name: data.numpy()})
+            return torch.from_numpy(logits)
+        if self.engine == "eager":
             return super().inference(data, *args, **kwargs)
         with torch.inference_mode(), torch.jit.optimized_execution(False):
             return self.model(data.contiguous(memory_format=torch.channels_last), *args, **kwargs)

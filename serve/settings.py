@@ -189,8 +189,11 @@ class Settings:
             workers=workers,
             # Workers times threads should not exceed the cores, or they fight over them.
             threads_per_worker=get("CLASSIFIER_THREADS_PER_WORKER", _positive_int, max(1, cores // workers)),
-            # One pass per core: independent passes scale better than threads inside one pass.
-            inference_threads=get("CLASSIFIER_INFERENCE_THREADS", _positive_int, max(1, cores // workers)),
+            # One pass per core: independent passes scale better than threads inside one pass. Per
+            # worker, not per worker's share: worker processes take connections unevenly (one may
+            # accept them all), and a worker that holds most of them still uses every core. Narrow
+            # passes are single-threaded, so busy workers side by side share the cores.
+            inference_threads=get("CLASSIFIER_INFERENCE_THREADS", _positive_int, cores),
             top_k=get("CLASSIFIER_TOP_K", _positive_int, cls.top_k),
             max_body_bytes=int(get("CLASSIFIER_MAX_BODY_MB", _positive_float, payload_mb) * MEGABYTE),
             spool_body_bytes=int(get("CLASSIFIER_SPOOL_BODY_MB", _positive_float, 8.0) * MEGABYTE),

@@ -29,6 +29,8 @@ def test_sagemaker_variables_are_honoured() -> None:
     assert settings.max_body_bytes == 20 * MEGABYTE and settings.batch_strategy == "SINGLE_RECORD"
     assert settings.request_timeout_s == BATCH_TIMEOUT_S and settings.model_dir == Path("/models/a")
     assert settings.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
+    # A worker may run a pass on every core: it may hold every connection while the other idles.
+    assert settings.inference_threads == (os.cpu_count() or 1)
     assert settings.max_concurrent_transforms == 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -163,3 +164,25 @@ def test_with_several_workers_a_failed_load_stops_the_server_with_status_1(tmp_p
                              timeout=120, check=False)
     assert process.returncode == 1, process.stdout + process.stderr
     assert "the model failed to load" in process.stdout + process.stderr
+
+
+def test_startup_imports_run_no_full_garbage_collection(tiny_artifact: Path) -> None:
+    """The server's imports leave the cyclic collector off and freeze what they made: with it on,
+    the growing heap sets off full collections that cost a start about half a second."""
+    code = """
+import gc, json, sys
+from pathlib import Path
+full = []
+gc.callbacks.append(lambda phase, info: full.append(1) if phase == "stop" and info["generation"] == 2 else None)
+from serve.server import build
+from serve.settings import Settings
+build(Settings(model_dir=Path(sys.argv[1]), default_model=False))
+print(json.dumps({"full": len(full), "enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
+                  "torch": "torch" in sys.modules}))
+"""
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_artifact)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, check=True)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["torch"]  # the heavy imports did happen inside build()
+    assert seen["full"] == 0
+    assert seen["enabled"] and seen["frozen"] > 100_000

@@ -103,6 +103,9 @@ TORCHSERVE = [
     TorchServeConfig("1 worker x 2 threads, batch 8 / 10 ms", workers=1, threads=2, batch_size=8, max_batch_delay_ms=10),
 ]
 
+# The smoke run's TorchServe settings: the strongest, and one with batching.
+QUICK_TORCHSERVE = ("2 workers x 1 thread, ONNX Runtime", "2 workers x 1 thread, batch 8 / 10 ms")
+
 
 @dataclass(frozen=True)
 class RawConfig:
@@ -139,7 +142,8 @@ def make_plan(quick: bool) -> Plan:
     if quick:
         return Plan(rounds=1, warmup_s={1: 0.5, 8: 1.0}, duration_s={1: 1.5, 8: 2.0}, raw_warmup_s=1.0,
                     raw_duration_s=1.5, ours={name: OURS[name] for name in ("default", "2 workers x 1 thread")},
-                    torchserve=[TORCHSERVE[3], TORCHSERVE[4]], raw=[RawConfig(1, 1, 1), RawConfig(2, 1, 8)])
+                    torchserve=[config for config in TORCHSERVE if config.label in QUICK_TORCHSERVE],
+                    raw=[RawConfig(1, 1, 1), RawConfig(2, 1, 8)])
     return Plan(rounds=2, warmup_s={1: 1.0, 8: 2.0}, duration_s={1: 4.0, 8: 7.0}, raw_warmup_s=2.0,
                 raw_duration_s=6.0, ours=OURS, torchserve=TORCHSERVE, raw=RAW)
 
@@ -203,14 +207,14 @@ def prepare_model(name: str, scratch: Path, torchserve_python: Path) -> Prepared
     graph, _, comparison = checked_graph(model, manifest.preprocessing.crop_size)
     graph_file.write_bytes(graph)
     print(f"[{name}] ONNX graph for TorchServe: {comparison.describe()}", flush=True)
-    stores = {"eager": (name, weights), "torchscript": (None, frozen_file), "onnxruntime": (None, graph_file)}
-    for engine, (architecture, serialized) in stores.items():
-        folder = scratch / f"{name}-store-{engine}"
-        folder.mkdir()
-        build_archive(torchserve_python, name=name, architecture=architecture, serialized_file=serialized,
+    stores = {}
+    for engine, serialized in (("eager", weights), ("torchscript", frozen_file), ("onnxruntime", graph_file)):
+        stores[engine] = scratch / f"{name}-store-{engine}"
+        stores[engine].mkdir()
+        build_archive(torchserve_python, name=name, engine=engine, architecture=name, serialized_file=serialized,
                       preprocessing=asdict(manifest.preprocessing), class_names=list(manifest.class_names),
-                      store=folder)
-    return Prepared(name, artifact_dir, {engine: scratch / f"{name}-store-{engine}" for engine in stores}, manifest)
+                      store=stores[engine])
+    return Prepared(name, artifact_dir, stores, manifest)
 
 
 @dataclass
@@ -318,7 +322,8 @@ def run_model(prepared: Prepared, plan: Plan, image: str, scratch: Path, torchse
 def container_versions(targets: list[HttpTarget | RawTarget]) -> str:
     for target in targets:
         if isinstance(target, HttpTarget) and target.system == "ours":
-            code = "import torch, torchvision, PIL; print(torch.__version__, torchvision.__version__, PIL.__version__)"
+            code = ("import torch, torchvision, PIL, onnxruntime; "
+                    "print(torch.__version__, torchvision.__version__, PIL.__version__, onnxruntime.__version__)")
             result = docker("exec", target.details["container"], "python", "-c", code, check=False)
             return result.stdout.strip() or result.stderr.strip()[-200:]
     return ""
@@ -567,16 +572,18 @@ def machine() -> dict[str, Any]:
 
 
 def versions(torchserve_python: Path) -> dict[str, str]:
+    import onnxruntime
     import PIL
     import torchvision
 
-    code = "import ts.version, torch, torchvision; print(ts.version.__version__, torch.__version__, torchvision.__version__)"
+    code = ("import ts.version, torch, torchvision, onnxruntime; "
+            "print(ts.version.__version__, torch.__version__, torchvision.__version__, onnxruntime.__version__)")
     ts_versions = subprocess.run([str(torchserve_python), "-c", code], capture_output=True, text=True, check=False).stdout.split()
     java = subprocess.run(["java", "-version"], capture_output=True, text=True, check=False).stderr.splitlines()
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "pillow": PIL.__version__, "httpx": httpx.__version__,
-            "torchserve": " ".join(ts_versions[:1]), "torchserve_venv_torch": " ".join(ts_versions[1:]),
-            "java": java[0] if java else ""}
+            "onnxruntime": onnxruntime.__version__, "pillow": PIL.__version__, "httpx": httpx.__version__,
+            "torchserve": " ".join(ts_versions[:1]), "torchserve_venv_torch": " ".join(ts_versions[1:3]),
+            "torchserve_venv_onnxruntime": " ".join(ts_versions[3:]), "java": java[0] if java else ""}
 
 
 @contextlib.contextmanager

@@ -67,17 +67,19 @@ def running(command: list[str], port: int, log: Path, env: dict[str, str] | None
         process.wait(30)
 
 
-def build_archive(torchserve_python: Path, *, name: str, architecture: str | None, serialized_file: Path,
+def build_archive(torchserve_python: Path, *, name: str, engine: str, architecture: str, serialized_file: Path,
                   preprocessing: dict[str, object], class_names: list[str], store: Path) -> Path:
-    """``store/<name>.mar``: the network's eager model file and its weights (``architecture`` given),
-    or a frozen TorchScript file (``.pt``) or an ONNX graph (``.onnx``) alone; our handler; labels."""
-    engine = "eager" if architecture else "onnxruntime" if serialized_file.suffix == ".onnx" else "torchscript"
+    """``store/<name>.mar`` for one of ENGINES: ``architecture``'s model file and its weights
+    (eager), or ``serialized_file`` alone (a frozen TorchScript file, an ONNX graph); our handler;
+    labels."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     extras = store / f"{name}-extra"
     extras.mkdir(parents=True, exist_ok=True)
     (extras / "index_to_name.json").write_text(json.dumps({str(i): label for i, label in enumerate(class_names)}))
     (extras / "preprocessing.json").write_text(json.dumps(preprocessing | {"engine": engine}))
     archiver = torchserve_python.parent / "torch-model-archiver"
-    model_file = ["--model-file", str(TORCHSERVE_FILES / f"{architecture}.py")] if architecture else []
+    model_file = ["--model-file", str(TORCHSERVE_FILES / f"{architecture}.py")] if engine == "eager" else []
     subprocess.run([str(archiver), "--model-name", name, "--version", "1.0", *model_file,
                     "--serialized-file", str(serialized_file),
                     "--handler", str(TORCHSERVE_FILES / "handler.py"),

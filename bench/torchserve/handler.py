@@ -12,10 +12,11 @@ top-5 postprocessing) is the stock handler's.
 - ``torchscript``: a frozen TorchScript file (the stock handler loads it with ``torch.jit.load``),
   run on channels-last inputs without the profiling executor's re-optimisation, as our server
   runs the same frozen network with ``CLASSIFIER_RUNTIME=torch``;
-- ``onnxruntime``: an ONNX graph. The stock handler opens it with one intra-op thread per core
-  whatever the worker's setting, and its inference calls the session as a module, which an ONNX
-  Runtime session is not; so this handler opens it again with the worker's threads
-  (``OMP_NUM_THREADS``) and the session options our server uses, and runs it.
+- ``onnxruntime``: an ONNX graph. The stock handler opens it through ``setup_ort_session``, with
+  one intra-op thread per core whatever the worker's setting, and its inference calls the session
+  as a module, which an ONNX Runtime session is not. This handler has the stock loader open it
+  with the worker's threads (``OMP_NUM_THREADS``) and the session options our server uses (one
+  session per worker, as the stock handler keeps), and runs it.
 """
 
 import json
@@ -24,32 +25,39 @@ import os
 
 import torch
 from torchvision import transforms
+from ts.torch_handler import base_handler
 from ts.torch_handler.image_classifier import ImageClassifier
 
 logger = logging.getLogger(__name__)
 
 
+def open_session(model_path, map_location):
+    """The graph's session as our server opens it on a CPU: the worker's threads, no spinning."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+
+
 class ManifestImageClassifier(ImageClassifier):
     def initialize(self, context):
-        super().initialize(context)
         with open(os.path.join(context.system_properties["model_dir"], "preprocessing.json")) as file:
             prep = json.load(file)
+        self.engine = prep["engine"]
+        if self.engine == "onnxruntime":
+            base_handler.setup_ort_session = open_session  # what the stock loader calls for a .onnx file
+        super().initialize(context)
+        if self.engine == "onnxruntime":
+            self.input_name = self.model.get_inputs()[0].name
         self.image_processing = transforms.Compose([
             transforms.Resize(prep["resize_size"], interpolation=transforms.InterpolationMode(prep["interpolation"])),
             transforms.CenterCrop(prep["crop_size"]),
             transforms.ToTensor(),
             transforms.Normalize(mean=prep["mean"], std=prep["std"]),
         ])
-        self.engine = prep["engine"]
-        if self.engine == "onnxruntime":
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.model = onnxruntime.InferenceSession(self.model_pt_path, options, providers=["CPUExecutionProvider"])
-            self.input_name = self.model.get_inputs()[0].name
         # The benchmark checks this line to confirm the thread setting reached the worker.
         logger.info("bench handler ready: engine=%s torch threads=%d", self.engine, torch.get_num_threads())
 

@@ -99,19 +99,22 @@ def build(settings: Settings, startup_error: str | None = None) -> FastAPI:
 
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
-    """Import the server's modules (PyTorch, ONNX Runtime, FastAPI: a few hundred thousand
-    objects) with Python's cyclic garbage collector off, then freeze what they made.
+    """Import the server's modules (PyTorch, torchvision, FastAPI: a few hundred thousand objects)
+    with Python's cyclic garbage collector off, then freeze what they made.
 
-    Imports make few reference cycles, but the growing heap sets off full collections, each
-    walking every object made so far: six of them took about half a second of a 3-second start.
-    Frozen objects are never walked again (they are module state, kept for good anyway); the
-    collector then runs as usual over what the server makes from here on."""
+    With the collector on, the growing heap sets off full collections during the imports, each
+    walking every object made so far, for little garbage (bench/results/cold_start-notes.md has
+    the cost). Frozen objects are never walked again; the collector then runs as usual over what
+    the server makes from here on. The price: the few reference cycles the imports left as garbage
+    are frozen with the rest and kept for the life of the process."""
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         gc.freeze()
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 def create() -> FastAPI:

@@ -167,8 +167,8 @@ def test_with_several_workers_a_failed_load_stops_the_server_with_status_1(tmp_p
 
 
 def test_startup_imports_run_no_full_garbage_collection(tiny_artifact: Path) -> None:
-    """The server's imports leave the cyclic collector off and freeze what they made: with it on,
-    the growing heap sets off full collections that cost a start about half a second."""
+    """The server's imports run with the cyclic collector off and freeze what they made, so no
+    full collection walks the growing heap while the server starts; the collector is on after."""
     code = """
 import gc, json, sys
 from pathlib import Path
@@ -185,4 +185,4 @@ print(json.dumps({"full": len(full), "enabled": gc.isenabled(), "frozen": gc.get
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["torch"]  # the heavy imports did happen inside build()
     assert seen["full"] == 0
-    assert seen["enabled"] and seen["frozen"] > 100_000
+    assert seen["enabled"] and seen["frozen"] > 0

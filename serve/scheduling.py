@@ -8,9 +8,11 @@ Two quantities describe a worker's cores, each with one name here:
 
 A pass is *wide* (every core) when it starts with nothing else in sight: no pass running, nothing
 queued and no request on its way. Otherwise it is *narrow*: ``cores // passes`` threads, so
-passes side by side never ask for more threads than there are cores. A narrow pass takes at most its fair share of the images in sight (queued or in
-passes, divided by ``passes``, rounded up): a pass starting beside another does not take the
-whole queue while the other core soon idles.
+that in one worker process passes side by side never ask for more threads than there are cores
+(with several, each worker may run a narrow pass on every core, and busy workers share them).
+A narrow pass takes at most its fair share of the images in sight (queued or in passes, divided
+by ``passes``, rounded up): a pass starting beside another does not take the whole queue while
+the other core soon idles.
 
 On a CPU a pass takes more than one image only where that pays. A batch pays in two ways: the
 engine may cost each image less in a batch than alone, or the batch spreads what every pass costs

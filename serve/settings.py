@@ -187,12 +187,13 @@ class Settings:
             model_dir=Path(environ.get("SM_MODEL_DIR") or base_dir / "model"),
             default_model=get("CLASSIFIER_DEFAULT_MODEL", parse_bool, cls.default_model),
             workers=workers,
-            # Workers times threads should not exceed the cores, or they fight over them.
+            # Workers times a lone pass's threads should not exceed the cores, or they fight over them.
             threads_per_worker=get("CLASSIFIER_THREADS_PER_WORKER", _positive_int, max(1, cores // workers)),
             # One pass per core: independent passes scale better than threads inside one pass. Per
             # worker, not per worker's share: worker processes take connections unevenly (one may
             # accept them all), and a worker that holds most of them still uses every core. Narrow
-            # passes are single-threaded, so busy workers side by side share the cores.
+            # passes are single-threaded, so busy workers side by side share the cores (and their
+            # passes' working memory adds up: the README says so).
             inference_threads=get("CLASSIFIER_INFERENCE_THREADS", _positive_int, cores),
             top_k=get("CLASSIFIER_TOP_K", _positive_int, cls.top_k),
             max_body_bytes=int(get("CLASSIFIER_MAX_BODY_MB", _positive_float, payload_mb) * MEGABYTE),

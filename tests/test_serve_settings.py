@@ -29,9 +29,16 @@ def test_sagemaker_variables_are_honoured() -> None:
     assert settings.max_body_bytes == 20 * MEGABYTE and settings.batch_strategy == "SINGLE_RECORD"
     assert settings.request_timeout_s == BATCH_TIMEOUT_S and settings.model_dir == Path("/models/a")
     assert settings.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
-    # A worker may run a pass on every core: it may hold every connection while the other idles.
-    assert settings.inference_threads == (os.cpu_count() or 1)
     assert settings.max_concurrent_transforms == 2
+
+
+def test_each_worker_may_run_a_pass_on_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker may hold every connection while another idles, so its passes are not limited to
+    its share of the cores; a lone pass's threads are."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    settings = Settings.from_env({"SAGEMAKER_MODEL_SERVER_WORKERS": "2"})
+    assert (settings.threads_per_worker, settings.inference_threads) == (4, 8)
+    assert Settings.from_env({}).inference_threads == 8
 
 
 def test_behind_an_asynchronous_endpoint_requests_may_be_larger_and_slower(tmp_path: Path) -> None:

@@ -20,9 +20,10 @@ fi
 compose_major=$(docker compose version --short 2>/dev/null | sed 's/^v//; s/\..*//' || true)
 if [[ ${compose_major:-0} -lt 2 ]] || ! docker buildx version >/dev/null 2>&1; then
   mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [[ -n $mirror ]] || { echo "setup-docker: no Debian mirror (URIs:) in /etc/apt/sources.list.d/debian.sources" >&2; exit 1; }
   cat > /etc/apt/sources.list.d/trixie.sources <<SOURCES
 Types: deb
-URIs: ${mirror:-http://deb.debian.org/debian}
+URIs: ${mirror}
 Suites: trixie
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg

@@ -139,6 +139,9 @@ class Plan:
 
 
 def make_plan(quick: bool) -> Plan:
+    missing = set(QUICK_TORCHSERVE) - {config.label for config in TORCHSERVE}
+    if missing:
+        raise ValueError(f"QUICK_TORCHSERVE names settings TORCHSERVE does not have: {sorted(missing)}")
     if quick:
         return Plan(rounds=1, warmup_s={1: 0.5, 8: 1.0}, duration_s={1: 1.5, 8: 2.0}, raw_warmup_s=1.0,
                     raw_duration_s=1.5, ours={name: OURS[name] for name in ("default", "2 workers x 1 thread")},
@@ -211,7 +214,8 @@ def prepare_model(name: str, scratch: Path, torchserve_python: Path) -> Prepared
     for engine, serialized in (("eager", weights), ("torchscript", frozen_file), ("onnxruntime", graph_file)):
         stores[engine] = scratch / f"{name}-store-{engine}"
         stores[engine].mkdir()
-        build_archive(torchserve_python, name=name, engine=engine, architecture=name, serialized_file=serialized,
+        build_archive(torchserve_python, name=name, engine=engine, serialized_file=serialized,
+                      architecture=name if engine == "eager" else None,
                       preprocessing=asdict(manifest.preprocessing), class_names=list(manifest.class_names),
                       store=stores[engine])
     return Prepared(name, artifact_dir, stores, manifest)

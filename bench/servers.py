@@ -67,13 +67,22 @@ def running(command: list[str], port: int, log: Path, env: dict[str, str] | None
         process.wait(30)
 
 
-def build_archive(torchserve_python: Path, *, name: str, engine: str, architecture: str, serialized_file: Path,
-                  preprocessing: dict[str, object], class_names: list[str], store: Path) -> Path:
+# The file each engine's archive holds; TorchServe's stock loader chooses by its suffix.
+SERIALIZED_SUFFIX = {"eager": ".pt", "torchscript": ".pt", "onnxruntime": ".onnx"}
+
+
+def build_archive(torchserve_python: Path, *, name: str, engine: str, serialized_file: Path,
+                  preprocessing: dict[str, object], class_names: list[str], store: Path,
+                  architecture: str | None = None) -> Path:
     """``store/<name>.mar`` for one of ENGINES: ``architecture``'s model file and its weights
     (eager), or ``serialized_file`` alone (a frozen TorchScript file, an ONNX graph); our handler;
     labels."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+    if serialized_file.suffix != SERIALIZED_SUFFIX[engine] or (engine == "eager") != (architecture is not None):
+        raise ValueError(f"an archive for {engine} takes a {SERIALIZED_SUFFIX[engine]} file"
+                         + (" and an architecture" if engine == "eager" else " and no architecture")
+                         + f", not {serialized_file.name} and {architecture!r}")
     extras = store / f"{name}-extra"
     extras.mkdir(parents=True, exist_ok=True)
     (extras / "index_to_name.json").write_text(json.dumps({str(i): label for i, label in enumerate(class_names)}))

@@ -8,8 +8,9 @@ Two quantities describe a worker's cores, each with one name here:
 
 A pass is *wide* (every core) when it starts with nothing else in sight: no pass running, nothing
 queued and no request on its way. Otherwise it is *narrow*: ``cores // passes`` threads, so
-that in one worker process passes side by side never ask for more threads than there are cores
-(with several, each worker may run a narrow pass on every core, and busy workers share them).
+that in one worker process, at the default settings, passes side by side never ask for more
+threads than there are cores (with several workers, each may run a narrow pass on every core, and
+busy workers share them).
 A narrow pass takes at most its fair share of the images in sight (queued or in passes, divided
 by ``passes``, rounded up): a pass starting beside another does not take the whole queue while
 the other core soon idles.

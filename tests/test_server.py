@@ -177,12 +177,20 @@ gc.callbacks.append(lambda phase, info: full.append(1) if phase == "stop" and in
 from serve.server import build
 from serve.settings import Settings
 build(Settings(model_dir=Path(sys.argv[1]), default_model=False))
-print(json.dumps({"full": len(full), "enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
-                  "torch": "torch" in sys.modules}))
+seen = {"full": len(full), "enabled": gc.isenabled(), "frozen": gc.get_freeze_count(), "outside": len(gc.get_objects()),
+        "torch": "torch" in sys.modules}
+from serve.server import collector_paused
+gc.disable()
+with collector_paused():
+    pass
+seen["stays_off"] = not gc.isenabled()
+print(json.dumps(seen))
 """
     result = subprocess.run([sys.executable, "-c", code, str(tiny_artifact)], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, check=True)
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["torch"]  # the heavy imports did happen inside build()
     assert seen["full"] == 0
-    assert seen["enabled"] and seen["frozen"] > 0
+    # What the imports made is frozen: far more than what the app made after them.
+    assert seen["enabled"] and seen["frozen"] > 10 * seen["outside"]
+    assert seen["stays_off"]  # a collector that was off before stays off

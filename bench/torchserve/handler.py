@@ -48,7 +48,9 @@ class ManifestImageClassifier(ImageClassifier):
             prep = json.load(file)
         self.engine = prep["engine"]
         if self.engine == "onnxruntime":
-            base_handler.setup_ort_session = open_session  # what the stock loader calls for a .onnx file
+            # What the stock loader calls for a .onnx file; replaced for this worker process for good
+            # (a worker serves one model).
+            base_handler.setup_ort_session = open_session
         super().initialize(context)
         if self.engine == "onnxruntime":
             self.input_name = self.model.get_inputs()[0].name

@@ -17,7 +17,6 @@ bench/results/cold_start.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -42,13 +41,11 @@ MODEL_READY = "model ready"
 
 def logged_at(log: str, text: str) -> float | None:
     """Wall-clock time of the first line of ``docker logs --timestamps`` output that holds
-    ``text``: Docker's prefix, RFC 3339 in UTC with nanoseconds (``2026-12-05T01:48:23.872123456Z``)."""
+    ``text`` (Docker's prefix: its RFC 3339 time in UTC)."""
     for line in log.splitlines():
         stamp, _, message = line.partition(" ")
         if text in message:
-            whole, _, fraction = stamp.rstrip("Z").partition(".")
-            seconds = datetime.datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.UTC)
-            return seconds.timestamp() + float(f"0.{fraction or 0}")
+            return host.parse_docker_time(stamp)
     return None
 
 

@@ -29,9 +29,11 @@ ROOT = BENCH.parent
 TORCHSERVE_VENV = BENCH / ".venv-torchserve"
 TORCHSERVE_FILES = BENCH / "torchserve"
 TORCHSERVE_PACKAGES = ("torchserve", "torch-model-archiver", "pyyaml", "captum", "timm", "onnxruntime", "psutil")
-# How TorchServe runs a network, by the file in its archive: the eager module and its weights, the
-# network traced and frozen with TorchScript, or its ONNX graph in ONNX Runtime.
-ENGINES = ("eager", "torchscript", "onnxruntime")
+# How TorchServe runs a network, by the file in its archive (the stock loader chooses by its
+# suffix): the eager module and its weights, the network traced and frozen with TorchScript, or
+# its ONNX graph in ONNX Runtime.
+SERIALIZED_SUFFIX = {"eager": ".pt", "torchscript": ".pt", "onnxruntime": ".onnx"}
+ENGINES = tuple(SERIALIZED_SUFFIX)
 
 
 def torchserve_venv() -> Path:
@@ -65,10 +67,6 @@ def running(command: list[str], port: int, log: Path, env: dict[str, str] | None
     finally:
         process.terminate()
         process.wait(30)
-
-
-# The file each engine's archive holds; TorchServe's stock loader chooses by its suffix.
-SERIALIZED_SUFFIX = {"eager": ".pt", "torchscript": ".pt", "onnxruntime": ".onnx"}
 
 
 def build_archive(torchserve_python: Path, *, name: str, engine: str, serialized_file: Path,
